@@ -1,0 +1,378 @@
+"""Device protocols: how DATA bodies become JSON and JSON commands become COMMAND bodies.
+
+PROTOCOL.md section 3. A protocol is looked up by the name a device gives in
+its HELLO. Each known protocol is a set of ``construct`` schemas: one for the
+DATA body, and one per command (an opcode byte plus an argument struct). An
+unknown protocol is still accepted: its DATA is carried as hex, and every
+protocol takes ``{"hex": "..."}`` as a raw command body.
+
+To add a protocol from your own module, build a ``ConstructProtocol`` and pass
+it to ``register_protocol`` (see docs/protocols.md).
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from construct import (
+    Adapter,
+    Construct,
+    ConstructError,
+    Container,
+    Flag,
+    Int8ub,
+    Int16sb,
+    Int16ub,
+    ListContainer,
+    Struct,
+    Terminated,
+    Validator,
+)
+
+from .errors import CommandError, ErrorCode, RemoteProtocolError
+from .messages import MAX_BODY, valid_protocol_name
+
+JsonObject = dict[str, Any]
+
+
+def _path_field(error: ConstructError, prefix: str) -> str:
+    """Turn construct's ``(building) -> args -> seconds`` into ``prefix.seconds``."""
+    path = getattr(error, "path", None) or ""
+    parts = [p.strip() for p in path.split("->")[1:] if p.strip()]
+    return ".".join([prefix, *parts]) if parts else prefix
+
+
+def _to_json(value: Any) -> Any:
+    """construct Containers -> plain dicts and lists, without construct's private keys."""
+    if isinstance(value, Container | dict):
+        return {k: _to_json(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, ListContainer | list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+# ---- construct building blocks for schemas -------------------------------------------------
+
+
+class Integer(Validator):  # type: ignore[misc]
+    """An integer field that refuses bools and floats and stays within [low, high]."""
+
+    def __init__(self, subcon: Construct, low: int, high: int) -> None:
+        super().__init__(subcon)
+        self.low = low
+        self.high = high
+
+    def _validate(self, obj: Any, context: Any, path: str) -> bool:
+        return isinstance(obj, int) and not isinstance(obj, bool) and self.low <= obj <= self.high
+
+
+class Boolean(Validator):  # type: ignore[misc]
+    """A one-byte flag that only accepts JSON true/false when building."""
+
+    def __init__(self) -> None:
+        super().__init__(Flag)
+
+    def _validate(self, obj: Any, context: Any, path: str) -> bool:
+        return isinstance(obj, bool)
+
+
+class Scaled(Adapter):  # type: ignore[misc]
+    """A fixed-point number: the wire carries ``round(value * factor)``."""
+
+    def __init__(self, subcon: Construct, factor: int) -> None:
+        super().__init__(subcon)
+        self.factor = factor
+
+    def _decode(self, obj: int, context: Any, path: str) -> float:
+        return obj / self.factor
+
+    def _encode(self, obj: Any, context: Any, path: str) -> int:
+        if isinstance(obj, bool) or not isinstance(obj, int | float):
+            raise ConstructError(f"expected a number, not {obj!r}", path=path)
+        return round(obj * self.factor)
+
+
+class ChannelMask(Adapter):  # type: ignore[misc]
+    """A bitmask, bit i = channel i, shown as a list of ``count`` booleans."""
+
+    def __init__(self, subcon: Construct, count: int) -> None:
+        super().__init__(subcon)
+        self.count = count
+
+    def _decode(self, obj: int, context: Any, path: str) -> list[bool]:
+        if obj >> self.count:
+            raise ConstructError(f"bits above channel {self.count - 1} are set", path=path)
+        return [bool(obj >> i & 1) for i in range(self.count)]
+
+    def _encode(self, obj: Any, context: Any, path: str) -> int:
+        if not isinstance(obj, list) or len(obj) != self.count:
+            raise ConstructError(f"expected a list of {self.count} booleans", path=path)
+        if not all(isinstance(v, bool) for v in obj):
+            raise ConstructError("every channel must be true or false", path=path)
+        return sum(1 << i for i, on in enumerate(obj) if on)
+
+
+# ---- protocols -----------------------------------------------------------------------------
+
+
+class Protocol(abc.ABC):
+    """How one device protocol turns bytes into JSON and back."""
+
+    name: str
+
+    @abc.abstractmethod
+    def decode_data(self, body: bytes) -> JsonObject:
+        """DATA body -> telemetry JSON. Raises RemoteProtocolError (MALFORMED)."""
+
+    @abc.abstractmethod
+    def encode_data(self, values: Mapping[str, Any]) -> bytes:
+        """Telemetry JSON -> DATA body (simulators use this). Raises CommandError."""
+
+    def encode_command(self, command: Mapping[str, Any]) -> bytes:
+        """Command JSON -> COMMAND body. Raises CommandError naming the bad field."""
+        if not isinstance(command, Mapping):
+            raise CommandError("a command must be a JSON object", field="command")
+        if "hex" in command:
+            return _raw_hex_command(command)
+        return self._encode_named(command)
+
+    @abc.abstractmethod
+    def _encode_named(self, command: Mapping[str, Any]) -> bytes: ...
+
+    @abc.abstractmethod
+    def decode_command(self, body: bytes) -> JsonObject:
+        """COMMAND body -> command JSON (devices and simulators use this)."""
+
+
+def _raw_hex_command(command: Mapping[str, Any]) -> bytes:
+    extra = sorted(set(command) - {"hex"})
+    if extra:
+        raise CommandError(f"a raw command takes only 'hex', not {extra}", field=extra[0])
+    text = command["hex"]
+    if not isinstance(text, str):
+        raise CommandError("'hex' must be a string of hex digits", field="hex")
+    try:
+        body = bytes.fromhex(text)
+    except ValueError:
+        raise CommandError(f"'hex' is not valid hex: {text[:40]!r}", field="hex") from None
+    if len(body) > MAX_BODY:
+        raise CommandError(f"'hex' is {len(body)} bytes; a COMMAND carries at most {MAX_BODY}")
+    return body
+
+
+class HexProtocol(Protocol):
+    """A protocol the gateway does not know: DATA is carried as hex."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode_data(self, body: bytes) -> JsonObject:
+        return {"hex": body.hex()}
+
+    def encode_data(self, values: Mapping[str, Any]) -> bytes:
+        return _raw_hex_command(values)
+
+    def _encode_named(self, command: Mapping[str, Any]) -> bytes:
+        raise CommandError(
+            f"protocol {self.name!r} is not known to the gateway: send {{'hex': '...'}}",
+            field="name",
+        )
+
+    def decode_command(self, body: bytes) -> JsonObject:
+        return {"hex": body.hex()}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSchema:
+    """One named command: its opcode byte and the struct of its arguments (or None)."""
+
+    opcode: int
+    args: Construct | None = None
+    arg_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.opcode <= 255:
+            raise ValueError(f"opcode must be 0..255, not {self.opcode}")
+        names: tuple[str, ...] = ()
+        if self.args is not None:
+            names = tuple(sc.name for sc in self.args.subcons if sc.name)
+        object.__setattr__(self, "arg_names", names)
+
+
+class ConstructProtocol(Protocol):
+    """A protocol described by construct schemas.
+
+    ``data`` is a ``Struct`` for the DATA body (it must consume the whole body);
+    ``commands`` maps each command name to its ``CommandSchema``.
+    """
+
+    def __init__(
+        self, name: str, data: Construct, commands: Mapping[str, CommandSchema] | None = None
+    ) -> None:
+        if not valid_protocol_name(name):
+            raise ValueError(f"protocol name {name!r} must be 1..32 characters of a-z0-9._-")
+        self.name = name
+        self.data = Struct("values" / data, Terminated)
+        self.commands = dict(commands or {})
+        self._by_opcode = {spec.opcode: (n, spec) for n, spec in self.commands.items()}
+        if len(self._by_opcode) != len(self.commands):
+            raise ValueError(f"protocol {name!r} gives two commands the same opcode")
+
+    def decode_data(self, body: bytes) -> JsonObject:
+        try:
+            parsed = self.data.parse(body)
+        except ConstructError as e:
+            raise RemoteProtocolError(
+                f"{self.name} DATA does not fit its schema ({len(body)} bytes): {_reason(e)}",
+                code=ErrorCode.MALFORMED,
+                field=_path_field(e, "data").replace("data.values", "data"),
+            ) from None
+        result: JsonObject = _to_json(parsed["values"])
+        return result
+
+    def encode_data(self, values: Mapping[str, Any]) -> bytes:
+        try:
+            body: bytes = self.data.build({"values": values})
+        except (ConstructError, KeyError, TypeError) as e:
+            raise CommandError(f"{self.name} DATA cannot be built: {e}") from None
+        return body
+
+    def _encode_named(self, command: Mapping[str, Any]) -> bytes:
+        extra = sorted(set(command) - {"name", "args"})
+        if extra:
+            raise CommandError(f"unknown key {extra[0]!r} in command", field=extra[0])
+        name = command.get("name")
+        if not isinstance(name, str):
+            raise CommandError("a command needs a 'name' (a string) or 'hex'", field="name")
+        spec = self.commands.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.commands)) or "none"
+            raise CommandError(
+                f"{self.name} has no command {name!r} (known: {known})", field="name"
+            )
+        args = command.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, Mapping):
+            raise CommandError("'args' must be a JSON object", field="args")
+        unknown = sorted(set(args) - set(spec.arg_names))
+        if unknown:
+            raise CommandError(
+                f"{self.name} {name} takes no argument {unknown[0]!r}", field=f"args.{unknown[0]}"
+            )
+        missing = [a for a in spec.arg_names if a not in args]
+        if missing:
+            raise CommandError(
+                f"{self.name} {name} needs argument {missing[0]!r}", field=f"args.{missing[0]}"
+            )
+        if spec.args is None:
+            return bytes((spec.opcode,))
+        try:
+            packed: bytes = spec.args.build(dict(args))
+        except ConstructError as e:
+            where = _path_field(e, "args")
+            value = _lookup(args, where)
+            raise CommandError(
+                f"{self.name} {name}: {value!r} is not a valid {where}", field=where
+            ) from None
+        return bytes((spec.opcode,)) + packed
+
+    def decode_command(self, body: bytes) -> JsonObject:
+        if not body:
+            raise RemoteProtocolError(
+                "COMMAND has no opcode", code=ErrorCode.MALFORMED, field="opcode"
+            )
+        entry = self._by_opcode.get(body[0])
+        if entry is None:
+            raise RemoteProtocolError(
+                f"{self.name} has no opcode 0x{body[0]:02x}",
+                code=ErrorCode.MALFORMED,
+                field="opcode",
+            )
+        name, spec = entry
+        if spec.args is None:
+            if len(body) != 1:
+                raise RemoteProtocolError(
+                    f"{name} takes no arguments", code=ErrorCode.MALFORMED, field="args"
+                )
+            return {"name": name}
+        try:
+            args = Struct("a" / spec.args, Terminated).parse(body[1:])["a"]
+        except ConstructError as e:
+            raise RemoteProtocolError(
+                f"{name} arguments do not fit: {_reason(e)}",
+                code=ErrorCode.MALFORMED,
+                field=_path_field(e, "args"),
+            ) from None
+        return {"name": name, "args": _to_json(args)}
+
+
+def _reason(error: ConstructError) -> str:
+    # construct prefixes its messages with "Error in path ...\n"; keep the last line.
+    return str(error).strip().splitlines()[-1]
+
+
+def _lookup(args: Mapping[str, Any], where: str) -> Any:
+    value: Any = args
+    for part in where.split(".")[1:]:
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        else:
+            return None
+    return value
+
+
+# ---- the built-in protocols (PROTOCOL.md section 3) ----------------------------------------
+
+ENV_SENSOR = ConstructProtocol(
+    "env-sensor",
+    data=Struct(
+        "temperature_c" / Scaled(Int16sb, 100),  # i16, 0.01 degC
+        "humidity_pct" / Scaled(Int16ub, 100),  # u16, 0.01 %
+        "battery_pct" / Integer(Int8ub, 0, 255),  # u8, %
+    ),
+    commands={
+        "set_interval": CommandSchema(0x01, Struct("seconds" / Integer(Int16ub, 0, 0xFFFF))),
+        "reboot": CommandSchema(0x02),
+    },
+)
+
+RELAY_4 = ConstructProtocol(
+    "relay-4",
+    data=Struct("channels" / ChannelMask(Int8ub, 4)),  # u8 bitmask, bit i = channel i
+    commands={
+        "set": CommandSchema(0x01, Struct("channel" / Integer(Int8ub, 0, 3), "on" / Boolean())),
+    },
+)
+
+_registry: dict[str, Protocol] = {}
+_registry_lock = threading.Lock()
+
+
+def register_protocol(protocol: Protocol, *, replace: bool = False) -> None:
+    """Make ``protocol`` known by its name. Registering a taken name needs ``replace``."""
+    with _registry_lock:
+        if protocol.name in _registry and not replace:
+            raise ValueError(f"protocol {protocol.name!r} is already registered")
+        _registry[protocol.name] = protocol
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol registered under ``name``, or a hex carrier for an unknown one."""
+    found = _registry.get(name)
+    return found if found is not None else HexProtocol(name)
+
+
+def known_protocols() -> list[str]:
+    """Names of the registered protocols."""
+    return sorted(_registry)
+
+
+register_protocol(ENV_SENSOR)
+register_protocol(RELAY_4)
