@@ -25,7 +25,7 @@ class BackoffPolicy:
     def ceiling(self, attempt: int) -> float:
         """Largest delay for the given retry number (0 for the first retry)."""
         # Cap the exponent too, so a link down for days cannot overflow a float.
-        return min(self.cap, self.base * 2 ** min(attempt, 62))
+        return min(self.cap, self.base * float(2 ** min(attempt, 62)))
 
 
 @dataclass(slots=True)

@@ -1,0 +1,151 @@
+"""Settings of the device side: sessions, limits, device tokens, serial ports.
+
+Every default is the one PROTOCOL.md section 2 gives; the gateway's config file
+and CLI flags fill these in.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from frames import FrameOptions, valid_client_id, valid_protocol_name
+from frames.backoff import BackoffPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAuth:
+    """Device tokens: one for every device, and/or one per client_id (which wins)."""
+
+    token: str | None = None
+    per_client: Mapping[str, str] = field(default_factory=dict)
+
+    def allows(self, client_id: str, token: str) -> bool:
+        """True when ``token`` is what this client_id must present (constant time)."""
+        expected = self.per_client.get(client_id, self.token)
+        if expected is None:
+            return True
+        return hmac.compare_digest(expected.encode(), token.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Timers and limits of every device session (PROTOCOL.md section 2)."""
+
+    hello_timeout: float = 5.0
+    heartbeat: int = 30  # seconds, sent in WELCOME
+    misses: int = 3  # silence for misses x heartbeat ends the session
+    ack_timeout: float = 10.0
+    max_frames_per_second: float = 100.0  # per device; beyond it: ERROR RATE_LIMITED
+    rate_burst: float = 200.0
+    max_inflight_commands: int = 64  # commands awaiting write or ACK per device
+    garbage_bytes: int = 64 * 1024  # a TCP link discarding this much ...
+    garbage_crc_errors: int = 100  # ... or this many CRC errors ...
+    garbage_window: float = 60.0  # ... within this window is closed
+    max_write_buffer: int = 1 << 20  # a device that never reads is closed past this
+    tcp_frame_timeout: float = 1.0
+    serial_frame_timeout: float = 0.2
+    max_devices: int = 100_000
+    auth: DeviceAuth = field(default_factory=DeviceAuth)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "hello_timeout": self.hello_timeout,
+            "ack_timeout": self.ack_timeout,
+            "max_frames_per_second": self.max_frames_per_second,
+            "garbage_window": self.garbage_window,
+            "tcp_frame_timeout": self.tcp_frame_timeout,
+            "serial_frame_timeout": self.serial_frame_timeout,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value}")
+        if not 1 <= self.heartbeat <= 0xFFFF:
+            raise ValueError(f"heartbeat must be 1..65535 seconds, not {self.heartbeat}")
+        for name, count in {
+            "misses": self.misses,
+            "max_inflight_commands": self.max_inflight_commands,
+            "max_devices": self.max_devices,
+            "garbage_bytes": self.garbage_bytes,
+            "garbage_crc_errors": self.garbage_crc_errors,
+        }.items():
+            if count < 1:
+                raise ValueError(f"{name} must be >= 1, not {count}")
+        if self.max_inflight_commands > 255:
+            raise ValueError("max_inflight_commands must be <= 255 (one seq byte)")
+        if self.rate_burst < 1:
+            raise ValueError(f"rate_burst must be >= 1, not {self.rate_burst}")
+
+    @property
+    def silence_limit(self) -> float:
+        """Seconds of silence after which a session ends."""
+        return float(self.misses * self.heartbeat)
+
+
+@dataclass(frozen=True, slots=True)
+class SerialPortConfig:
+    """One serial link: a pyserial URL, its speed, framing, and an optional fixed identity."""
+
+    url: str
+    baudrate: int = 115200
+    client_id: str | None = None
+    protocol: str | None = None
+    frame: FrameOptions = field(default_factory=FrameOptions)
+    frame_timeout: float | None = None  # None: SessionConfig.serial_frame_timeout
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    health_interval: float = 1.0  # how often to check that the port is still the one opened
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ValueError("a serial port needs a URL or device path")
+        if self.baudrate <= 0:
+            raise ValueError(f"baud must be a positive integer, not {self.baudrate}")
+        if (self.client_id is None) != (self.protocol is None):
+            raise ValueError(
+                f"serial {self.url}: give both client_id and protocol for a fixed identity, "
+                "or neither (then the device sends HELLO)"
+            )
+        if self.client_id is not None and not valid_client_id(self.client_id):
+            raise ValueError(
+                f"serial {self.url}: client_id {self.client_id!r} must be 1..64 characters "
+                "of A-Za-z0-9._:-"
+            )
+        if self.protocol is not None and not valid_protocol_name(self.protocol):
+            raise ValueError(
+                f"serial {self.url}: protocol {self.protocol!r} must be 1..32 characters "
+                "of a-z0-9._-"
+            )
+
+    @property
+    def fixed(self) -> bool:
+        """True when the link has a configured identity and needs no HELLO."""
+        return self.client_id is not None
+
+    @classmethod
+    def parse(cls, spec: str) -> SerialPortConfig:
+        """Parse the CLI form ``URL,client_id=ID,protocol=NAME,baud=N``."""
+        url, *pairs = spec.split(",")
+        values: dict[str, str] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            key = key.strip()
+            if not sep or not value:
+                raise ValueError(f"--serial {spec!r}: expected key=value, got {pair!r}")
+            if key not in ("client_id", "protocol", "baud"):
+                raise ValueError(
+                    f"--serial {spec!r}: unknown key {key!r} (client_id, protocol, baud)"
+                )
+            values[key] = value.strip()
+        baud = 115200
+        if "baud" in values:
+            try:
+                baud = int(values["baud"])
+            except ValueError:
+                raise ValueError(f"--serial {spec!r}: baud must be an integer") from None
+        return cls(
+            url=url.strip(),
+            baudrate=baud,
+            client_id=values.get("client_id"),
+            protocol=values.get("protocol"),
+        )

@@ -1,0 +1,241 @@
+"""Serial links over pyserial-asyncio that come back by themselves after an unplug.
+
+A port is any pyserial URL (``/dev/ttyUSB0``, ``/dev/serial/by-id/...``,
+``socket://host:port``, ``rfc2217://host:port``). A port that fails to open or
+is lost is retried with capped exponential backoff and full jitter; one log
+line per change of state, not per retry.
+
+Two traps of pyserial-asyncio are handled here: ``connection_lost`` may come
+before the port is closed (so we close it ourselves before reopening), and on
+some unplugs it never comes at all (so a health check watches the port: its
+device node gone or replaced, or the port closed under us, counts as lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from typing import Any
+
+import serial
+import serial_asyncio
+
+from frames.backoff import Backoff
+
+from .config import SerialPortConfig
+from .events import Transport
+from .manager import DeviceManager
+from .session import DeviceSession, LinkCounters
+
+log = logging.getLogger(__name__)
+
+
+def _node_identity(url: str) -> tuple[int, int] | None:
+    """(st_dev, st_rdev + inode) of a device path after symlinks, None if absent or a URL."""
+    if "://" in url:
+        return None
+    try:
+        st = os.stat(url)
+    except OSError:
+        return None
+    return (st.st_rdev, st.st_ino)
+
+
+class _SerialProtocol(asyncio.Protocol):
+    def __init__(self, link: SerialLink) -> None:
+        self.link = link
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.link.session
+        if session is not None:
+            session.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def pause_writing(self) -> None:
+        self.link._paused = True
+
+    def resume_writing(self) -> None:
+        self.link._paused = False
+        self.link._release_drain()
+
+
+class SerialLink:
+    """One configured serial port, kept open for the gateway's lifetime."""
+
+    transport = Transport.SERIAL
+
+    def __init__(
+        self, manager: DeviceManager, config: SerialPortConfig, *, rng: random.Random | None = None
+    ) -> None:
+        self.manager = manager
+        self.config = config
+        self.peer = config.url
+        self.counters = manager.serial_counters.setdefault(config.url, LinkCounters())
+        self.session: DeviceSession | None = None
+        self.state = "closed"  # closed -> open -> lost/failed -> open ...
+        self.last_error: str | None = None
+        self.opened = asyncio.Event()  # set each time the port opens (tests await it)
+        self._backoff = Backoff(config.backoff, rng or random.Random())
+        self._transport: Any = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # LinkPort, as DeviceSession sees it.
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        if not self._paused:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def write_buffer_size(self) -> int:
+        if self._transport is None:
+            return 0
+        size: int = self._transport.get_write_buffer_size()
+        return size
+
+    def close(self) -> None:
+        # A session asked to close the link (only on shutdown for serial links).
+        if self._transport is not None:
+            self._transport.close()
+
+    def _release_drain(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    # Life cycle.
+    def start(self) -> None:
+        """Open the port in the background, and keep reopening it when lost."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"serial {self.config.url}"
+        )
+
+    async def stop(self) -> None:
+        """Close the port for good."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state == self.state and error == self.last_error:
+            return  # one log line per change of state, not per retry
+        self.state = state
+        self.last_error = error
+        if state == "open":
+            log.info("serial %s: open", self.config.url)
+        elif error:
+            log.warning("serial %s: %s (%s); retrying with backoff", self.config.url, state, error)
+        else:
+            log.info("serial %s: %s", self.config.url, state)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._stopping:
+                protocol = _SerialProtocol(self)
+                try:
+                    transport, _ = await serial_asyncio.create_serial_connection(
+                        loop,
+                        lambda p=protocol: p,
+                        self.config.url,
+                        baudrate=self.config.baudrate,
+                    )
+                except (serial.SerialException, OSError, ValueError) as e:
+                    self._set_state("failed", _short(e))
+                    await asyncio.sleep(self._backoff.next_delay())
+                    continue
+                await self._serve(transport, protocol)
+                if self._stopping:
+                    break
+                self.counters.reconnects += 1
+                await asyncio.sleep(self._backoff.next_delay())
+        finally:
+            self._set_state("closed")
+
+    async def _serve(self, transport: Any, protocol: _SerialProtocol) -> None:
+        self._transport = transport
+        identity = _node_identity(self.config.url)
+        fixed = (
+            (self.config.client_id, self.config.protocol)
+            if self.config.client_id is not None and self.config.protocol is not None
+            else None
+        )
+        self.session = DeviceSession(
+            self.manager,
+            self,
+            frame_options=self.config.frame,
+            frame_timeout=self.config.frame_timeout,
+            fixed_identity=fixed,
+            counters=self.counters,
+        )
+        self.session.start()
+        self._backoff.reset()
+        self._set_state("open")
+        self.opened.set()
+        reason = "lost"
+        try:
+            while True:
+                done, _ = await asyncio.wait({protocol.lost}, timeout=self.config.health_interval)
+                if done:
+                    exc = protocol.lost.result()
+                    self._set_state("lost", _short(exc) if exc else "port closed")
+                    break
+                problem = self._health_problem(transport, identity)
+                if problem is not None:
+                    # connection_lost never came (a known pyserial-asyncio trap).
+                    self._set_state("lost", problem)
+                    break
+        finally:
+            self.opened.clear()
+            session, self.session = self.session, None
+            if session is not None:
+                session.link_lost("shutdown" if self._stopping else reason)
+            await self._close_port(protocol)
+            self._release_drain()
+
+    def _health_problem(self, transport: Any, identity: tuple[int, int] | None) -> str | None:
+        port = getattr(transport, "serial", None)
+        if port is None or not port.is_open:
+            return "port closed under the link"
+        if identity is not None and _node_identity(self.config.url) != identity:
+            return "device node gone or replaced"
+        return None
+
+    async def _close_port(self, protocol: _SerialProtocol) -> None:
+        # Make sure the port is closed before any reopen: pyserial-asyncio may
+        # report the loss before it has closed the file descriptor, or never.
+        transport, self._transport = self._transport, None
+        if transport is None:
+            return
+        port = getattr(transport, "serial", None)
+        if not transport.is_closing():
+            transport.abort()
+        if not protocol.lost.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(protocol.lost), 1.0)
+        if port is not None and port.is_open:
+            with contextlib.suppress(Exception):
+                port.close()
+
+
+def _short(exc: BaseException | None) -> str:
+    text = str(exc) if exc is not None else ""
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,151 @@
+"""The TCP listener for devices: one asyncio Protocol and one DeviceSession per connection.
+
+asyncio's Protocol API (callbacks, no task per connection) is used rather than
+streams: at tens of thousands of small frames per second a coroutine and a
+``StreamReader`` per connection cost CPU the gateway can spend on routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from frames import FrameOptions
+
+from .events import Transport
+from .manager import DeviceManager
+from .session import DeviceSession
+
+log = logging.getLogger(__name__)
+
+
+class _DeviceConnection(asyncio.Protocol):
+    """Moves bytes between one TCP connection and its session."""
+
+    transport_kind = Transport.TCP
+
+    def __init__(self, server: DeviceServer) -> None:
+        self.server = server
+        self.transport: Transport = Transport.TCP
+        self.peer = "?"
+        self._tcp: asyncio.Transport | None = None
+        self._session: DeviceSession | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._paused = False
+
+    # LinkPort, as DeviceSession sees it.
+    def write(self, data: bytes) -> None:
+        if self._tcp is not None and not self._tcp.is_closing():
+            self._tcp.write(data)
+
+    async def drain(self) -> None:
+        if not self._paused:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def write_buffer_size(self) -> int:
+        return self._tcp.get_write_buffer_size() if self._tcp is not None else 0
+
+    def close(self) -> None:
+        if self._tcp is not None:
+            self._tcp.close()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._tcp = transport
+        peer: Any = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if len(self.server.manager.links) >= self.server.max_connections:
+            self.server.manager.counters["refused_connections"] += 1
+            log.debug("refusing %s: %d device connections", self.peer, self.server.max_connections)
+            transport.abort()
+            return
+        self._session = DeviceSession(
+            self.server.manager, self, frame_options=self.server.frame_options
+        )
+        self._session.start()
+
+    def data_received(self, data: bytes) -> None:
+        if self._session is not None:
+            self._session.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release_drain(exc)
+        if self._session is not None:
+            self._session.link_lost("closed" if exc is None else "lost")
+        self._tcp = None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._release_drain(None)
+
+    def _release_drain(self, exc: Exception | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                if exc is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(ConnectionError(str(exc)))
+
+
+class DeviceServer:
+    """Accepts device connections on a TCP port."""
+
+    def __init__(
+        self,
+        manager: DeviceManager,
+        host: str = "127.0.0.1",
+        port: int = 7000,
+        *,
+        frame_options: FrameOptions | None = None,
+        max_connections: int = 20_000,
+        backlog: int = 1024,
+    ) -> None:
+        self.manager = manager
+        self.host = host
+        self.port = port
+        self.frame_options = frame_options or FrameOptions()
+        self.max_connections = max_connections
+        self.backlog = backlog
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Start listening; ``port`` 0 lets the system choose (see ``address``)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _DeviceConnection(self), self.host, self.port, backlog=self.backlog
+        )
+        log.info("listening for devices on %s:%d", *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound."""
+        assert self._server is not None, "start() first"
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def stop_accepting(self) -> None:
+        """Stop accepting new connections (existing links stay up)."""
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        """Stop accepting and close every device connection."""
+        await self.stop_accepting()
+        for session in list(self.manager.links):
+            if session.link.transport is Transport.TCP:
+                session.close("shutdown")
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
