@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import enum
 import functools
+import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from construct import BytesInteger, Const, Int8ub, Rebuild, Struct, len_, this
+from construct import BytesInteger, Const, GreedyBytes, Int8ub, Prefixed, Struct
 
 from .errors import LocalProtocolError
-from .options import DEFAULT_OPTIONS, FrameOptions
+from .options import DEFAULT_OPTIONS, FrameOptions, crc_function
 
 HEADER: Final = b"\xaa\xaa"
 HEADER_SIZE: Final = len(HEADER)
@@ -34,20 +35,23 @@ PREFIX_SIZE: Final = HEADER_SIZE + LENGTH_SIZE  # header + length, before the pa
 MAX_PAYLOAD: Final = 255
 
 
+# The length byte and the payload it counts: the part of the frame every CRC
+# option covers. It is a field of the frame struct below, and the decoder
+# parses just this span once the CRC over it has matched.
+PAYLOAD_FIELD: Final = Prefixed(Int8ub, GreedyBytes)
+_PAYLOAD_PARSER: Final = PAYLOAD_FIELD.compile()
+
+
 @functools.cache
 def frame_struct(options: FrameOptions = DEFAULT_OPTIONS) -> Any:
     """The compiled ``construct`` definition of a frame for these options.
 
-    Parsing it yields ``header``, ``length``, ``payload`` and ``crc``; it does
-    not check the CRC (the decoder does that on its buffer, at C speed, before
-    it parses).
+    Parsing it yields ``header``, ``payload`` and ``crc``; it does not check
+    the CRC (the decoder does that on its buffer, at C speed, before it parses).
     """
-    from construct import Bytes
-
     return Struct(
         "header" / Const(HEADER),
-        "length" / Rebuild(Int8ub, len_(this.payload)),
-        "payload" / Bytes(this.length),
+        "payload" / PAYLOAD_FIELD,
         "crc" / BytesInteger(options.crc_size, swapped=options.crc_byteorder == "little"),
     ).compile()
 
@@ -68,7 +72,7 @@ def encode_frame(payload: bytes, options: FrameOptions | None = None) -> bytes:
             f"payload is {len(payload)} bytes; a frame carries at most {MAX_PAYLOAD}"
         )
     covered = (HEADER if opts.crc_covers_header else b"") + bytes((len(payload),)) + payload
-    crc = opts.checksum(covered)
+    crc = crc_function(opts.crc)[0](covered)
     result: bytes = frame_struct(opts).build({"payload": payload, "crc": crc})
     return result
 
@@ -117,11 +121,12 @@ class FrameDecoder:
     ) -> None:
         self.options = options or DEFAULT_OPTIONS
         self.frame_timeout = frame_timeout
-        self._struct = frame_struct(self.options)
-        self._crc_size = self.options.crc_size
+        self._checksum, self._crc_size = crc_function(self.options.crc)
         self._crc_start = 0 if self.options.crc_covers_header else HEADER_SIZE
+        order = "<" if self.options.crc_byteorder == "little" else ">"
+        fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}.get(self._crc_size)
+        self._crc_unpack = struct.Struct(order + fmt).unpack_from if fmt else None
         self._crc_little = self.options.crc_byteorder == "little"
-        self._checksum = self.options.checksum
         self._buf = bytearray()
         # When the partial frame at the start of the buffer was first seen.
         self._partial_since: float | None = None
@@ -181,9 +186,10 @@ class FrameDecoder:
         pos = 0
         crc_size = self._crc_size
         crc_start = self._crc_start
-        parse = self._struct.parse
+        parse_payload = _PAYLOAD_PARSER.parse
         checksum = self._checksum
-        little = self._crc_little
+        unpack = self._crc_unpack
+        order = "little" if self._crc_little else "big"
         view = memoryview(buf)
         try:
             while True:
@@ -207,11 +213,14 @@ class FrameDecoder:
                 if end > n:
                     self._hold(now, pos)
                     break
-                received = int.from_bytes(view[body_end:end], "little" if little else "big")
+                received = (
+                    unpack(buf, body_end)[0]
+                    if unpack is not None
+                    else int.from_bytes(view[body_end:end], order)
+                )
                 if checksum(view[pos + crc_start : body_end]) == received:
-                    # The CRC is checked; construct reads the fields from the frame.
-                    parsed = parse(view[pos:end])
-                    events.append(Frame(parsed.payload))
+                    # The CRC has matched; construct reads the payload it covers.
+                    events.append(Frame(parse_payload(view[pos + HEADER_SIZE : body_end])))
                     self.frames += 1
                     self._partial_since = None
                     pos = end
