@@ -21,7 +21,7 @@ import enum
 import functools
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from construct import BytesInteger, Const, GreedyBytes, Int8ub, Prefixed, Struct
 
@@ -189,7 +189,7 @@ class FrameDecoder:
         parse_payload = _PAYLOAD_PARSER.parse
         checksum = self._checksum
         unpack = self._crc_unpack
-        order = "little" if self._crc_little else "big"
+        order: Literal["little", "big"] = "little" if self._crc_little else "big"
         view = memoryview(buf)
         try:
             while True:
