@@ -308,7 +308,7 @@ class ConstructProtocol(Protocol):
             raise RemoteProtocolError(
                 f"{name} arguments do not fit: {_reason(e)}",
                 code=ErrorCode.MALFORMED,
-                field=_path_field(e, "args"),
+                field=_path_field(e, "args").replace("args.a", "args", 1),
             ) from None
         return {"name": name, "args": _to_json(args)}
 
@@ -338,7 +338,8 @@ ENV_SENSOR = ConstructProtocol(
         "battery_pct" / Integer(Int8ub, 0, 255),  # u8, %
     ),
     commands={
-        "set_interval": CommandSchema(0x01, Struct("seconds" / Integer(Int16ub, 0, 0xFFFF))),
+        # An interval of 0 s would mean "report without pause": refuse it.
+        "set_interval": CommandSchema(0x01, Struct("seconds" / Integer(Int16ub, 1, 0xFFFF))),
         "reboot": CommandSchema(0x02),
     },
 )

@@ -75,6 +75,7 @@ def test_relay_data_and_command() -> None:
         ("relay-4", {"name": "set", "args": [1, True]}, "args"),
         ("env-sensor", {"name": "set_interval", "args": {"seconds": 70000}}, "args.seconds"),
         ("env-sensor", {"name": "set_interval", "args": {"seconds": True}}, "args.seconds"),
+        ("env-sensor", {"name": "set_interval", "args": {"seconds": 0}}, "args.seconds"),
         ("env-sensor", {"name": "set_interval", "args": {"seconds": 1.5}}, "args.seconds"),
         ("env-sensor", {"name": "set_interval"}, "args.seconds"),
         ("env-sensor", {"name": "reboot", "extra": 1}, "extra"),
@@ -110,6 +111,12 @@ def test_wrong_size_data_is_malformed(body: str) -> None:
     assert info.value.code is ErrorCode.MALFORMED
     assert info.value.field is not None
     assert info.value.field.startswith("data")
+
+
+def test_decode_command_names_the_bad_argument() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        RELAY.decode_command(bytes.fromhex("0107"))
+    assert info.value.field == "args.channel"
 
 
 def test_relay_bits_above_channel_3_are_malformed() -> None:
