@@ -1,14 +1,253 @@
-"""The `iot-gateway` command line (PROTOCOL.md section 6)."""
+"""The ``iot-gateway`` command line (PROTOCOL.md section 6): ``serve`` and ``simulate``.
+
+argparse and tomllib from the standard library are enough here; flags override
+the config file, and secrets may come from the environment.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from devices import SerialPortConfig
+
+from .app import RUNTIME, create_app
+from .auth import TokenTable, generate_token
+from .config import ConfigError, GatewayConfig, build_config, load_file
+from .storage import StorageError
+
+log = logging.getLogger("gateway")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..65535")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _serial(text: str) -> str:
+    try:
+        SerialPortConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (``iot-gateway serve --help`` lists every flag)."""
+    parser = argparse.ArgumentParser(
+        prog="iot-gateway",
+        description="Gateway for IoT devices that speak a binary framed protocol.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway: device port, dashboards, HTTP API. Flags override "
+        "the config file; tokens may also come from IOT_GATEWAY_TOKEN, "
+        "IOT_GATEWAY_VIEWER_TOKEN and IOT_GATEWAY_DEVICE_TOKEN.",
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="TOML config file (see docs/configuration.md)"
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--http-port", type=_port, help="dashboard and API port (default 8080; 0: any)"
+    )
+    serve.add_argument(
+        "--device-port", type=_port, help="TCP port for devices (default 7000; 0: any)"
+    )
+    serve.add_argument(
+        "--data-dir", metavar="DIR", help="where the SQLite history lives (default ./data)"
+    )
+    serve.add_argument("--token", metavar="T", help="operator token (read and command)")
+    serve.add_argument("--viewer-token", metavar="T", help="viewer token (read only)")
+    serve.add_argument("--device-token", metavar="T", help="token every device must send in HELLO")
+    serve.add_argument(
+        "--serial",
+        action="append",
+        type=_serial,
+        metavar="URL[,client_id=ID,protocol=NAME,baud=N]",
+        help="a serial port (any pyserial URL); repeat for more ports",
+    )
+    serve.add_argument(
+        "--demo", type=_count, metavar="N", help="also run N simulated devices in this process"
+    )
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
+    )
+    simulate = sub.add_parser(
+        "simulate",
+        help="run simulated devices against a gateway",
+        add_help=False,
+    )
+    simulate.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> GatewayConfig:
+    """The checked configuration: file, then environment, then flags."""
+    table: dict[str, Any] = {}
+    source = "the command line"
+    if args.config:
+        table = load_file(args.config)
+        source = args.config
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "http_port": args.http_port,
+        "device_port": args.device_port,
+        "data_dir": args.data_dir,
+        "auth.token": args.token,
+        "auth.viewer_token": args.viewer_token,
+        "devices.token": args.device_token,
+        "demo": args.demo,
+        "log_level": args.log_level,
+    }
+    if args.serial:
+        ports = [SerialPortConfig.parse(spec) for spec in args.serial]
+        serial = list(table.get("serial", []))
+        for p in ports:
+            entry: dict[str, Any] = {"url": p.url, "baud": p.baudrate}
+            if p.client_id is not None:
+                entry["client_id"] = p.client_id
+                entry["protocol"] = p.protocol
+            serial.append(entry)
+        overrides["serial"] = serial
+    return build_config(table, source=source, overrides=overrides, environ=environ)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load_protocols(modules: list[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"protocols: cannot import {name!r}: {e}") from None
+
+
+DemoStarter = Callable[[Any, int, str, int], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) -> int:
+    """Run the gateway until SIGTERM or Ctrl-C; returns the exit code."""
+    _load_protocols(config.protocols)
+    operator = config.auth.token
+    generated = operator is None
+    if operator is None:
+        operator = generate_token()
+    tokens = TokenTable.make(operator, config.auth.viewer_token)
+    app = create_app(config, tokens)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
+    try:
+        # Storage and the device port start here (the app's cleanup_ctx): a busy
+        # port or an unusable data dir is the user's to fix, so one line, no traceback.
+        await runner.setup()
+    except (OSError, StorageError) as e:
+        # The app's startup has already undone whatever it had started.
+        await runner.cleanup()
+        log.error("cannot start the gateway: %s", e)
+        return 1
+    site = web.TCPSite(runner, config.host, config.http_port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        log.error("cannot listen on %s:%s: %s", config.host, config.http_port, e.strerror)
+        return 1
+    rt = app[RUNTIME]
+    http_host, http_port = _bound(site)
+    dev_host, dev_port = rt.device_server.address
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stop_demo: Callable[[], Awaitable[None]] | None = None
+    try:
+        if config.demo:
+            from .demo import start_demo
+
+            stop_demo = await start_demo(rt, config.demo, dev_host, dev_port)
+        url_host = "127.0.0.1" if http_host in ("0.0.0.0", "::") else http_host
+        if generated or config.demo:
+            print(
+                f"dashboard: http://{url_host}:{http_port}/?token={operator}",
+                file=sys.stderr,
+                flush=True,
+            )
+        ready(f"ready http={http_host}:{http_port} devices={dev_host}:{dev_port}")
+        sys.stdout.flush()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if stop_demo is not None:
+            await stop_demo()
+        await runner.cleanup()
+    return 0
+
+
+def _bound(site: web.TCPSite) -> tuple[str, int]:
+    server = site._server
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    name = sockets[0].getsockname()
+    return str(name[0]), int(name[1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `iot-gateway` console script."""
-    print("iot-gateway: the hub is not built yet", file=sys.stderr)
-    return 2
+    """Entry point of the ``iot-gateway`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "simulate":
+        from simulators.cli import main as simulate_main
+
+        return simulate_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"iot-gateway: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except ConfigError as e:
+        print(f"iot-gateway: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,364 @@
+"""Gateway configuration: a TOML file (tomllib), CLI flags over it, secrets from the environment.
+
+Every option lives in one frozen dataclass per section. The loader checks
+each key against the dataclass fields, so an unknown key or a value of the
+wrong type is an error that names the key and the file, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devices import DeviceAuth, SerialPortConfig, SessionConfig
+from frames import FrameOptions
+from frames.backoff import BackoffPolicy
+
+from .hub import HubConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSection:
+    """Dashboard tokens and allowed Origins (PROTOCOL.md section 4)."""
+
+    token: str | None = None  # operator token; env IOT_GATEWAY_TOKEN
+    viewer_token: str | None = None  # env IOT_GATEWAY_VIEWER_TOKEN
+    allowed_origins: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesSection:
+    """The device port and device sessions (PROTOCOL.md section 2)."""
+
+    hello_timeout: float = 5.0
+    heartbeat: int = 30
+    misses: int = 3
+    ack_timeout: float = 10.0
+    max_frames_per_second: float = 100.0
+    rate_burst: float = 200.0
+    max_devices: int = 100_000
+    max_connections: int = 20_000
+    max_inflight_commands: int = 64
+    garbage_bytes: int = 64 * 1024
+    garbage_crc_errors: int = 100
+    garbage_window: float = 60.0
+    frame_timeout: float = 1.0  # TCP
+    serial_frame_timeout: float = 0.2
+    token: str | None = None  # one device token for all; env IOT_GATEWAY_DEVICE_TOKEN
+    tokens: dict[str, str] = field(default_factory=dict)  # per client_id
+    crc: str = "modbus"
+    crc_byteorder: str = "little"
+    crc_covers_header: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSection:
+    """One ``[[serial]]`` port."""
+
+    url: str = ""
+    baud: int = 115200
+    client_id: str | None = None
+    protocol: str | None = None
+    frame_timeout: float | None = None
+    crc: str = "modbus"
+    crc_byteorder: str = "little"
+    crc_covers_header: bool = False
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardsSection:
+    """Dashboard limits and WebSocket options (PROTOCOL.md section 4)."""
+
+    queue_size: int = 1024
+    max_dashboards: int = 1000
+    commands_per_second: float = 20.0
+    command_ttl: float = 3600.0
+    compression: bool = False
+    max_message: int = 64 * 1024
+    drain_timeout: float = 30.0
+    batch_max_items: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSection:
+    """History retention and the writer's batching."""
+
+    retention_per_device: int = 10_000
+    retention_days: float = 7.0
+    batch_interval: float = 0.02
+    batch_rows: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Everything ``iot-gateway serve`` needs."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    device_port: int = 7000
+    data_dir: str = "./data"
+    log_level: str = "info"
+    protocols: list[str] = field(default_factory=list)  # modules that register protocols
+    demo: int = 0
+    auth: AuthSection = field(default_factory=AuthSection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
+    serial: list[SerialSection] = field(default_factory=list)
+    dashboards: DashboardsSection = field(default_factory=DashboardsSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+
+    # ---- what the other layers take ------------------------------------------------------------
+
+    def session_config(self) -> SessionConfig:
+        """The device side's settings."""
+        d = self.devices
+        return SessionConfig(
+            hello_timeout=d.hello_timeout,
+            heartbeat=d.heartbeat,
+            misses=d.misses,
+            ack_timeout=d.ack_timeout,
+            max_frames_per_second=d.max_frames_per_second,
+            rate_burst=d.rate_burst,
+            max_inflight_commands=d.max_inflight_commands,
+            garbage_bytes=d.garbage_bytes,
+            garbage_crc_errors=d.garbage_crc_errors,
+            garbage_window=d.garbage_window,
+            tcp_frame_timeout=d.frame_timeout,
+            serial_frame_timeout=d.serial_frame_timeout,
+            max_devices=d.max_devices,
+            auth=DeviceAuth(token=d.token, per_client=dict(d.tokens)),
+        )
+
+    def frame_options(self) -> FrameOptions:
+        """Framing of the TCP device port."""
+        d = self.devices
+        return FrameOptions(d.crc, d.crc_byteorder, d.crc_covers_header)  # type: ignore[arg-type]
+
+    def serial_ports(self) -> list[SerialPortConfig]:
+        """The configured serial links."""
+        return [_serial_port(s) for s in self.serial]
+
+    def hub_config(self) -> HubConfig:
+        """The routing core's limits."""
+        d = self.dashboards
+        return HubConfig(
+            queue_size=d.queue_size,
+            max_dashboards=d.max_dashboards,
+            commands_per_second=d.commands_per_second,
+            command_ttl=d.command_ttl,
+            batch_max_items=d.batch_max_items,
+        )
+
+
+ENV_SECRETS = {
+    "IOT_GATEWAY_TOKEN": ("auth", "token"),
+    "IOT_GATEWAY_VIEWER_TOKEN": ("auth", "viewer_token"),
+    "IOT_GATEWAY_DEVICE_TOKEN": ("devices", "token"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
+    """Check ``value`` of key ``name`` against the annotation ``tp``; ints are accepted for floats.
+
+    The key and the file are kept apart so that nested keys read
+    ``devices.tokens.x in gateway.toml``, not ``devices.tokens in gateway.toml.x``.
+    """
+    where = f"{name} in {source}"
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name, source)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return {str(k): _coerce(v, str, f"{name}.{k}", source) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type[Any], table: Any, where: str, source: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where or 'top level'} in {source}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"unknown key {name!r} in {source}")
+        tp = hints[key]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, name, source)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            if not isinstance(value, list):
+                raise ConfigError(f"{name} in {source}: expected [[{name}]] tables")
+            values[key] = [
+                _build(typing.get_args(tp)[0], v, f"{name}[{i}]", source)
+                for i, v in enumerate(value)
+            ]
+        else:
+            values[key] = _coerce(value, tp, name, source)
+    return cls(**values)
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file; a missing or invalid file is a ConfigError naming it."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+
+
+def build_config(
+    table: dict[str, Any],
+    *,
+    source: str = "the configuration",
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> GatewayConfig:
+    """Make a checked ``GatewayConfig`` from a TOML table, CLI overrides and environment.
+
+    ``overrides`` maps dotted keys (``"auth.token"``, ``"http_port"``) to values
+    from flags; flags win over the environment, which wins over the file.
+    """
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.items()}
+    env = os.environ if environ is None else environ
+    layers: list[tuple[dict[str, Any], str]] = []
+    env_values = {
+        f"{section}.{key}": env[name]
+        for name, (section, key) in ENV_SECRETS.items()
+        if env.get(name)
+    }
+    layers.append((env_values, "the environment"))
+    layers.append((overrides or {}, "the command line"))
+    for layer, _ in layers:
+        for dotted, value in layer.items():
+            if value is None:
+                continue
+            node = merged
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    config: GatewayConfig = _build(GatewayConfig, merged, "", source)
+    _check(config, source)
+    return config
+
+
+def _check(config: GatewayConfig, source: str) -> None:
+    """Cross-field and range checks; each error names the key (or section) and ``source``.
+
+    The other layers' own checks run by building what they will take, so a bad
+    value is refused here, at start, rather than as a traceback once serving.
+    """
+
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"{message} (in {source})")
+
+    for name, number in (("http_port", config.http_port), ("device_port", config.device_port)):
+        if not 0 <= number <= 65535:
+            raise bad(f"{name} must be 0..65535, not {number}")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise bad(f"log_level must be debug, info, warning or error, not {config.log_level!r}")
+    if config.demo < 0:
+        raise bad(f"demo must be >= 0, not {config.demo}")
+    a = config.auth
+    # An empty operator token would switch token generation off and admit nobody.
+    for key, token in (("auth.token", a.token), ("auth.viewer_token", a.viewer_token)):
+        if token is not None and not token.strip():
+            raise bad(f"{key} must not be empty (leave it out to have one generated)")
+    if a.token and a.token == a.viewer_token:
+        raise bad("auth.token and auth.viewer_token must differ")
+    if config.devices.max_connections < 1:
+        raise bad(f"devices.max_connections must be >= 1, not {config.devices.max_connections}")
+    for i, port in enumerate(config.serial):
+        if not port.url:
+            raise bad(f"serial[{i}].url is required")
+        if port.frame_timeout is not None and not port.frame_timeout > 0:
+            raise bad(f"serial[{i}].frame_timeout must be > 0, not {port.frame_timeout}")
+    d = config.dashboards
+    if d.max_message < 1024:
+        raise bad(f"dashboards.max_message must be >= 1024, not {d.max_message}")
+    if not d.drain_timeout > 0:
+        raise bad("dashboards.drain_timeout must be > 0")
+    # 0 would make each dashboard's writer spin without ever sending.
+    if d.batch_max_items < 1:
+        raise bad(f"dashboards.batch_max_items must be >= 1, not {d.batch_max_items}")
+    s = config.storage
+    if s.retention_per_device < 1 or not s.retention_days > 0:
+        raise bad("storage.retention_per_device and retention_days must be > 0")
+    # Checked here because the storage engine is only built once serving starts.
+    if s.batch_interval < 0:
+        raise bad(f"storage.batch_interval must be >= 0, not {s.batch_interval}")
+    if s.batch_rows < 1:
+        raise bad(f"storage.batch_rows must be >= 1, not {s.batch_rows}")
+    builders: list[tuple[str, Callable[[], object]]] = [
+        ("devices", config.session_config),
+        ("devices", config.frame_options),
+        ("dashboards", config.hub_config),
+    ]
+    for i, port in enumerate(config.serial):
+        builders.append((f"serial[{i}]", functools.partial(_serial_port, port)))
+    for section, build in builders:
+        try:
+            build()
+        except ValueError as e:  # LocalProtocolError (e.g. an unknown CRC) is one too
+            raise bad(f"{section}: {e}") from None
+
+
+def _serial_port(s: SerialSection) -> SerialPortConfig:
+    return SerialPortConfig(
+        url=s.url,
+        baudrate=s.baud,
+        client_id=s.client_id,
+        protocol=s.protocol,
+        frame=FrameOptions(s.crc, s.crc_byteorder, s.crc_covers_header),  # type: ignore[arg-type]
+        frame_timeout=s.frame_timeout,
+        backoff=BackoffPolicy(s.backoff_base, s.backoff_cap),
+    )
