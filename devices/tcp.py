@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from frames import FrameOptions
 
@@ -55,14 +55,14 @@ class _DeviceConnection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._tcp = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._tcp = cast(asyncio.Transport, transport)
         peer: Any = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self.server.manager.links) >= self.server.max_connections:
             self.server.manager.counters["refused_connections"] += 1
             log.debug("refusing %s: %d device connections", self.peer, self.server.max_connections)
-            transport.abort()
+            self._tcp.abort()
             return
         self._session = DeviceSession(
             self.server.manager, self, frame_options=self.server.frame_options

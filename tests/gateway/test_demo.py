@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 
 async def _line(stream: asyncio.StreamReader, pattern: str) -> re.Match[str]:
@@ -22,7 +24,8 @@ async def _line(stream: asyncio.StreamReader, pattern: str) -> re.Match[str]:
             return m
 
 
-async def test_demo_five_devices_one_serial_and_clean_exit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_demo_five_devices_one_serial_and_clean_exit(tmp_path: Path, loop: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -38,6 +41,7 @@ async def test_demo_five_devices_one_serial_and_clean_exit(tmp_path: Path) -> No
         "5",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "IOT_GATEWAY_LOOP": loop},
     )
     assert proc.stdout is not None
     assert proc.stderr is not None
