@@ -35,7 +35,7 @@ from .hub import (
     error_message,
     telemetry_message,
 )
-from .metrics import CONTENT_TYPE, Metrics, counter, gauge
+from .metrics import CONTENT_TYPE, Metrics, counter, counters, gauge
 from .storage import RetentionPolicy, SQLiteStorage, Storage
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,15 @@ def _link_metrics(rt: Runtime) -> list[Any]:
             "iot_garbage_links_closed", "TCP links closed for sending garbage", c["garbage_closed"]
         ),
         counter("iot_device_auth_failed", "HELLOs refused for a wrong token", c["auth_failed"]),
+        counters(
+            "iot_device_refused",
+            "Device connections or HELLOs refused by a limit",
+            "limit",
+            {
+                "max_connections": c["refused_connections"],
+                "max_devices": c["refused_max_devices"],
+            },
+        ),
         gauge(
             "iot_device_links",
             "Open device links (TCP connections and serial ports)",
@@ -227,8 +236,13 @@ async def _writer(
                 if dashboard.closed:
                     return
                 continue
+            received = dashboard.batch_received
             try:
                 await asyncio.wait_for(ws.send_str("\n".join(items)), cfg.drain_timeout)
+                if received:
+                    # Once per frame, for its oldest telemetry: the worst case in it.
+                    loop_now = asyncio.get_running_loop().time()
+                    rt.metrics.send_latency.observe(loop_now - received)
             except TimeoutError:
                 rt.metrics.slow_dashboards_closed.inc()
                 log.warning(
@@ -298,13 +312,19 @@ async def post_command(request: web.Request) -> web.Response:
     """``POST /api/devices/{id}/commands`` with ``{"command": {...}}`` -> 202 + first status."""
     _require(request, Role.OPERATOR)
     rt = request.app[RUNTIME]
-    if (
-        request.content_length is not None
-        and request.content_length > rt.config.dashboards.max_message
-    ):
-        raise _http_error(web.HTTPRequestEntityTooLarge, ErrorCode.TOO_LARGE, "body too large")
+    limit = rt.config.dashboards.max_message
+    too_large = web.HTTPRequestEntityTooLarge(
+        max_size=limit,
+        actual_size=request.content_length or limit + 1,
+        text=dumps({"code": str(ErrorCode.TOO_LARGE), "message": f"body over {limit} bytes"}),
+        content_type="application/json",
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
     try:
         body = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None  # a chunked body that grew past client_max_size
     except ValueError:
         raise _http_error(web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "body is not JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("command"), dict):

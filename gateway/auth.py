@@ -72,4 +72,4 @@ def origin_allowed(
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return False
-    return parts.netloc.lower() == host.lower() and parts.scheme in (scheme, "https", "http")
+    return parts.netloc.lower() == host.lower() and parts.scheme == scheme

@@ -158,7 +158,8 @@ class Dashboard:
     session: str
     limit: int
     subscriptions: set[Target] = field(default_factory=set)
-    queue: deque[tuple[Kind, int, str]] = field(default_factory=deque)
+    # (kind, offset, text, loop time the device frame arrived; 0 when unknown)
+    queue: deque[tuple[Kind, int, str, float]] = field(default_factory=deque)
     telemetry_queued: int = 0
     dropped: int = 0  # telemetry dropped since the last lagged notice
     resume_from: int | None = None
@@ -166,7 +167,13 @@ class Dashboard:
     closed: bool = False
     # While a replay runs, live telemetry waits here so it comes after the replay.
     replaying: int = 0
-    held: deque[tuple[int, str]] = field(default_factory=deque)
+    replay_targets: list[Target] = field(default_factory=list)
+    held: deque[tuple[int, str, float, str, str]] = field(default_factory=deque)
+    # Set when ``held`` overflowed: the replay's own messages were let go (they
+    # are in storage) and the replay must read up to a new seam.
+    held_overflowed: bool = False
+    # When the oldest telemetry of the last batch ``take()`` returned arrived.
+    batch_received: float = 0.0
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _room: asyncio.Event = field(default_factory=asyncio.Event)
     _cmd_tokens: float = 0.0
@@ -176,38 +183,57 @@ class Dashboard:
         """Queue a reply, presence or command_status: never dropped."""
         if self.closed:
             return
-        self.queue.append((Kind.CONTROL, 0, text))
+        self.queue.append((Kind.CONTROL, 0, text, 0.0))
         self._ready.set()
 
     def push_control_json(self, obj: dict[str, Any]) -> None:
         """Queue a control message given as a JSON object."""
         self.push_control(dumps(obj))
 
-    def push_telemetry(self, offset: int, text: str) -> int:
+    def push_telemetry(
+        self, offset: int, text: str, received: float = 0.0, device: str = "", protocol: str = ""
+    ) -> int:
         """Queue a telemetry message; returns how many were dropped to make room."""
         if self.closed:
             return 0
-        if self.replaying:
-            self.held.append((offset, text))
-            if len(self.held) > self.limit:
-                dropped_offset, _ = self.held.popleft()
-                self._note_drop(dropped_offset)
-                return 1
+        if not self.replaying:
+            return self._append_telemetry(offset, text, received)
+        if self.held_overflowed and self._replayed(device, protocol):
+            return 0  # storage has it; the replay's next round reads it
+        self.held.append((offset, text, received, device, protocol))
+        if len(self.held) <= self.limit:
             return 0
-        return self._append_telemetry(offset, text)
+        # Too much live traffic while replaying: let go of what the replay will
+        # read again from storage; anything else is dropped and announced.
+        self.held_overflowed = True
+        dropped = 0
+        kept: deque[tuple[int, str, float, str, str]] = deque()
+        for item in self.held:
+            if self._replayed(item[3], item[4]):
+                continue
+            if len(kept) < self.limit // 2:
+                kept.append(item)
+            else:
+                self._note_drop(item[0])
+                dropped += 1
+        self.held = kept
+        return dropped
 
-    def _append_telemetry(self, offset: int, text: str) -> int:
+    def _replayed(self, device: str, protocol: str) -> bool:
+        return any(_matches(t, device, protocol) for t in self.replay_targets)
+
+    def _append_telemetry(self, offset: int, text: str, received: float = 0.0) -> int:
         dropped = 0
         if self.telemetry_queued >= self.limit:
             # Drop the oldest telemetry; replies and presence stay.
-            for i, (kind, off, _) in enumerate(self.queue):
+            for i, (kind, off, _, _) in enumerate(self.queue):
                 if kind is Kind.TELEMETRY:
                     del self.queue[i]
                     self.telemetry_queued -= 1
                     self._note_drop(off)
                     dropped = 1
                     break
-        self.queue.append((Kind.TELEMETRY, offset, text))
+        self.queue.append((Kind.TELEMETRY, offset, text, received))
         self.telemetry_queued += 1
         self._ready.set()
         return dropped
@@ -234,10 +260,13 @@ class Dashboard:
             self.dropped = 0
             self.resume_from = None
         q = self.queue
+        self.batch_received = 0.0
         while q and len(out) < max_items:
-            kind, _, text = q.popleft()
+            kind, _, text, received = q.popleft()
             if kind is Kind.TELEMETRY:
                 self.telemetry_queued -= 1
+                if received and not self.batch_received:
+                    self.batch_received = received
             out.append(text)
         if self.telemetry_queued < self.limit // 2:
             self._room.set()
@@ -299,6 +328,10 @@ class DeviceState:
 
 
 StatusCallback = Callable[[dict[str, Any]], None]
+
+# Rounds a replay may take to catch up with live traffic before it gives up
+# and sends a lagged notice instead.
+REPLAY_ROUNDS = 20
 
 
 class Hub:
@@ -398,7 +431,9 @@ class Hub:
             state.last_seen = event.ts
         dropped = 0
         for d in self._subscribers(event.client_id, event.protocol):
-            dropped += d.push_telemetry(offset, text)
+            dropped += d.push_telemetry(
+                offset, text, event.received, event.client_id, event.protocol
+            )
         if dropped:
             self.metrics.telemetry_dropped.inc(dropped)
         self.metrics.telemetry_in.inc()
@@ -571,31 +606,47 @@ class Hub:
         # and below everything that comes later (offsets need not be consecutive).
         cut = self.storage.next_offset()
         d.replaying += 1
+        d.replay_targets.append(target)
         self._subscribe(d, target)
         d.push_control(dumps(_reply("subscribed", request_id, {**echo, "since": since})))
+        after = since
         try:
-            await self.storage.flush()
-            after = since
-            while not d.closed:
-                records = await self.storage.telemetry_since(
-                    after,
-                    until=cut,
-                    device=target[1] if target[0] == "device" else None,
-                    protocol=target[1] if target[0] == "protocol" else None,
-                    limit=500,
-                )
-                if not records:
+            for _ in range(REPLAY_ROUNDS):
+                await self.storage.flush()
+                after = await self._replay_range(d, target, after, cut)
+                if d.closed or not d.held_overflowed:
                     break
-                for rec in records:
-                    await d.room()
-                    d._append_telemetry(rec.offset, dumps(telemetry_message(rec)))
-                after = records[-1].offset
+                # Live traffic outran the hold buffer: read on to a new seam.
+                d.held_overflowed = False
+                cut = self.storage.next_offset()
+            else:
+                d._note_drop(after + 1)  # could not catch up: say where to resume
+                d.held_overflowed = False
         finally:
             d.replaying -= 1
+            d.replay_targets.remove(target)
             if not d.replaying:
                 held, d.held = d.held, deque()
-                for offset, text in held:
-                    d._append_telemetry(offset, text)
+                for offset, text, received, _, _ in held:
+                    d._append_telemetry(offset, text, received)
+
+    async def _replay_range(self, d: Dashboard, target: Target, after: int, cut: int) -> int:
+        """Queue stored telemetry of ``target`` with ``after < offset <= cut``; wait for room."""
+        while not d.closed:
+            records = await self.storage.telemetry_since(
+                after,
+                until=cut,
+                device=target[1] if target[0] == "device" else None,
+                protocol=target[1] if target[0] == "protocol" else None,
+                limit=500,
+            )
+            if not records:
+                break
+            for rec in records:
+                await d.room()
+                d._append_telemetry(rec.offset, dumps(telemetry_message(rec)))
+            after = records[-1].offset
+        return max(after, cut)
 
     def devices_listing(self) -> list[dict[str, Any]]:
         """Every known device, by id."""
@@ -686,7 +737,9 @@ class Hub:
         elif result.status is CommandStatus.TIMEOUT:
             status("timeout")
         else:
-            status("failed", error=result.error or "link lost")
+            # PROTOCOL.md has no status for a link lost before the ACK: to the
+            # dashboard it is an ACK that never came.
+            status("timeout", error=result.error or "link lost before the ACK")
 
     async def _deliver_queued(self, device: str, session: str) -> None:
         """On WELCOME: send the device's queued commands, oldest first."""

@@ -96,6 +96,14 @@ def counter(name: str, doc: str, value: float, labels: dict[str, str] | None = N
     return fam
 
 
+def counters(name: str, doc: str, label: str, values: dict[str, float]) -> Metric:
+    """A counter family with one sample per value of ``label``."""
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in values.items():
+        fam.add_metric([key], value)
+    return fam
+
+
 def gauge(name: str, doc: str, value: float) -> Metric:
     """A gauge family with one sample (for snapshot collectors)."""
     return GaugeMetricFamily(name, doc, value=value)

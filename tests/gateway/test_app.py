@@ -579,14 +579,14 @@ async def test_loop_is_not_blocked_by_storage_during_a_write_burst(make_app: App
     tick = asyncio.create_task(ticker())
     for i in range(20_000):
         dev.send(frames.Data(i % 256, ENV_DATA))
-        if i % 2000 == 0:
+        if i % 500 == 0:
             await dev.writer.drain()
     await dev.writer.drain()
     await asyncio.wait_for(_until(lambda: rt.storage.stats.rows_written >= 20_000), 30)
     done.set()
     await tick
     # A lag check, not a speed test: generous for a noisy 2-core machine.
-    assert worst < 1.0, worst
+    assert worst < 2.0, worst
 
 
 async def test_device_never_sent_anything_is_unknown_to_http(make_app: AppFactory) -> None:
@@ -599,3 +599,51 @@ async def test_device_never_sent_anything_is_unknown_to_http(make_app: AppFactor
 
 
 _ = aiohttp
+
+
+async def test_oversized_command_body_is_413(make_app: AppFactory) -> None:
+    client = await make_app()
+    resp = await client.post(
+        "/api/devices/x/commands",
+        data=json.dumps({"command": {"hex": "00"}, "pad": "x" * 70_000}),
+        headers={"Authorization": f"Bearer {OPERATOR}", "Content-Type": "application/json"},
+    )
+    assert resp.status == 413
+    assert (await resp.json())["code"] == "too_large"
+
+
+async def test_same_host_other_scheme_is_not_same_origin(make_app: AppFactory) -> None:
+    client = await make_app()
+    with pytest.raises(WSServerHandshakeError) as info:
+        await client.ws_connect(
+            f"/ws?token={OPERATOR}", headers={"Origin": f"https://{client.host}:{client.port}"}
+        )
+    assert info.value.status == 403
+
+
+async def test_link_lost_before_ack_reports_timeout(make_app: AppFactory) -> None:
+    client = await make_app()
+    rt = runtime_of(client)
+    d = await dash(client)
+    dev = await device(rt, "drop")
+    await d.send({"op": "command", "id": "z", "device": "drop", "command": {"name": "reboot"}})
+    await d.expect("command_status", id="z", status="sent")
+    await dev.expect(frames.Command)
+    await dev.aclose()
+    final = await d.expect("command_status", id="z")
+    assert final["status"] == "timeout"
+    assert "link lost" in final["error"]
+
+
+async def test_device_refusals_are_on_metrics(make_app: AppFactory) -> None:
+    client = await make_app(devices={"max_devices": 1})
+    rt = runtime_of(client)
+    await device(rt, "only")
+    host, port = rt.device_server.address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(frames.encode_frame(frames.Hello(1, "second", "env-sensor").encode()))
+    assert await reader.read() is not None  # closed by the gateway after its ERROR
+    writer.close()
+    await writer.wait_closed()
+    text = await (await client.get("/metrics")).text()
+    assert 'iot_device_refused_total{limit="max_devices"} 1.0' in text
