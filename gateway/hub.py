@@ -390,9 +390,10 @@ class Hub:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Remember when each online device was last seen before storage closes.
         for state in self.devices.values():
             if state.online:
-                self._persist_device(state)
+                await self.storage.upsert_device(self._device_record(state))
         for d in list(self.dashboards.values()):
             d.close()
 
@@ -495,14 +496,17 @@ class Hub:
         for d in self._subscribers(state.device, state.protocol):
             d.push_control(text)
 
-    def _persist_device(self, state: DeviceState) -> None:
-        record = DeviceRecord(
+    def _device_record(self, state: DeviceState) -> DeviceRecord:
+        return DeviceRecord(
             state.device,
             state.protocol,
             state.transport or "tcp",
             state.first_seen or now_ms(),
             state.last_seen or now_ms(),
         )
+
+    def _persist_device(self, state: DeviceState) -> None:
+        record = self._device_record(state)
         self._spawn(self.storage.upsert_device(record), f"persist {state.device}")
 
     def online_count(self) -> int:

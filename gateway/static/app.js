@@ -1,0 +1,192 @@
+// The dashboard's entry point: takes the token, opens the connection, turns
+// gateway messages into store updates and view redraws, and sends commands.
+//
+// Replay, in short (docs/dashboard.md has the long version): the page
+// subscribes to everything; after every (re)connect it subscribes again with
+// `since` = the newest offset it holds, so the gateway first replays what was
+// stored while the page was away, then goes live. A `lagged` notice is handled
+// the same way from the notice's `resume_from - 1`. Duplicates are dropped by
+// offset in the store.
+
+import { loadHistory, probeToken, socketUrl } from './api.js';
+import { Connection } from './connection.js';
+import { MAX_POINTS, Store } from './store.js';
+import { clearToken, storeToken, takeToken } from './token.js';
+import { View } from './view.js';
+
+const store = new Store();
+let token = takeToken();
+let connection = null;
+let nextCommand = 0;
+let nextSync = 0;
+let syncId = null; // the id of the devices request that marks the end of the last replay
+let devicesRefresh = 0;
+let shownState = null;
+
+const view = new View(store, {
+  command: sendCommand,
+  openDevice,
+  retryNow: () => connection?.retryNow(),
+  changeToken() {
+    connection?.stop();
+    clearToken();
+    view.showTokenForm('Enter an access token for this gateway.', false);
+  },
+  submitToken(newToken) {
+    storeToken(newToken);
+    // A fresh page load is the simplest way to forget everything tied to the old token.
+    window.location.reload();
+  },
+});
+
+function event(kind, text, ts) {
+  view.addEvent(store.log(kind, text, ts));
+}
+
+function connect() {
+  connection = new Connection({
+    url: () => socketUrl(token),
+    probe: () => probeToken(token),
+    onMessage: handle,
+    onState(info) {
+      const previous = shownState;
+      shownState = info.state;
+      view.setConnection(info);
+      if (info.state === 'reconnecting' && info.retryAt && info.wasConnected) {
+        event('connection', `connection lost (code ${info.code}); reconnecting`);
+      } else if (info.state === 'unauthorized' && previous !== 'unauthorized') {
+        event('connection', 'the gateway refused the token');
+      }
+    },
+  });
+  connection.start();
+}
+
+/** Subscribe to everything, replaying from `since` when the page already holds data. */
+function resync(since) {
+  const request = { op: 'subscribe', all: true };
+  if (since !== null) request.since = since;
+  connection.send(request);
+  // The gateway answers requests in order and finishes a replay before it reads
+  // the next request, so the reply to this one means the replay is complete.
+  nextSync += 1;
+  syncId = `sync-${nextSync}`;
+  connection.send({ op: 'devices', id: syncId });
+}
+
+function handle(msg) {
+  switch (msg.op) {
+    case 'welcome': {
+      store.role = msg.role;
+      view.setRole(msg.role);
+      const since = store.resumeOffset();
+      event('connection', since === null ? `connected as ${msg.role}` : `connected as ${msg.role}; replaying after offset ${since}`);
+      resync(since);
+      break;
+    }
+    case 'telemetry': {
+      const d = store.applyTelemetry(msg);
+      if (d) view.deviceChanged(d.id);
+      break;
+    }
+    case 'devices': {
+      for (const d of store.applyDevices(msg.devices)) view.deviceChanged(d.id);
+      if (msg.id !== undefined && msg.id === syncId) store.synced();
+      break;
+    }
+    case 'presence': {
+      const known = store.devices.get(msg.device)?.transport;
+      const d = store.applyPresence(msg);
+      view.deviceChanged(d.id);
+      event('presence', `${msg.device} ${msg.online ? 'online' : 'offline'}${msg.reason ? ` (${msg.reason})` : ''}`, msg.ts);
+      if (msg.online && !known) refreshDevicesSoon(); // a new device: learn its link
+      break;
+    }
+    case 'command_status': {
+      const cmd = store.applyCommandStatus(msg);
+      if (cmd) view.commandChanged(cmd);
+      if (msg.status !== 'sent') {
+        const label = cmd ? cmd.label : 'command';
+        const detail = msg.status === 'nacked' ? ` (code ${msg.code})` : msg.error ? `: ${msg.error}` : '';
+        event('command', `${msg.device} ${label}: ${msg.status}${detail}`);
+      }
+      break;
+    }
+    case 'lagged': {
+      const since = store.noteLag(msg);
+      event('lagged', `the gateway dropped ${msg.dropped} readings for this page; replaying after offset ${since}`);
+      resync(since);
+      break;
+    }
+    case 'error': {
+      const cmd = msg.id !== null && msg.id !== undefined ? store.applyCommandStatus(msg) : null;
+      if (cmd) view.commandChanged(cmd);
+      event('error', `${msg.code}: ${msg.message}`);
+      break;
+    }
+    default:
+      break; // subscribed, unsubscribed, welcome's friends: nothing to draw
+  }
+}
+
+/** Ask for the device listing once, shortly, however many devices just appeared. */
+function refreshDevicesSoon() {
+  if (devicesRefresh) return;
+  devicesRefresh = setTimeout(() => {
+    devicesRefresh = 0;
+    connection?.send({ op: 'devices' });
+  }, 500);
+}
+
+/**
+ * Send a command over the socket. `spec` holds device or protocol, command,
+ * origin (where its status is shown), label, and channel for relay switches.
+ */
+function sendCommand(spec) {
+  nextCommand += 1;
+  const id = `c${nextCommand}`;
+  const cmd = store.addCommand({ ...spec, id });
+  const request = { op: 'command', id, command: spec.command };
+  if (spec.device) request.device = spec.device;
+  else request.protocol = spec.protocol;
+  if (!connection || !connection.send(request)) {
+    cmd.error = 'not connected to the gateway';
+  }
+  return cmd;
+}
+
+/** A device's details were opened: seed its charts from stored history, once. */
+async function openDevice(id) {
+  const d = store.devices.get(id);
+  if (!d || d.history === 'loading' || d.history === 'loaded') return;
+  d.history = 'loading';
+  view.deviceChanged(id);
+  try {
+    const rows = await loadHistory(id, token, {
+      newest: d.last ? d.last.offset : null,
+      deviceCount: store.devices.size,
+      wanted: MAX_POINTS,
+    });
+    store.applyHistory(id, rows);
+    d.history = 'loaded';
+  } catch (error) {
+    d.history = 'error';
+    d.historyError = error instanceof Error ? error.message : String(error);
+  }
+  view.deviceChanged(id);
+}
+
+// The browser knows before our backoff does that the network is back.
+window.addEventListener('online', () => connection?.retryNow());
+
+// Read-only state for the browser tests and for curious operators in the console.
+window.__dashboard = Object.freeze({
+  snapshot: () => ({ ...store.snapshot(), state: connection?.state ?? null, connects: connection?.connects ?? 0 }),
+});
+
+if (token) {
+  connect();
+} else {
+  view.setConnection({ state: 'stopped' });
+  view.showTokenForm('This dashboard needs an access token: open the link the gateway printed, or paste the token here.', false);
+}
