@@ -647,3 +647,27 @@ async def test_device_refusals_are_on_metrics(make_app: AppFactory) -> None:
     await writer.wait_closed()
     text = await (await client.get("/metrics")).text()
     assert 'iot_device_refused_total{limit="max_devices"} 1.0' in text
+
+
+async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFactory) -> None:
+    client = await make_app(
+        dashboards={"drain_timeout": 0.5},
+        devices={"max_frames_per_second": 1e6, "rate_burst": 1e6},
+    )
+    rt = runtime_of(client)
+    stalled = _stalled_dashboard(client.host, client.port)
+    try:
+        await asyncio.wait_for(_until(lambda: len(rt.hub._all) == 1), 10)
+        dev = await device(rt, "firehose")
+        closed = rt.metrics.slow_dashboards_closed
+        for _ in range(200):  # until the stalled socket's buffers are full
+            for i in range(500):
+                dev.send(frames.Data(i % 256, ENV_DATA))
+            await dev.writer.drain()
+            if closed._value.get() >= 1:
+                break
+            await asyncio.sleep(0.05)  # let the writer's drain timeout run
+        await asyncio.wait_for(_until(lambda: closed._value.get() >= 1), 10)
+        await asyncio.wait_for(_until(lambda: not rt.hub._all), 10)
+    finally:
+        stalled.close()
