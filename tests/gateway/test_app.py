@@ -671,3 +671,12 @@ async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFac
         await asyncio.wait_for(_until(lambda: not rt.hub._all), 10)
     finally:
         stalled.close()
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_permessage_deflate_only_when_configured(make_app: AppFactory, enabled: bool) -> None:
+    client = await make_app(dashboards={"compression": enabled})
+    ws = await client.ws_connect(f"/ws?token={OPERATOR}", compress=15)
+    assert bool(ws.compress) is enabled
+    assert json.loads((await ws.receive()).data)["op"] == "welcome"
+    await ws.close()
