@@ -46,12 +46,21 @@ def _path_field(error: ConstructError, prefix: str) -> str:
     return ".".join([prefix, *parts]) if parts else prefix
 
 
+_SCALARS = (int, float, bool, str, type(None))
+
+
 def _to_json(value: Any) -> Any:
     """construct Containers -> plain dicts and lists, without construct's private keys."""
-    if isinstance(value, Container | dict):
-        return {k: _to_json(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, ListContainer | list):
-        return [_to_json(v) for v in value]
+    # Container is a dict subclass; scalars, by far the most common values, are
+    # passed through without a recursive call (this runs for every DATA frame).
+    if isinstance(value, dict):
+        return {
+            k: v if type(v) in _SCALARS else _to_json(v)
+            for k, v in value.items()
+            if not str(k).startswith("_")
+        }
+    if isinstance(value, list):
+        return [v if type(v) in _SCALARS else _to_json(v) for v in value]
     if isinstance(value, bytes):
         return value.hex()
     return value
@@ -219,6 +228,9 @@ class ConstructProtocol(Protocol):
             raise ValueError(f"protocol name {name!r} must be 1..32 characters of a-z0-9._-")
         self.name = name
         self.data = Struct("values" / data, Terminated)
+        # Compiled construct parses DATA about 3x faster, but its errors lose the
+        # field path; on an error the interpreted struct parses again to name it.
+        self._data_fast = _compiled(self.data)
         self.commands = dict(commands or {})
         self._by_opcode = {spec.opcode: (n, spec) for n, spec in self.commands.items()}
         if len(self._by_opcode) != len(self.commands):
@@ -226,15 +238,21 @@ class ConstructProtocol(Protocol):
 
     def decode_data(self, body: bytes) -> JsonObject:
         try:
-            parsed = self.data.parse(body)
+            parsed = self._data_fast.parse(body)
+        except ConstructError:
+            parsed = self._parse_for_error(body)
+        result: JsonObject = _to_json(parsed["values"])
+        return result
+
+    def _parse_for_error(self, body: bytes) -> Any:
+        try:
+            return self.data.parse(body)
         except ConstructError as e:
             raise RemoteProtocolError(
                 f"{self.name} DATA does not fit its schema ({len(body)} bytes): {_reason(e)}",
                 code=ErrorCode.MALFORMED,
                 field=_path_field(e, "data").replace("data.values", "data"),
             ) from None
-        result: JsonObject = _to_json(parsed["values"])
-        return result
 
     def encode_data(self, values: Mapping[str, Any]) -> bytes:
         try:
@@ -311,6 +329,14 @@ class ConstructProtocol(Protocol):
                 field=_path_field(e, "args").replace("args.a", "args", 1),
             ) from None
         return {"name": name, "args": _to_json(args)}
+
+
+def _compiled(struct: Construct) -> Construct:
+    """The compiled form of ``struct``, or ``struct`` itself if it cannot be compiled."""
+    try:
+        return struct.compile()
+    except Exception:  # construct raises several types for what it cannot compile
+        return struct
 
 
 def _reason(error: ConstructError) -> str:
