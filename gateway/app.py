@@ -366,6 +366,23 @@ def _static_dir() -> Path:
     return Path(str(resources.files("gateway") / "static"))
 
 
+PAGE_HEADERS = {
+    # Revalidate page files so an upgraded gateway never mixes old and new modules.
+    "Cache-Control": "no-cache",
+    # The page loads nothing from elsewhere; say so, so an injected script cannot.
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers.update(PAGE_HEADERS)
+
+
 async def index(request: web.Request) -> web.StreamResponse:
     """``GET /``: the dashboard page (it asks for the token itself)."""
     return web.FileResponse(_static_dir() / "index.html")
@@ -434,6 +451,7 @@ def create_app(config: GatewayConfig, tokens: TokenTable) -> web.Application:
     app[RUNTIME] = build_runtime(config, tokens)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_page_headers)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/api/devices", list_devices)
     app.router.add_get("/api/devices/{id}", get_device)

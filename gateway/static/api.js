@@ -28,7 +28,8 @@ export async function probeToken(token) {
 }
 
 async function telemetryPage(device, since, token) {
-  const path = `api/devices/${encodeURIComponent(device)}/telemetry?since=${since}&limit=${PAGE_LIMIT}`;
+  const id = encodeURIComponent(device);
+  const path = `api/devices/${id}/telemetry?since=${since}&limit=${PAGE_LIMIT}`;
   const response = await fetch(path, { headers: headers(token), cache: 'no-store' });
   if (!response.ok) throw new Error(`history: HTTP ${response.status}`);
   const body = await response.json();
@@ -40,19 +41,27 @@ async function telemetryPage(device, since, token) {
  * first, to seed its charts.
  *
  * The API pages forward from an offset, and offsets are shared by every device,
- * so there is no exact "last N of this device" query. Start with a window of
- * offsets guessed from the number of devices, then step further back (or
- * narrow a window that holds more than a page) using the density of this
- * device's readings seen so far. A handful of requests at most.
+ * so there is no "last N readings of this device" query. First step back in
+ * windows of offsets, sized from the number of devices and then from the
+ * density of this device's readings seen so far: one request in the common
+ * case. Offsets jump by about a million across a gateway restart, which no
+ * density guess crosses, so if a window comes back empty, walk forward from
+ * the start of the stored history instead (retention keeps that short).
  */
-export async function loadHistory(device, token, { newest, deviceCount, wanted, maxRequests = 8 }) {
+export async function loadHistory(device, token, options) {
+  const { newest, deviceCount, wanted, maxRequests = 16 } = options;
   if (newest === null || newest === undefined) return [];
+  let requests = 0;
+  const page = (since) => {
+    requests += 1;
+    return telemetryPage(device, since, token);
+  };
+  let rows = []; // every stored reading with floor < offset <= newest, oldest first
+  let floor = newest;
   let span = Math.ceil(wanted * Math.max(1, deviceCount) * 1.5);
-  let rows = [];
-  let floor = newest; // `rows` holds every stored reading with floor < offset <= newest
-  for (let request = 0; request < maxRequests && rows.length < wanted && floor > -1; request += 1) {
+  while (rows.length < wanted && floor > -1 && requests < maxRequests) {
     const since = Math.max(-1, floor - span);
-    const batch = await telemetryPage(device, since, token);
+    const batch = await page(since);
     const lastOffset = batch.length ? batch[batch.length - 1].offset : null;
     if (batch.length === PAGE_LIMIT && lastOffset < floor) {
       // More than a page in the window: the page stops short of the readings we
@@ -62,11 +71,26 @@ export async function loadHistory(device, token, { newest, deviceCount, wanted, 
       continue;
     }
     const inWindow = batch.filter((row) => row.offset <= floor);
-    const density = inWindow.length / Math.max(1, floor - since);
+    if (!inWindow.length) break; // a jump in offsets (or a long silence): walk instead
     rows = inWindow.concat(rows);
+    const density = inWindow.length / Math.max(1, floor - since);
     floor = since;
-    const needed = wanted - rows.length;
-    span = density > 0 ? Math.max(1, Math.ceil((needed / density) * 1.5)) : span * 4;
+    span = Math.max(1, Math.ceil(((wanted - rows.length) / density) * 1.5));
+  }
+  if (rows.length < wanted && floor > -1) {
+    const room = wanted - rows.length;
+    let older = [];
+    let after = -1;
+    while (requests < maxRequests) {
+      const batch = await page(after);
+      const below = batch.filter((row) => row.offset <= floor);
+      older = older.concat(below).slice(-room);
+      if (batch.length < PAGE_LIMIT || below.length < batch.length) {
+        rows = older.concat(rows); // reached the floor: no hole between the two parts
+        break;
+      }
+      after = batch[batch.length - 1].offset;
+    }
   }
   return rows.slice(-wanted);
 }

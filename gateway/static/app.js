@@ -10,7 +10,7 @@
 
 import { loadHistory, probeToken, socketUrl } from './api.js';
 import { Connection } from './connection.js';
-import { MAX_POINTS, Store } from './store.js';
+import { FINAL_STATUSES, MAX_POINTS, Store } from './store.js';
 import { clearToken, storeToken, takeToken } from './token.js';
 import { View } from './view.js';
 
@@ -52,6 +52,7 @@ function connect() {
       const previous = shownState;
       shownState = info.state;
       view.setConnection(info);
+      if (previous === 'connected' && info.state !== 'connected') forgetPendingCommands();
       if (info.state === 'reconnecting' && info.retryAt && info.wasConnected) {
         event('connection', `connection lost (code ${info.code}); reconnecting`);
       } else if (info.state === 'unauthorized' && previous !== 'unauthorized') {
@@ -80,7 +81,8 @@ function handle(msg) {
       store.role = msg.role;
       view.setRole(msg.role);
       const since = store.resumeOffset();
-      event('connection', since === null ? `connected as ${msg.role}` : `connected as ${msg.role}; replaying after offset ${since}`);
+      const replay = since === null ? '' : `; replaying after offset ${since}`;
+      event('connection', `connected as ${msg.role}${replay}`);
       resync(since);
       break;
     }
@@ -98,7 +100,8 @@ function handle(msg) {
       const known = store.devices.get(msg.device)?.transport;
       const d = store.applyPresence(msg);
       view.deviceChanged(d.id);
-      event('presence', `${msg.device} ${msg.online ? 'online' : 'offline'}${msg.reason ? ` (${msg.reason})` : ''}`, msg.ts);
+      const reason = msg.reason ? ` (${msg.reason})` : '';
+      event('presence', `${msg.device} ${msg.online ? 'online' : 'offline'}${reason}`, msg.ts);
       if (msg.online && !known) refreshDevicesSoon(); // a new device: learn its link
       break;
     }
@@ -107,14 +110,19 @@ function handle(msg) {
       if (cmd) view.commandChanged(cmd);
       if (msg.status !== 'sent') {
         const label = cmd ? cmd.label : 'command';
-        const detail = msg.status === 'nacked' ? ` (code ${msg.code})` : msg.error ? `: ${msg.error}` : '';
+        let detail = msg.error ? `: ${msg.error}` : '';
+        if (msg.status === 'nacked') detail = ` (code ${msg.code})`;
         event('command', `${msg.device} ${label}: ${msg.status}${detail}`);
       }
       break;
     }
     case 'lagged': {
       const since = store.noteLag(msg);
-      event('lagged', `the gateway dropped ${msg.dropped} readings for this page; replaying after offset ${since}`);
+      event(
+        'lagged',
+        `the gateway dropped ${msg.dropped} readings for this page; ` +
+          `replaying after offset ${since}`,
+      );
       resync(since);
       break;
     }
@@ -126,6 +134,24 @@ function handle(msg) {
     }
     default:
       break; // subscribed, unsubscribed, welcome's friends: nothing to draw
+  }
+}
+
+/**
+ * The gateway sends a command's statuses to the socket that gave it, so once
+ * that socket is gone the page will never learn how unfinished commands ended.
+ * Say so where they were given, rather than leave them "sent" forever.
+ */
+function forgetPendingCommands() {
+  for (const cmd of store.commands.values()) {
+    if (cmd.error) continue;
+    const targets = cmd.device ? [cmd.device] : [...cmd.statuses.keys()];
+    const unfinished = (d) => !FINAL_STATUSES.has(cmd.statuses.get(d)?.status);
+    const open = targets.length === 0 || targets.some(unfinished);
+    if (open) {
+      cmd.error = 'connection lost; result unknown';
+      view.commandChanged(cmd);
+    }
   }
 }
 
@@ -181,12 +207,20 @@ window.addEventListener('online', () => connection?.retryNow());
 
 // Read-only state for the browser tests and for curious operators in the console.
 window.__dashboard = Object.freeze({
-  snapshot: () => ({ ...store.snapshot(), state: connection?.state ?? null, connects: connection?.connects ?? 0 }),
+  snapshot: () => ({
+    ...store.snapshot(),
+    state: connection?.state ?? null,
+    connects: connection?.connects ?? 0,
+  }),
 });
 
 if (token) {
   connect();
 } else {
   view.setConnection({ state: 'stopped' });
-  view.showTokenForm('This dashboard needs an access token: open the link the gateway printed, or paste the token here.', false);
+  view.showTokenForm(
+    'This dashboard needs an access token: open the link the gateway printed, ' +
+      'or paste the token here.',
+    false,
+  );
 }

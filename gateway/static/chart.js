@@ -18,18 +18,34 @@ export class LineChart {
     const info = fieldInfo(field);
     const title = info.unit ? `${info.label} (${info.unit})` : info.label;
     this.title = title;
-    this.line = s('polyline', { class: 'chart-line', points: '', 'vector-effect': 'non-scaling-stroke' });
+    const thin = { 'vector-effect': 'non-scaling-stroke' };
+    this.line = s('polyline', { class: 'chart-line', points: '', ...thin });
     const grid = [0, 0.5, 1].map((f) =>
-      s('line', { class: 'chart-grid', x1: 0, x2: W, y1: f * H, y2: f * H, 'vector-effect': 'non-scaling-stroke' }),
+      s('line', { class: 'chart-grid', x1: 0, x2: W, y1: f * H, y2: f * H, ...thin }),
     );
-    this.svg = s('svg', { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', 'aria-hidden': 'true', focusable: 'false' }, grid, this.line);
+    this.svg = s(
+      'svg',
+      {
+        viewBox: `0 0 ${W} ${H}`,
+        preserveAspectRatio: 'none',
+        'aria-hidden': 'true',
+        focusable: 'false',
+      },
+      grid,
+      this.line,
+    );
     this.maxLabel = h('span', { class: 'chart-max' });
     this.minLabel = h('span', { class: 'chart-min' });
     this.latest = h('span', { class: 'chart-latest', 'data-testid': 'chart-latest' });
     this.fromLabel = h('span');
     this.countLabel = h('span', { class: 'chart-count' });
     this.toLabel = h('span');
-    this.plot = h('div', { class: 'chart-plot', role: 'img' }, h('div', { class: 'chart-y' }, this.maxLabel, this.minLabel), this.svg);
+    this.plot = h(
+      'div',
+      { class: 'chart-plot', role: 'img' },
+      h('div', { class: 'chart-y' }, this.maxLabel, this.minLabel),
+      this.svg,
+    );
     this.element = h(
       'figure',
       { class: 'chart', 'data-testid': 'chart', 'data-field': field, 'data-points': '0' },
@@ -50,7 +66,8 @@ export class LineChart {
       this.line.setAttribute('points', '');
       this.latest.textContent = 'no data yet';
       this.plot.setAttribute('aria-label', `${this.title}: no data yet`);
-      for (const label of [this.maxLabel, this.minLabel, this.fromLabel, this.countLabel, this.toLabel]) label.textContent = '';
+      const labels = [this.maxLabel, this.minLabel, this.fromLabel, this.countLabel, this.toLabel];
+      for (const label of labels) label.textContent = '';
       return;
     }
     let lo = Infinity;
@@ -85,10 +102,11 @@ export class LineChart {
     this.fromLabel.textContent = clockTime(t0);
     this.toLabel.textContent = clockTime(t1);
     this.countLabel.textContent = `${n} reading${n === 1 ? '' : 's'}`;
+    const range = `${formatNumber(this.field, minValue)} and ${formatNumber(this.field, maxValue)}`;
     this.plot.setAttribute(
       'aria-label',
       `${this.title}: ${n} readings from ${clockTime(t0)} to ${clockTime(t1)}, ` +
-        `between ${formatNumber(this.field, minValue)} and ${formatNumber(this.field, maxValue)}, latest ${formatValue(this.field, last)}`,
+        `between ${range}, latest ${formatValue(this.field, last)}`,
     );
   }
 }

@@ -11,7 +11,17 @@
 export const MAX_POINTS = 300; // per chart: the last few hundred readings
 const MAX_OFFSETS = 5000; // per device, for de-duplication
 const MAX_EVENTS = 200;
-export const FINAL_STATUSES = new Set(['acked', 'nacked', 'timeout', 'expired', 'rejected', 'failed', 'error']);
+const MAX_COMMANDS = 500;
+// A command status after which nothing more will come (PROTOCOL section 4).
+export const FINAL_STATUSES = new Set([
+  'acked',
+  'nacked',
+  'timeout',
+  'expired',
+  'rejected',
+  'failed',
+  'error',
+]);
 
 /**
  * Insert `item` into `list`, kept sorted by `key`, unless an item with the same
@@ -165,6 +175,8 @@ export class Store {
   }
 
   addCommand(cmd) {
+    // Keep the last few hundred: a status for an older one has nowhere left to show anyway.
+    if (this.commands.size >= MAX_COMMANDS) this.commands.delete(this.commands.keys().next().value);
     this.commands.set(cmd.id, { ...cmd, statuses: new Map(), error: null });
     return this.commands.get(cmd.id);
   }

@@ -32,7 +32,7 @@ export function clearToken() {
   }
 }
 
-/** The token of this page load: ?token= if given (then removed from the URL), else the stored one. */
+/** This page load's token: ?token= if given (then removed from the URL), else the stored one. */
 export function takeToken() {
   const url = new URL(window.location.href);
   if (url.searchParams.has('token')) {

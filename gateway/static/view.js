@@ -94,7 +94,9 @@ export class View {
     document.addEventListener('keydown', (event) => {
       const target = event.target;
       const typing =
-        target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement || target instanceof HTMLSelectElement;
+        target instanceof HTMLInputElement ||
+        target instanceof HTMLTextAreaElement ||
+        target instanceof HTMLSelectElement;
       if (event.key === '/' && !typing && !event.ctrlKey && !event.metaKey && !event.altKey) {
         event.preventDefault();
         this.search.focus();
@@ -113,6 +115,8 @@ export class View {
     this.connLabel.dataset.state = info.state;
     this.connLabel.textContent = STATE_LABELS[info.state] ?? info.state;
     this.retryButton.hidden = !(info.state === 'reconnecting' && info.retryAt);
+    // The token form is on screen in these states: no need for a second way to it.
+    this.changeTokenButton.hidden = info.state === 'unauthorized' || info.state === 'stopped';
     this.renderCountdown();
     if (info.state === 'unauthorized') {
       this.showTokenForm(
@@ -129,7 +133,8 @@ export class View {
     const { state, retryAt } = this.connection;
     let text = '';
     if (state === 'reconnecting') {
-      text = retryAt ? `retrying in ${Math.max(0, Math.ceil((retryAt - Date.now()) / 1000))} s` : 'trying now…';
+      const seconds = retryAt ? Math.max(0, Math.ceil((retryAt - Date.now()) / 1000)) : null;
+      text = seconds === null ? 'trying now…' : `retrying in ${seconds} s`;
     }
     this.countdown.textContent = text;
   }
@@ -161,6 +166,7 @@ export class View {
     }
     for (const id of this.store.devices.keys()) this.dirty.add(id);
     this.schedule();
+    this.applyFilter(); // "waiting for the gateway" becomes "no device yet" if none comes
   }
 
   // ---- devices ----------------------------------------------------------------------------
@@ -240,7 +246,9 @@ export class View {
     for (const group of this.groups.values()) {
       let any = false;
       for (const card of group.cards()) {
-        const show = (!protocol || card.protocol === protocol) && (!query || card.id.toLowerCase().includes(query));
+        const show =
+          (!protocol || card.protocol === protocol) &&
+          (!query || card.id.toLowerCase().includes(query));
         card.item.hidden = !show;
         if (show) {
           any = true;
@@ -250,7 +258,8 @@ export class View {
       group.element.hidden = !any;
     }
     const total = this.cards.size;
-    this.deviceCount.textContent = total ? `${shown} of ${total} device${total === 1 ? '' : 's'} shown` : '';
+    const plural = total === 1 ? '' : 's';
+    this.deviceCount.textContent = total ? `${shown} of ${total} device${plural} shown` : '';
     this.empty.hidden = shown > 0;
     this.empty.textContent = total
       ? 'No device matches the filter.'
@@ -269,7 +278,11 @@ export class View {
 
   /** An <output> for the status of commands given from `origin`. */
   output(origin) {
-    const out = h('output', { class: 'cmd-status', 'data-testid': 'command-status', 'data-origin': origin.split(':').pop() });
+    const out = h('output', {
+      class: 'cmd-status',
+      'data-testid': 'command-status',
+      'data-origin': origin.split(':').pop(),
+    });
     this.outputs.set(origin, out);
     return out;
   }
@@ -305,7 +318,8 @@ export class View {
         const tones = new Set(parts.map((m) => statusTone(m.status)));
         tone = tones.has('bad') ? 'bad' : tones.has('pending') ? 'pending' : 'ok';
         text = parts.map((m) => `${m.device} ${describeStatus(m)}`).join(', ');
-        out.dataset.status = parts.every((m) => m.status === parts[0].status) ? parts[0].status : 'mixed';
+        const same = parts.every((m) => m.status === parts[0].status);
+        out.dataset.status = same ? parts[0].status : 'mixed';
       }
       out.dataset.tone = tone;
       out.textContent = `${cmd.label}: ${text}`;
@@ -368,7 +382,12 @@ export class View {
           class: 'warn',
           'data-testid': 'reboot',
           onclick: () =>
-            this.command({ ...target, command: { name: 'reboot' }, origin: `${origin}:reboot`, label: 'Reboot' }),
+            this.command({
+              ...target,
+              command: { name: 'reboot' },
+              origin: `${origin}:reboot`,
+              label: 'Reboot',
+            }),
         },
         `Reboot${scope}`,
       ),
@@ -399,7 +418,8 @@ export class View {
         onsubmit: (event) => {
           event.preventDefault();
           const hex = input.value.replace(/\s+/g, '').toLowerCase();
-          this.command({ ...target, command: { hex }, origin: `${origin}:hex`, label: `Raw ${hex}` });
+          const label = `Raw ${hex}`;
+          this.command({ ...target, command: { hex }, origin: `${origin}:hex`, label });
         },
       },
       h('label', { for: inputId }, 'Raw command body (hex)'),
@@ -436,7 +456,12 @@ class Group {
     this.list = h('ul', { class: 'cards', role: 'list' });
     this.element = h(
       'section',
-      { class: 'group', 'data-testid': 'group', 'data-protocol': protocol, 'aria-labelledby': titleId },
+      {
+        class: 'group',
+        'data-testid': 'group',
+        'data-protocol': protocol,
+        'aria-labelledby': titleId,
+      },
       h('header', { class: 'group-head' }, h('h2', { id: titleId }, protocol), this.count),
       view.role === 'operator' ? this.commands() : null,
       this.list,
@@ -450,7 +475,10 @@ class Group {
     const scope = ` of every online ${this.protocol}`;
     const parts = [];
     if (this.protocol === 'env-sensor') {
-      parts.push(view.intervalForm(target, origin, scope), view.rebootControl(target, origin, ' all online'));
+      parts.push(
+        view.intervalForm(target, origin, scope),
+        view.rebootControl(target, origin, ' all online'),
+      );
     } else if (this.protocol === 'relay-4') {
       parts.push(this.relayControl(target, origin));
     }
@@ -469,7 +497,9 @@ class Group {
     const select = h(
       'select',
       { id: selectId, 'data-testid': 'group-channel' },
-      Array.from({ length: RELAY_CHANNELS }, (_, ch) => h('option', { value: ch }, `Channel ${ch}`)),
+      Array.from({ length: RELAY_CHANNELS }, (_, ch) =>
+        h('option', { value: ch }, `Channel ${ch}`),
+      ),
     );
     const send = (on) => {
       const channel = Number(select.value);
@@ -489,8 +519,16 @@ class Group {
         'div',
         { class: 'row' },
         select,
-        h('button', { type: 'button', 'data-testid': 'group-on', onclick: () => send(true) }, 'On'),
-        h('button', { type: 'button', 'data-testid': 'group-off', onclick: () => send(false) }, 'Off'),
+        h(
+          'button',
+          { type: 'button', 'data-testid': 'group-on', onclick: () => send(true) },
+          'On',
+        ),
+        h(
+          'button',
+          { type: 'button', 'data-testid': 'group-off', onclick: () => send(false) },
+          'Off',
+        ),
       ),
       out,
     );
@@ -569,7 +607,13 @@ class DeviceCard {
     );
     this.element = h(
       'article',
-      { class: 'card', 'data-testid': 'device-card', 'data-device': d.id, 'data-protocol': d.protocol, 'aria-labelledby': titleId },
+      {
+        class: 'card',
+        'data-testid': 'device-card',
+        'data-device': d.id,
+        'data-protocol': d.protocol,
+        'aria-labelledby': titleId,
+      },
       h('header', { class: 'card-head' }, h('h3', { id: titleId }, d.id), this.badge),
       h('p', { class: 'meta' }, this.transport, ' · last seen ', this.lastSeen),
       this.values,
@@ -664,7 +708,9 @@ class DeviceCard {
       this.values.replaceChildren(this.buildRelay(data.channels.length));
     } else if (shape === 'hex') {
       this.hexValue = h('code', { class: 'hex', 'data-testid': 'value-hex' });
-      this.values.replaceChildren(h('p', { class: 'hex-line' }, h('span', { class: 'label' }, 'Data (hex) '), this.hexValue));
+      const line = h('p', { class: 'hex-line' }, h('span', { class: 'label' }, 'Data (hex) '));
+      line.append(this.hexValue);
+      this.values.replaceChildren(line);
     } else {
       this.fieldValues = new Map();
       const rows = Object.keys(data).map((field) => {
@@ -681,7 +727,9 @@ class DeviceCard {
     const label = `Relay channels of ${this.id}`;
     const box = h('div', { class: 'relays', role: 'group', 'aria-label': label });
     for (let ch = 0; ch < count; ch += 1) {
-      const state = h('span', { class: 'switch-state', 'aria-hidden': this.operator ? 'true' : null });
+      // For a switch, aria-checked already says on or off: the word is for the eyes only.
+      const hidden = this.operator ? 'true' : null;
+      const state = h('span', { class: 'switch-state', 'aria-hidden': hidden });
       const name = h('span', { class: 'switch-name' }, `Ch ${ch}`);
       const el = this.operator
         ? h(
@@ -699,7 +747,13 @@ class DeviceCard {
             name,
             state,
           )
-        : h('span', { class: 'switch readonly', 'data-testid': 'relay-channel', 'data-channel': ch }, name, ' ', state);
+        : h(
+            'span',
+            { class: 'switch readonly', 'data-testid': 'relay-channel', 'data-channel': ch },
+            name,
+            ' ',
+            state,
+          );
       this.switches.push({ el, state });
       box.append(el);
     }
@@ -751,7 +805,8 @@ class DeviceCard {
       ['Connected at', d.connectedAt ? new Date(d.connectedAt).toLocaleString() : '–'],
       ['Latest offset', d.last ? String(d.last.offset) : '–'],
     ];
-    this.info.replaceChildren(...rows.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
+    const items = rows.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v)));
+    this.info.replaceChildren(...items);
     const notes = {
       none: '',
       loading: 'Loading stored history…',
@@ -763,7 +818,8 @@ class DeviceCard {
     this.historyNote.hidden = !this.historyNote.textContent;
     if (!d.series.size) {
       if (!this.noCharts) {
-        this.noCharts = h('p', { class: 'note' }, 'This device reports no numeric values to chart.');
+        const text = 'This device reports no numeric values to chart.';
+        this.noCharts = h('p', { class: 'note' }, text);
         this.chartsEl.replaceChildren(this.noCharts);
       }
       return;

@@ -680,3 +680,17 @@ async def test_permessage_deflate_only_when_configured(make_app: AppFactory, ena
     assert bool(ws.compress) is enabled
     assert json.loads((await ws.receive()).data)["op"] == "welcome"
     await ws.close()
+
+
+async def test_page_is_served_with_no_cache_and_a_strict_policy(make_app: AppFactory) -> None:
+    client = await make_app()
+    page = await client.get("/")
+    assert page.status == 200
+    assert "<html" in (await page.text()).lower()
+    assert page.headers["Cache-Control"] == "no-cache"
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    module = await client.get("/static/app.js")
+    assert module.status == 200
+    assert module.headers["X-Content-Type-Options"] == "nosniff"
+    api = await client.get("/healthz")
+    assert "Content-Security-Policy" not in api.headers

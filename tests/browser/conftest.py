@@ -1,0 +1,120 @@
+"""Fixtures for the dashboard's browser tests: a real gateway, Debian's Chromium, Playwright.
+
+Chromium is required, not optional: CI installs it and a missing browser must
+fail these tests rather than skip them (issue 6). Playwright never downloads
+a browser here; it drives the system's Chromium by path.
+
+The sync Playwright API runs its own event loop, so these tests are plain
+sync functions and the gateway runs in a child process. Playwright and the
+browser live for this directory's module only, so nothing of theirs is left
+around when the asyncio tests of other packages run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
+
+from tests.browser.support import OUTPUT, TIMEOUT_MS, GatewayProcess
+
+CHROMIUM = os.environ.get("IOT_GATEWAY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+EXPECTED_CONSOLE = re.compile(r"Failed to load resource|WebSocket connection to .* failed")
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"Chromium is not at {CHROMIUM}: install it (apt-get install chromium) "
+            "or point IOT_GATEWAY_CHROMIUM at it. The browser tests are required."
+        )
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+    )
+    yield browser
+    browser.close()
+
+
+def _start(tmp: Path) -> GatewayProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    gateway = GatewayProcess(tmp / "data", tmp / "gateway.log")
+    gateway.start()
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway with the demo's devices, shared by the tests that do not restart it."""
+    gw = _start(tmp_path_factory.mktemp("gateway"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def own_gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A gateway this test alone may stop and restart."""
+    gw = _start(tmp_path)
+    yield gw
+    if gw.proc is not None:
+        gw.stop()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh browser context (its own sessionStorage) at desktop size.
+
+    Its screenshot is saved under test-output/browser/ when the test ends,
+    passed or failed, and an uncaught script error fails the test.
+    """
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    def console(message: ConsoleMessage) -> None:
+        # Refused connections and 401s are what some tests provoke; anything else is a bug.
+        if message.type == "error" and not EXPECTED_CONSOLE.search(message.text):
+            errors.append(message.text)
+
+    page.on("console", console)
+    yield page
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    try:
+        # From the top: a full-page shot of a scrolled page draws the sticky bar mid-page.
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(OUTPUT / f"{name}.png"), full_page=True)
+    finally:
+        context.close()
+    assert not errors, f"errors in the page: {errors}"
