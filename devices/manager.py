@@ -54,7 +54,7 @@ class DeviceManager:
         """A session's link is closed for good; fold its counters into the totals."""
         if session in self.links:
             self.links.discard(session)
-            if session.link.transport is not Transport.TCP:
+            if session.link.kind is not Transport.TCP:
                 return  # counted through serial_counters
             totals, c = self.closed_totals, session.counters
             for name in LinkCounters.__dataclass_fields__:
@@ -147,7 +147,7 @@ class DeviceManager:
                 for name in LinkCounters.__dataclass_fields__
             }
         )
-        live = [s.counters for s in self.links if s.link.transport is Transport.TCP]
+        live = [s.counters for s in self.links if s.link.kind is Transport.TCP]
         for c in [*live, *self.serial_counters.values()]:
             for name in LinkCounters.__dataclass_fields__:
                 setattr(out, name, getattr(out, name) + getattr(c, name))

@@ -29,6 +29,7 @@ from .config import SerialPortConfig
 from .events import Transport
 from .manager import DeviceManager
 from .session import DeviceSession, LinkCounters
+from .writer import LinkWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,22 @@ class _SerialProtocol(asyncio.Protocol):
             self.lost.set_result(exc)
 
     def pause_writing(self) -> None:
-        self.link._paused = True
+        self.link.pause()
 
     def resume_writing(self) -> None:
-        self.link._paused = False
-        self.link._release_drain()
+        self.link.resume()
 
 
-class SerialLink:
-    """One configured serial port, kept open for the gateway's lifetime."""
+class SerialLink(LinkWriter):
+    """One configured serial port, kept open for the gateway's lifetime (the LinkPort of
+    each session on it)."""
 
-    transport = Transport.SERIAL
+    kind = Transport.SERIAL
 
     def __init__(
         self, manager: DeviceManager, config: SerialPortConfig, *, rng: random.Random | None = None
     ) -> None:
+        super().__init__()
         self.manager = manager
         self.config = config
         self.peer = config.url
@@ -83,40 +85,8 @@ class SerialLink:
         self.last_error: str | None = None
         self.opened = asyncio.Event()  # set each time the port opens (tests await it)
         self._backoff = Backoff(config.backoff, rng or random.Random())
-        self._transport: Any = None
-        self._paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-
-    # LinkPort, as DeviceSession sees it.
-    def write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
-
-    async def drain(self) -> None:
-        if not self._paused:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
-    def write_buffer_size(self) -> int:
-        if self._transport is None:
-            return 0
-        size: int = self._transport.get_write_buffer_size()
-        return size
-
-    def close(self) -> None:
-        # A session asked to close the link (only on shutdown for serial links).
-        if self._transport is not None:
-            self._transport.close()
-
-    def _release_drain(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
 
     # Life cycle.
     def start(self) -> None:
@@ -171,7 +141,7 @@ class SerialLink:
             self._set_state("closed")
 
     async def _serve(self, transport: Any, protocol: _SerialProtocol) -> None:
-        self._transport = transport
+        self.transport = transport
         identity = _node_identity(self.config.url)
         fixed = (
             (self.config.client_id, self.config.protocol)
@@ -209,7 +179,7 @@ class SerialLink:
             if session is not None:
                 session.link_lost("shutdown" if self._stopping else reason)
             await self._close_port(protocol)
-            self._release_drain()
+            self.resume()
 
     def _health_problem(self, transport: Any, identity: tuple[int, int] | None) -> str | None:
         port = getattr(transport, "serial", None)
@@ -222,7 +192,7 @@ class SerialLink:
     async def _close_port(self, protocol: _SerialProtocol) -> None:
         # Make sure the port is closed before any reopen: pyserial-asyncio may
         # report the loss before it has closed the file descriptor, or never.
-        transport, self._transport = self._transport, None
+        transport, self.transport = self.transport, None
         if transport is None:
             return
         port = getattr(transport, "serial", None)

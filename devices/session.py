@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 class LinkPort(Protocol):
     """What a session needs from its link: write bytes, wait for room, close."""
 
-    transport: Transport
+    kind: Transport  # tcp or serial
     peer: str
 
     def write(self, data: bytes) -> None: ...
@@ -119,7 +119,7 @@ class DeviceSession:
         if frame_timeout is None:
             frame_timeout = (
                 self.config.tcp_frame_timeout
-                if link.transport is Transport.TCP
+                if link.kind is Transport.TCP
                 else self.config.serial_frame_timeout
             )
         self.decoder = FrameDecoder(self.frame_options, frame_timeout=frame_timeout)
@@ -151,7 +151,7 @@ class DeviceSession:
     def start(self) -> None:
         """The link is open: start the HELLO timer (TCP) or wait for frames (serial)."""
         self.manager.link_opened(self)
-        if self.link.transport is Transport.TCP:
+        if self.link.kind is Transport.TCP:
             self._hello_timer = self.loop.call_later(
                 self.config.hello_timeout, self._hello_timed_out
             )
@@ -237,7 +237,7 @@ class DeviceSession:
         else:
             c.frame_timeouts += 1
         self.manager.count_discard(event)
-        if self.link.transport is not Transport.TCP:
+        if self.link.kind is not Transport.TCP:
             return  # a serial link is never closed for noise, only counted
         if now - self._garbage_window_start > self.config.garbage_window:
             self._garbage_window_start = now
@@ -252,7 +252,7 @@ class DeviceSession:
         ):
             log.warning(
                 "closing %s link %s: mostly garbage (%d bytes discarded, %d CRC errors in %g s)",
-                self.link.transport,
+                self.link.kind,
                 self.link.peer,
                 self._garbage_bytes,
                 self._garbage_crc,
@@ -340,7 +340,7 @@ class DeviceSession:
         info = DeviceInfo(
             client_id=client_id,
             protocol=protocol,
-            transport=self.link.transport,
+            transport=self.link.kind,
             peer=self.link.peer,
             session=str(session),
             connected_at=int(time.time() * 1000),
@@ -381,7 +381,7 @@ class DeviceSession:
             self._silence_timer = self.loop.call_at(deadline, self._check_silence)
             return
         log.info("device %s silent for %g s", self._name(), self.config.silence_limit)
-        if self.link.transport is Transport.TCP:
+        if self.link.kind is Transport.TCP:
             self.close("silent")
         else:
             # A serial port stays open: the device may speak again.

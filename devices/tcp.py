@@ -16,53 +16,31 @@ from frames import FrameOptions
 from .events import Transport
 from .manager import DeviceManager
 from .session import DeviceSession
+from .writer import LinkWriter
 
 log = logging.getLogger(__name__)
 
 
-class _DeviceConnection(asyncio.Protocol):
-    """Moves bytes between one TCP connection and its session."""
-
-    transport_kind = Transport.TCP
+class _DeviceConnection(asyncio.Protocol, LinkWriter):
+    """Moves bytes between one TCP connection and its session (it is the session's LinkPort)."""
 
     def __init__(self, server: DeviceServer) -> None:
+        LinkWriter.__init__(self)
         self.server = server
-        self.transport: Transport = Transport.TCP
+        self.kind = Transport.TCP
         self.peer = "?"
-        self._tcp: asyncio.Transport | None = None
         self._session: DeviceSession | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        self._paused = False
-
-    # LinkPort, as DeviceSession sees it.
-    def write(self, data: bytes) -> None:
-        if self._tcp is not None and not self._tcp.is_closing():
-            self._tcp.write(data)
-
-    async def drain(self) -> None:
-        if not self._paused:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
-    def write_buffer_size(self) -> int:
-        return self._tcp.get_write_buffer_size() if self._tcp is not None else 0
-
-    def close(self) -> None:
-        if self._tcp is not None:
-            self._tcp.close()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._tcp = cast(asyncio.Transport, transport)
+        self.transport = cast(asyncio.Transport, transport)
         peer: Any = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self.server.manager.links) >= self.server.max_connections:
             self.server.manager.counters["refused_connections"] += 1
             log.debug("refusing %s: %d device connections", self.peer, self.server.max_connections)
-            self._tcp.abort()
+            self.transport.abort()
             return
         self._session = DeviceSession(
             self.server.manager, self, frame_options=self.server.frame_options
@@ -77,26 +55,16 @@ class _DeviceConnection(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._release_drain(exc)
+        self.resume(exc)
         if self._session is not None:
             self._session.link_lost("closed" if exc is None else "lost")
-        self._tcp = None
+        self.transport = None
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.pause()
 
     def resume_writing(self) -> None:
-        self._paused = False
-        self._release_drain(None)
-
-    def _release_drain(self, exc: Exception | None) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for w in waiters:
-            if not w.done():
-                if exc is None:
-                    w.set_result(None)
-                else:
-                    w.set_exception(ConnectionError(str(exc)))
+        self.resume()
 
 
 class DeviceServer:
@@ -144,7 +112,7 @@ class DeviceServer:
         """Stop accepting and close every device connection."""
         await self.stop_accepting()
         for session in list(self.manager.links):
-            if session.link.transport is Transport.TCP:
+            if session.link.kind is Transport.TCP:
                 session.close("shutdown")
         if self._server is not None:
             await self._server.wait_closed()

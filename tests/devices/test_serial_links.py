@@ -236,7 +236,7 @@ async def test_port_closed_before_reopen(ptys: list[Pty], tmp_path: Path) -> Non
     link, _sink = await start_link(cfg)
     try:
         await asyncio.wait_for(link.opened.wait(), 10)
-        old_serial = link._transport.serial
+        old_serial = link.transport.serial
         port.unlink()
         first.unplug()
         await wait_until(lambda: link.state != "open")
@@ -245,7 +245,7 @@ async def test_port_closed_before_reopen(ptys: list[Pty], tmp_path: Path) -> Non
         port.symlink_to(second.path)
         await asyncio.wait_for(link.opened.wait(), 10)
         assert not old_serial.is_open
-        assert link._transport.serial is not old_serial
+        assert link.transport.serial is not old_serial
     finally:
         await link.stop()
 
