@@ -618,8 +618,9 @@ class Hub:
             for _ in range(REPLAY_ROUNDS):
                 await self.storage.flush()
                 after = await self._replay_range(d, target, after, cut)
+                after = await self._release_held(d, target, after)
                 if d.closed or not d.held_overflowed:
-                    break
+                    break  # caught up: held is empty, live flows straight in
                 # Live traffic outran the hold buffer: read on to a new seam.
                 d.held_overflowed = False
                 cut = self.storage.next_offset()
@@ -633,6 +634,21 @@ class Hub:
                 held, d.held = d.held, deque()
                 for offset, text, received, _, _ in held:
                     d._append_telemetry(offset, text, received)
+
+    async def _release_held(self, d: Dashboard, target: Target, after: int) -> int:
+        """Move held live telemetry to the queue, waiting for room as the replay did.
+
+        New live messages keep landing in ``held`` meanwhile, so order holds.
+        Returns the offset of the last released message of ``target``.
+        """
+        while d.held and not d.held_overflowed and not d.closed:
+            await d.room()
+            while d.held and not d.held_overflowed and d.telemetry_queued < d.limit:
+                offset, text, received, device, protocol = d.held.popleft()
+                d._append_telemetry(offset, text, received)
+                if _matches(target, device, protocol):
+                    after = offset
+        return after
 
     async def _replay_range(self, d: Dashboard, target: Target, after: int, cut: int) -> int:
         """Queue stored telemetry of ``target`` with ``after < offset <= cut``; wait for room."""

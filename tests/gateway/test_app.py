@@ -426,6 +426,16 @@ async def test_replay_seam_has_no_gap_and_no_duplicate_under_live_traffic(
     await joined.wait()
     d = await dash(client)
     await d.send({"op": "subscribe", "device": "live", "since": 0})
+    received: list[int] = []
+
+    async def consume() -> None:  # read as a live dashboard does, while traffic flows
+        while len(received) < total:
+            msg = await d.recv()
+            assert msg["op"] != "lagged", "a reading dashboard must not lag here"
+            if msg["op"] == "telemetry":
+                received.append(msg["offset"])
+
+    consumer = asyncio.create_task(consume())
     await producer
     await asyncio.wait_for(
         _until(lambda: len(rt.hub.devices["live"].last or {}) and rt.storage.stats.pending == 0),
@@ -438,11 +448,7 @@ async def test_replay_seam_has_no_gap_and_no_duplicate_under_live_traffic(
         stored += [r.offset for r in batch]
         after = batch[-1].offset
     assert len(stored) == total
-    received: list[int] = []
-    while len(received) < total:
-        msg = await d.recv()
-        if msg["op"] == "telemetry":
-            received.append(msg["offset"])
+    await asyncio.wait_for(consumer, 30)
     assert received == stored
 
 
