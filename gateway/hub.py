@@ -597,9 +597,12 @@ class Hub:
         target, echo = parse_target(msg)
         since = msg.get("since")
         if since is not None and (
-            isinstance(since, bool) or not isinstance(since, int) or since < -1
+            isinstance(since, bool) or not isinstance(since, int) or not -1 <= since < 2**63
         ):
-            raise ClientError(ErrorCode.BAD_REQUEST, "'since' must be an offset (an integer)")
+            # Offsets are 64-bit (SQLite INTEGER): a bigger number can name no offset.
+            raise ClientError(
+                ErrorCode.BAD_REQUEST, "'since' must be an offset (an integer, -1 .. 2**63-1)"
+            )
         if since is None:
             self._subscribe(d, target)
             d.push_control(dumps(_reply("subscribed", request_id, echo)))

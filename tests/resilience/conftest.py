@@ -1,0 +1,45 @@
+"""Fixtures of the resilience suite: gateways in child processes, always stopped afterwards.
+
+Each test is bounded (the suite's own timeouts, and pytest-timeout's 60 s) and
+marked ``resilience``; the suite runs in CI with the rest (``make test``) and
+alone with ``pytest -m resilience``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.resilience.support import OPEN, GatewayProcess
+
+GatewayFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+async def gateways(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Make gateway processes (not started); every one is killed at the end of the test."""
+    made: list[GatewayProcess] = []
+
+    def factory(config: dict[str, Any] | None = None, **kwargs: Any) -> GatewayProcess:
+        workdir = tmp_path / f"gw{len(made)}"
+        workdir.mkdir()
+        gw = GatewayProcess(workdir, config, **kwargs)
+        made.append(gw)
+        return gw
+
+    yield factory
+    for gw in made:
+        await gw.kill()
+
+
+@pytest.fixture(autouse=True)
+async def close_leftovers() -> AsyncIterator[None]:
+    """Close the clients a test left open (it failed half way), quietly."""
+    yield
+    while OPEN:
+        with contextlib.suppress(Exception):
+            await OPEN.pop().aclose()
