@@ -555,7 +555,7 @@ def write_result(name: str, result: Mapping[str, Any], path: Path | None = None)
         "machine": machine(),
         # A run of another gateway build (benchmarks.levers) says so here.
         "gateway_cmd": os.environ.get("BENCH_GATEWAY_CMD"),
-        "levers": os.environ.get("BENCH_LEVERS"),
+        "bench_levers": os.environ.get("BENCH_LEVERS"),
         **result,
     }
     out.write_text(json.dumps(body, indent=2) + "\n")

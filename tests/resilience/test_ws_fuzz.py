@@ -71,9 +71,12 @@ ops = (
     | values
 )
 names = st.sampled_from([CANARY, "nobody", "", "a" * 65, "bad id!", "env-sensor", "x"]) | values
-# Offsets are 64-bit: ints beyond that have their own test, test_since_beyond_64_bits.
-since = st.integers(min_value=-(2**63), max_value=2**63 - 1) | values.filter(
-    lambda v: not (isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63)
+# Offsets are 64-bit; numbers beyond that (and far below -1) must be refused, not crash.
+since = (
+    st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.integers(min_value=2**63, max_value=2**256)
+    | st.integers(max_value=-(2**63))
+    | values
 )
 commands = (
     st.fixed_dictionaries({"name": st.sampled_from(["reboot", "set_interval", "nope"]) | values})
@@ -257,4 +260,6 @@ async def test_since_beyond_64_bits(
     text = json.dumps({"op": "subscribe", "all": True, "since": offset, "id": "big"})
     got, close_code = await exchange(target, text)
     check_answer(text, got, close_code)
+    errors = [m for m in got if m["op"] == "error"]
+    assert [(e["id"], e["code"]) for e in errors] == [("big", "bad_request")], got
     no_errors_logged(caplog)
