@@ -238,7 +238,9 @@ async def _writer(
                 continue
             received = dashboard.batch_received
             try:
-                await asyncio.wait_for(ws.send_str("\n".join(items)), cfg.drain_timeout)
+                # asyncio.timeout, not wait_for: wait_for made a task per frame sent.
+                async with asyncio.timeout(cfg.drain_timeout):
+                    await ws.send_str("\n".join(items))
                 if received:
                     # Once per frame, for its oldest telemetry: the worst case in it.
                     loop_now = asyncio.get_running_loop().time()
