@@ -186,6 +186,8 @@ class DeviceSession:
         self._fail_pending("link lost")
         if was_online:
             self.manager.session_ended(self, reason)
+        # Gateway-wide, by reason: /metrics tells hello timeouts from silence from garbage.
+        self.manager.counters[f"closed_{reason}"] += 1
         self.manager.link_closed(self)
 
     # ---- bytes in ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +25,7 @@ from devices import DeviceManager, DeviceServer, SerialLink
 
 from .auth import TokenTable, bearer, origin_allowed
 from .config import GatewayConfig
+from .connections import HttpConnectionCap
 from .hub import (
     ClientError,
     Dashboard,
@@ -52,6 +54,7 @@ class Runtime:
     hub: Hub
     manager: DeviceManager
     device_server: DeviceServer
+    http: HttpConnectionCap
     serial_links: list[SerialLink] = field(default_factory=list)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     accepting: bool = True
@@ -81,9 +84,15 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         frame_options=config.frame_options(),
         max_connections=config.devices.max_connections,
     )
-    rt = Runtime(config, tokens, metrics, storage, hub, manager, server)
+    http = HttpConnectionCap(config.http.max_connections)
+    http.on_refused = metrics.refused.labels("http_connections").inc
+    rt = Runtime(config, tokens, metrics, storage, hub, manager, server, http)
     metrics.add_snapshot(lambda: _link_metrics(rt))
     return rt
+
+
+def _prefixed(c: Counter[str], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): v for k, v in sorted(c.items()) if k.startswith(prefix)}
 
 
 def _link_metrics(rt: Runtime) -> list[Any]:
@@ -115,6 +124,32 @@ def _link_metrics(rt: Runtime) -> list[Any]:
                 "max_connections": c["refused_connections"],
                 "max_devices": c["refused_max_devices"],
             },
+        ),
+        counters(
+            "iot_device_links_closed",
+            "Device links closed, by reason (hello_timeout, silent, garbage, closed, lost, ...)",
+            "reason",
+            _prefixed(c, "closed_"),
+        ),
+        counters(
+            "iot_device_errors_sent",
+            "ERROR messages sent to devices, by code",
+            "code",
+            _prefixed(c, "error_"),
+        ),
+        counter(
+            "iot_device_replaced", "Links closed by a newer HELLO of the same device", c["replaced"]
+        ),
+        counter("iot_stray_acks", "ACKs from devices for no command in flight", c["stray_acks"]),
+        gauge(
+            "iot_http_connections",
+            "Open HTTP connections (dashboards included)",
+            rt.http.open_connections(),
+        ),
+        counter(
+            "iot_http_idle_closed",
+            "Idle HTTP connections closed to make room at http.max_connections",
+            rt.http.stats.evicted,
         ),
         gauge(
             "iot_device_links",
@@ -323,8 +358,15 @@ async def post_command(request: web.Request) -> web.Response:
     )
     if request.content_length is not None and request.content_length > limit:
         raise too_large
+    wait = rt.config.http.idle_timeout
     try:
-        body = await request.json()
+        # A body that never arrives would hold the connection busy for ever.
+        async with asyncio.timeout(wait):
+            body = await request.json()
+    except TimeoutError:
+        raise _http_error(
+            web.HTTPRequestTimeout, "timeout", f"request body not received within {wait:g} s"
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None  # a chunked body that grew past client_max_size
     except ValueError:
@@ -449,8 +491,11 @@ async def stop_traffic(rt: Runtime) -> None:
 
 def create_app(config: GatewayConfig, tokens: TokenTable) -> web.Application:
     """The gateway as an aiohttp application (devices, storage and hub start with it)."""
-    app = web.Application(client_max_size=config.dashboards.max_message)
-    app[RUNTIME] = build_runtime(config, tokens)
+    rt = build_runtime(config, tokens)
+    app = web.Application(
+        client_max_size=config.dashboards.max_message, middlewares=[rt.http.middleware]
+    )
+    app[RUNTIME] = rt
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_page_headers)

@@ -23,6 +23,7 @@ from devices import SerialPortConfig
 from .app import RUNTIME, create_app
 from .auth import TokenTable, generate_token
 from .config import ConfigError, GatewayConfig, build_config, load_file
+from .connections import CappedSite, fit_to_fd_limit, raise_fd_limit
 from .storage import StorageError
 
 log = logging.getLogger("gateway")
@@ -168,8 +169,19 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
     if operator is None:
         operator = generate_token()
     tokens = TokenTable.make(operator, config.auth.viewer_token)
+    config, lowered = fit_to_fd_limit(config, raise_fd_limit())
+    for note in lowered:
+        log.warning("%s", note)
     app = create_app(config, tokens)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=2.0,
+        # aiohttp's keep-alive timer also runs before the first request: it is
+        # what closes a connection whose headers trickle in (slow-loris).
+        keepalive_timeout=config.http.idle_timeout,
+    )
     try:
         # Storage and the device port start here (the app's cleanup_ctx): a busy
         # port or an unusable data dir is the user's to fix, so one line, no traceback.
@@ -179,7 +191,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
         await runner.cleanup()
         log.error("cannot start the gateway: %s", e)
         return 1
-    site = web.TCPSite(runner, config.host, config.http_port)
+    site = CappedSite(runner, config.host, config.http_port, app[RUNTIME].http)
     try:
         await site.start()
     except OSError as e:
@@ -187,7 +199,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
         log.error("cannot listen on %s:%s: %s", config.host, config.http_port, e.strerror)
         return 1
     rt = app[RUNTIME]
-    http_host, http_port = _bound(site)
+    http_host, http_port = site.address
     dev_host, dev_port = rt.device_server.address
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -217,14 +229,6 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
             await stop_demo()
         await runner.cleanup()
     return 0
-
-
-def _bound(site: web.TCPSite) -> tuple[str, int]:
-    server = site._server
-    assert server is not None
-    sockets = getattr(server, "sockets", None) or []
-    name = sockets[0].getsockname()
-    return str(name[0]), int(name[1])
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -94,6 +94,14 @@ class DashboardsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSection:
+    """The HTTP port's connection limits (dashboards' WebSockets count among them)."""
+
+    max_connections: int = 1500
+    idle_timeout: float = 15.0  # no request in progress, or a request body not arriving
+
+
+@dataclass(frozen=True, slots=True)
 class StorageSection:
     """History retention and the writer's batching."""
 
@@ -118,6 +126,7 @@ class GatewayConfig:
     devices: DevicesSection = field(default_factory=DevicesSection)
     serial: list[SerialSection] = field(default_factory=list)
     dashboards: DashboardsSection = field(default_factory=DashboardsSection)
+    http: HttpSection = field(default_factory=HttpSection)
     storage: StorageSection = field(default_factory=StorageSection)
 
     # ---- what the other layers take ------------------------------------------------------------
@@ -330,6 +339,16 @@ def _check(config: GatewayConfig, source: str) -> None:
     # 0 would make each dashboard's writer spin without ever sending.
     if d.batch_max_items < 1:
         raise bad(f"dashboards.batch_max_items must be >= 1, not {d.batch_max_items}")
+    h = config.http
+    # Every dashboard holds an HTTP connection: with no spare ones the page
+    # and the API could not be reached once the dashboards are all there.
+    if h.max_connections <= d.max_dashboards:
+        raise bad(
+            f"http.max_connections ({h.max_connections}) must be greater than "
+            f"dashboards.max_dashboards ({d.max_dashboards})"
+        )
+    if not h.idle_timeout > 0:
+        raise bad(f"http.idle_timeout must be > 0, not {h.idle_timeout}")
     s = config.storage
     if s.retention_per_device < 1 or not s.retention_days > 0:
         raise bad("storage.retention_per_device and retention_days must be > 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -549,6 +550,22 @@ async def test_http_api(make_app: AppFactory) -> None:
         "iot_frame_to_dashboard_seconds_bucket",
     ):
         assert name in metrics, name
+
+
+async def test_every_metric_in_the_api_doc_is_exported(make_app: AppFactory) -> None:
+    client = await make_app()
+    exported = await (await client.get("/metrics")).text()
+    doc = (Path(__file__).parents[2] / "docs" / "api.md").read_text(encoding="utf-8")
+    names = [
+        name.split("{")[0]
+        for cell in re.findall(r"^\| (`iot_[^|]+) \|", doc, flags=re.MULTILINE)
+        for name in re.findall(r"`([a-z_{}]+)`", cell)
+    ]
+    assert len(names) > 20
+    for name in names:
+        # A counter's TYPE line names it with or without ``_total``, by the collector.
+        family = name.removesuffix("_total")
+        assert f"# TYPE {family} " in exported or f"# TYPE {family}_total " in exported, name
 
 
 async def test_max_dashboards_refused_before_upgrade(make_app: AppFactory) -> None:

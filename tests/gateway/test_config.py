@@ -23,6 +23,7 @@ from gateway.config import (
     DashboardsSection,
     DevicesSection,
     GatewayConfig,
+    HttpSection,
     SerialSection,
     StorageSection,
     build_config,
@@ -181,6 +182,11 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
         ("[dashboards]\nmax_message = 10\n", ["dashboards.max_message", ">= 1024"]),
         ("[dashboards]\nbatch_max_items = 0\n", ["dashboards.batch_max_items"]),
         ("[devices]\nmax_connections = 0\n", ["devices.max_connections"]),
+        (
+            "[http]\nmax_connections = 1000\n",
+            ["http.max_connections (1000)", "dashboards.max_dashboards (1000)"],
+        ),
+        ("[http]\nidle_timeout = 0\n", ["http.idle_timeout", "> 0"]),
         ("[storage]\nbatch_rows = 0\n", ["storage.batch_rows"]),
         ("[storage]\nretention_days = 0\n", ["retention_days"]),
         ("log_level = 'loud'\n", ["log_level", "'loud'"]),
@@ -368,6 +374,7 @@ SECTIONS: dict[str, type[Any]] = {
     "[devices]": DevicesSection,
     "[[serial]]": SerialSection,
     "[dashboards]": DashboardsSection,
+    "[http]": HttpSection,
     "[storage]": StorageSection,
 }
 
