@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# One encoder built once: json.dumps with separators builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 _T = TypeVar("_T")
 
@@ -165,8 +167,12 @@ class Storage(typing.Protocol):
         """
         ...
 
-    def append_telemetry(self, record: TelemetryRecord) -> None:
-        """Queue one record for the next batch; never blocks."""
+    def append_telemetry(self, record: TelemetryRecord, data_json: str | None = None) -> None:
+        """Queue one record for the next batch; never blocks.
+
+        ``data_json``, when given, is ``record.data`` already encoded as JSON
+        (the hub encodes it once for the dashboards and the row).
+        """
         ...
 
     async def flush(self) -> None:
@@ -263,9 +269,17 @@ CREATE TABLE IF NOT EXISTS devices (
 
 _RESERVED_KEY = "offset_reserved"
 
-_INSERT_TELEMETRY = (
-    'INSERT INTO telemetry ("offset", device, protocol, ts, seq, data) VALUES (?, ?, ?, ?, ?, ?)'
-)
+# A batch of rows goes in as one JSON array, unpacked by SQLite's json_each:
+# executemany released and retook the GIL for every row, and each retake
+# waited for the event-loop thread (measured: 20 against 10 us of writer CPU
+# per row, and 25 times the wall time, with a busy thread beside it).
+# json_extract of a JSON string gives back its text unchanged.
+_INSERT_TELEMETRY_BATCH = """
+INSERT INTO telemetry ("offset", device, protocol, ts, seq, data)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]')
+FROM json_each(?)
+"""
 _UPSERT_DEVICE = """
 INSERT INTO devices (device, protocol, transport, first_seen_ms, last_seen_ms)
 VALUES (?, ?, ?, ?, ?)
@@ -537,11 +551,12 @@ class SQLiteStorage:
                 self._cond.notify()
         return offset
 
-    def append_telemetry(self, record: TelemetryRecord) -> None:
+    def append_telemetry(self, record: TelemetryRecord, data_json: str | None = None) -> None:
         """Queue one record for the writer's next batch; returns at once.
 
-        The data is serialised here, so data that is not JSON fails in the
-        caller's hands, and later changes to the caller's dict are not stored.
+        The data is serialised here (unless ``data_json`` already is), so data
+        that is not JSON fails in the caller's hands, and later changes to the
+        caller's dict are not stored.
         """
         row: _Row = (
             record.offset,
@@ -549,7 +564,7 @@ class SQLiteStorage:
             record.protocol,
             record.ts,
             record.seq,
-            json.dumps(record.data, separators=(",", ":")),
+            _encode(record.data) if data_json is None else data_json,
         )
         self._put(row, "append_telemetry")
 
@@ -619,7 +634,7 @@ class SQLiteStorage:
         params = (
             command.command_id,
             command.device,
-            json.dumps(command.command, separators=(",", ":")),
+            _encode(command.command),
             command.body,
             command.created_ms,
             command.expires_ms,
@@ -775,7 +790,7 @@ class SQLiteStorage:
                         continue
                     # Keep the queue's order: rows before an op are written before it.
                     if telemetry:
-                        conn.executemany(_INSERT_TELEMETRY, telemetry)
+                        conn.execute(_INSERT_TELEMETRY_BATCH, (_encode(telemetry),))
                         self._count(telemetry)
                         rows += len(telemetry)
                         telemetry = []
@@ -794,7 +809,7 @@ class SQLiteStorage:
                     else:
                         ops.append((item, item.fn(conn) if item.fn is not None else None))
                 if telemetry:
-                    conn.executemany(_INSERT_TELEMETRY, telemetry)
+                    conn.execute(_INSERT_TELEMETRY_BATCH, (_encode(telemetry),))
                     self._count(telemetry)
                     rows += len(telemetry)
                 if extend:
@@ -1071,10 +1086,10 @@ class MemoryStorage:
         self._next += 1
         return self._next - 1
 
-    def append_telemetry(self, record: TelemetryRecord) -> None:
+    def append_telemetry(self, record: TelemetryRecord, data_json: str | None = None) -> None:
         """Store the record (a copy of its data, as the SQLite engine stores JSON)."""
         self._check("append_telemetry")
-        data = json.loads(json.dumps(record.data))
+        data = json.loads(json.dumps(record.data) if data_json is None else data_json)
         self._telemetry[record.offset] = dataclasses.replace(record, data=data)
         self.stats.rows_written += 1
         mine = self._by_device.setdefault(record.device, collections.deque())

@@ -439,7 +439,7 @@ async def test_replay_seam_has_no_gap_and_no_duplicate_under_live_traffic(
     consumer = asyncio.create_task(consume())
     await producer
     await asyncio.wait_for(
-        _until(lambda: len(rt.hub.devices["live"].last or {}) and rt.storage.stats.pending == 0),
+        _until(lambda: rt.hub.devices["live"].last is not None and rt.storage.stats.pending == 0),
         10,
     )
     await rt.storage.flush()
@@ -508,7 +508,7 @@ async def test_http_api(make_app: AppFactory) -> None:
     one = await client.get("/api/devices/h1", headers=view)
     assert (await one.json())["online"] is True
     assert (await client.get("/api/devices/nope", headers=view)).status == 404
-    await asyncio.wait_for(_until(lambda: len(rt.hub.devices["h1"].last or {}) > 0), 10)
+    await asyncio.wait_for(_until(lambda: rt.hub.devices["h1"].last is not None), 10)
     tel = await (await client.get("/api/devices/h1/telemetry?limit=3", headers=view)).json()
     seqs = [t["seq"] for t in tel["telemetry"]]
     offsets = [t["offset"] for t in tel["telemetry"]]

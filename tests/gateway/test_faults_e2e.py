@@ -24,7 +24,7 @@ async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def telemetry_count(rt: Runtime) -> int:
-    return int(rt.metrics.telemetry_in._value.get())
+    return rt.metrics.telemetry_in
 
 
 async def run_device(

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from devices import DeviceInfo, DeviceOffline, DeviceOnline, DeviceTelemetry, Transport
-from gateway.hub import Dashboard, Hub, HubConfig, Role
-from gateway.storage import MemoryStorage
+from gateway.hub import Dashboard, Hub, HubConfig, Role, dumps, telemetry_message, telemetry_text
+from gateway.storage import MemoryStorage, TelemetryRecord
 
 
 def info(client_id: str, protocol: str = "env-sensor", session: str = "s1") -> DeviceInfo:
@@ -172,3 +174,25 @@ async def test_max_dashboards_refused() -> None:
     with pytest.raises(Refused, match="max_dashboards"):
         h.connect_dashboard(Role.VIEWER, "b")
     await storage.close()
+
+
+@given(
+    device=st.text(min_size=1, max_size=64),
+    protocol=st.text(min_size=1, max_size=32),
+    offset=st.integers(1, 2**63 - 1),
+    ts=st.integers(0, 2**53),
+    seq=st.integers(0, 255),
+    data=st.dictionaries(
+        st.text(max_size=8),
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        max_size=6,
+    ),
+)
+def test_telemetry_text_is_the_message_encoded_whole(
+    device: str, protocol: str, offset: int, ts: int, seq: int, data: dict[str, Any]
+) -> None:
+    """The hub encodes the data once and builds the message around it: same bytes on the wire."""
+    rec = TelemetryRecord(offset, device, protocol, ts, seq, data)
+    text = telemetry_text(rec, dumps(data))
+    assert text == dumps(telemetry_message(rec))
+    assert json.loads(text)["data"] == json.loads(dumps(data))
