@@ -328,6 +328,7 @@ def bench_gateway_config(**sections: Mapping[str, Any]) -> dict[str, Any]:
             "max_devices": 100_000,
         },
         "dashboards": {"max_dashboards": 5_000},
+        "http": {"max_connections": 6_000},
     }
     for name, values in sections.items():
         table.setdefault(name, {}).update(values)
