@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -158,6 +159,25 @@ def _load_protocols(modules: list[str]) -> None:
             raise ConfigError(f"protocols: cannot import {name!r}: {e}") from None
 
 
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections once the gateway is ready.
+
+    With 10,000 device sessions alive, the collector's passes over every
+    tracked object stalled the event loop for tens of ms (p99.9 77-89 ms at
+    10,000 frames/s). Objects alive at start are frozen out of collections,
+    and the youngest generation is collected every 50,000 allocations instead
+    of 700: p99 fell from 7-12 to 3-4 ms, p99.9 to 16-19 ms, for 8 MiB more
+    RSS (docs/benchmarks.md).
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 DemoStarter = Callable[[Any, int, str, int], Awaitable[Callable[[], Awaitable[None]]]]
 
 
@@ -218,6 +238,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
                 file=sys.stderr,
                 flush=True,
             )
+        tune_gc()
         ready(f"ready http={http_host}:{http_port} devices={dev_host}:{dev_port}")
         sys.stdout.flush()
         await stop.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import aiohttp
 import pytest
 
 from frames import Data, Frame, FrameDecoder, Hello, Welcome, decode_message, encode_frame
-from gateway.cli import main
+from gateway.cli import GC_GEN0_THRESHOLD, main, tune_gc
 
 READY = re.compile(r"ready http=127\.0\.0\.1:(\d+) devices=127\.0\.0\.1:(\d+)\n")
 DASHBOARD = re.compile(r"dashboard: http://127\.0\.0\.1:(\d+)/\?token=(\S+)")
@@ -387,3 +388,14 @@ async def test_config_error_in_a_real_process_exits_2(spawn: Spawn, tmp_path: Pa
     assert code == 2
     assert out == ""
     assert served.stderr == [f"iot-gateway: http_port must be 0..65535, not 70000 (in {path})\n"]
+
+
+def test_tune_gc_freezes_what_exists_and_collects_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
