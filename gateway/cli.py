@@ -169,7 +169,7 @@ def tune_gc() -> None:
     tracked object stalled the event loop for tens of ms (p99.9 77-89 ms at
     10,000 frames/s). Objects alive at start are frozen out of collections,
     and the youngest generation is collected every 50,000 allocations instead
-    of 700: p99 fell from 7-12 to 3-4 ms, p99.9 to 16-19 ms, for 8 MiB more
+    of 700: p99 fell from 7-14 to 3-6 ms, p99.9 to 16-24 ms, for 8 MiB more
     RSS (docs/benchmarks.md).
     """
     gc.collect()
