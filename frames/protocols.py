@@ -250,17 +250,12 @@ class ConstructProtocol(Protocol):
 
     def decode_data(self, body: bytes) -> JsonObject:
         fixed = self._fixed
-        if fixed is None:
-            return self._decode_with_construct(body)
-        if len(body) == fixed.size:
+        if fixed is not None and len(body) == fixed.size:
             try:
                 return fixed.decode(body)
             except ConstructError:
-                pass  # a value the schema refuses (out of range, a mask bit too high)
-        # The interpreted struct names the field at fault. Not the compiled one first:
-        # it reads a missing Flag byte as True, so it can accept a body one byte short.
-        result: JsonObject = _to_json(self._parse_for_error(body)["values"])
-        return result
+                pass  # a value the schema refuses: construct names the field at fault
+        return self._decode_with_construct(body)
 
     def _decode_with_construct(self, body: bytes) -> JsonObject:
         # The construct decoding, which the fixed layout must equal on right-sized bodies.
