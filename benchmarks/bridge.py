@@ -1,7 +1,7 @@
 """The reference a user would otherwise build: device TCP frames -> JSON -> MQTT (Mosquitto).
 
 A small bridge, as the end-to-end benchmark's baseline. It accepts the same
-device connections as the gateway's device port (PROTOCOL.md sections 1-2:
+device connections as the gateway's device port (docs/protocol.md §1-4:
 HELLO -> WELCOME, PING -> PONG, DATA), decodes frames and bodies with the same
 codec (``frames``), and publishes each telemetry message as the same JSON the
 gateway sends dashboards, at QoS 0, on ``telemetry/<protocol>/<client_id>``, to

@@ -10,7 +10,7 @@ run). It times, in one process and on the same streams:
 * ``hand``: a hand-written ``bytes.find`` + ``struct`` + crcmod-on-memoryview
   decoder, the pure-Python ceiling.
 
-All three follow PROTOCOL.md section 1: skip to a header, wait for the whole
+All three follow docs/protocol.md §2: skip to a header, wait for the whole
 frame, on a CRC error drop one byte and scan again. Streams are cut in
 4096-byte chunks; the corrupted streams have one random bit flipped in 1% of
 their bytes (seeded). Every payload starts with its frame's index, so each

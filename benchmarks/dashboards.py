@@ -1,6 +1,6 @@
 """Dashboard clients for the benchmarks: S subscribers to all telemetry, in their own process.
 
-``--mode ws``: the gateway's WebSocket API (PROTOCOL.md section 4) with
+``--mode ws``: the gateway's WebSocket API (docs/api.md §3) with
 aiohttp's client: ``{"op":"subscribe","all":true}``, then every frame is split
 on newlines. ``--mode mqtt``: the reference pipeline, ``benchmarks.mqtt``'s lean
 subscriber on ``telemetry/#`` at QoS 0. Either way each telemetry message's

@@ -1,7 +1,7 @@
 """A lean load generator: D device connections sending env-sensor DATA at R Hz each.
 
 Run by the benchmarks as its own process (``python -m benchmarks.loadgen``).
-It speaks the device protocol of PROTOCOL.md section 2 with the project's own
+It speaks the device protocol of docs/protocol.md §3-4 with the project's own
 encoder (``frames.encode_frame`` of ``frames.Data``), one asyncio Protocol per
 connection and no task per device, so that one process can drive 10,000 links.
 

@@ -1,7 +1,7 @@
 """A send time carried inside an env-sensor DATA body, so latency is measured on real telemetry.
 
 The env-sensor body is 40 bits (i16 temperature, u16 humidity, u8 battery,
-PROTOCOL.md section 3) and every bit pattern is valid. The load generator puts
+docs/protocols.md) and every bit pattern is valid. The load generator puts
 the wall clock there, in units of 10 us modulo 2**40 (127 days); a dashboard on
 the same machine reads it back from the telemetry JSON and takes the nearest
 past time with those low bits. The gateway decodes the body with its real

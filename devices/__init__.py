@@ -1,7 +1,7 @@
 """Device links: TCP and serial transports and the session state machine behind them.
 
 Thin adapters move bytes between the OS and the sans-IO ``frames`` core; one
-``DeviceSession`` per link owns PROTOCOL.md section 2. The hub talks to this
+``DeviceSession`` per link owns docs/protocol.md §4. The hub talks to this
 package through ``DeviceManager`` (commands) and ``DeviceEventSink`` (events).
 """
 

@@ -1,6 +1,6 @@
 """Settings of the device side: sessions, limits, device tokens, serial ports.
 
-Every default is the one PROTOCOL.md section 2 gives; the gateway's config file
+Every default is the one docs/protocol.md §4 gives; the gateway's config file
 and CLI flags fill these in.
 """
 
@@ -31,7 +31,7 @@ class DeviceAuth:
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
-    """Timers and limits of every device session (PROTOCOL.md section 2)."""
+    """Timers and limits of every device session (docs/protocol.md §4)."""
 
     hello_timeout: float = 5.0
     heartbeat: int = 30  # seconds, sent in WELCOME

@@ -1,4 +1,4 @@
-"""One device session per link: the state machine of PROTOCOL.md section 2.
+"""One device session per link: the state machine of docs/protocol.md §4.
 
 A session owns the link's frame decoder, the HELLO handshake, liveness,
 rate limiting, the garbage rule, and command sequencing with ACK timeouts.
@@ -75,7 +75,7 @@ class LinkPort(Protocol):
 
 
 class SessionState(enum.StrEnum):
-    """Where a session is in PROTOCOL.md section 2's life cycle."""
+    """Where a session is in docs/protocol.md §4's life cycle."""
 
     AWAITING_HELLO = "awaiting_hello"
     ONLINE = "online"

@@ -1,4 +1,4 @@
-"""Sans-IO frame codec, message layer and device protocols (PROTOCOL.md sections 1-3).
+"""Sans-IO frame codec, message layer and device protocols (docs/protocol.md, docs/protocols.md).
 
 Nothing in this package touches a socket, a serial port, a clock or asyncio:
 feed it bytes, get events back.

@@ -12,7 +12,7 @@ from enum import IntEnum
 
 
 class ErrorCode(IntEnum):
-    """ERROR message codes (PROTOCOL.md section 2)."""
+    """ERROR message codes (docs/protocol.md §3)."""
 
     NOT_REGISTERED = 1
     BAD_HELLO = 2

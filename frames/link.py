@@ -1,11 +1,11 @@
-"""The link layer: frames on a byte stream (PROTOCOL.md section 1), sans-IO.
+"""The link layer: frames on a byte stream (docs/protocol.md §1-2), sans-IO.
 
 The frame layout lives here once, as a ``construct`` definition::
 
     offset  size  field
     0       2     header   0xAA 0xAA
     2       1     length   N = payload length, 0..255
-    3       N     payload  a message (section 2)
+    3       N     payload  a message (docs/protocol.md §3)
     3+N     C     crc      CRC of [2, 3+N) (or [0, 3+N) when the header is
                            covered), C = CRC width (2 for CRC-16), low byte first
 
@@ -104,7 +104,7 @@ DecoderEvent = Frame | Discarded
 
 
 class FrameDecoder:
-    """Reads frames from a byte stream fed in arbitrary chunks (PROTOCOL.md 1).
+    """Reads frames from a byte stream fed in arbitrary chunks (docs/protocol.md §2).
 
     ``feed(data, now)`` returns, in stream order, the events the data completes.
     Bad input becomes ``Discarded`` events and counters, never an exception.

@@ -1,4 +1,4 @@
-"""The message layer inside a frame's payload (PROTOCOL.md section 2).
+"""The message layer inside a frame's payload (docs/protocol.md §3).
 
 Every payload is ``type (u8) | seq (u8) | body``. Each message type is a frozen
 dataclass that encodes itself (``encode() -> bytes``, the frame payload) and is
@@ -20,7 +20,7 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 
 class MessageType(IntEnum):
-    """Message type byte (PROTOCOL.md section 2)."""
+    """Message type byte (docs/protocol.md §3)."""
 
     HELLO = 0x01
     WELCOME = 0x02
@@ -43,12 +43,12 @@ PROTOCOL_RE: Final = re.compile(rb"[a-z0-9._\-]{1,32}")
 
 
 def valid_client_id(value: str) -> bool:
-    """True for 1..64 characters of ``A-Za-z0-9._:-`` (PROTOCOL.md section 2)."""
+    """True for 1..64 characters of ``A-Za-z0-9._:-`` (docs/protocol.md §3)."""
     return CLIENT_ID_RE.fullmatch(value.encode("utf-8", "replace")) is not None
 
 
 def valid_protocol_name(value: str) -> bool:
-    """True for 1..32 characters of ``a-z0-9._-`` (PROTOCOL.md section 2)."""
+    """True for 1..32 characters of ``a-z0-9._-`` (docs/protocol.md §3)."""
     return PROTOCOL_RE.fullmatch(value.encode("utf-8", "replace")) is not None
 
 

@@ -1,6 +1,6 @@
 """Per-link frame options and the one place where the CRC function is made.
 
-PROTOCOL.md section 1 lets each link choose another CRC (any
+docs/protocol.md §1 lets each link choose another CRC (any
 ``crcmod.predefined`` name), the CRC's byte order, and whether the header is
 covered by it. The default is CRC-16/MODBUS, little-endian, header not covered.
 """
@@ -57,7 +57,7 @@ def crc_function(name: str) -> tuple[CrcFunction, int]:
 
 @dataclass(frozen=True, slots=True)
 class FrameOptions:
-    """How one link frames its bytes (PROTOCOL.md section 1).
+    """How one link frames its bytes (docs/protocol.md §1).
 
     ``crc`` is a ``crcmod.predefined`` name; ``crc_byteorder`` is how the CRC is
     written on the wire; ``crc_covers_header`` adds the two ``0xAA`` bytes to

@@ -1,6 +1,6 @@
 """Device protocols: how DATA bodies become JSON and JSON commands become COMMAND bodies.
 
-PROTOCOL.md section 3. A protocol is looked up by the name a device gives in
+docs/protocols.md. A protocol is looked up by the name a device gives in
 its HELLO. Each known protocol is a set of ``construct`` schemas: one for the
 DATA body, and one per command (an opcode byte plus an argument struct). An
 unknown protocol is still accepted: its DATA is carried as hex, and every
@@ -518,7 +518,7 @@ def _lookup(args: Mapping[str, Any], where: str) -> Any:
     return value
 
 
-# ---- the built-in protocols (PROTOCOL.md section 3) ----------------------------------------
+# ---- the built-in protocols (docs/protocols.md) ----------------------------------------
 
 ENV_SENSOR = ConstructProtocol(
     "env-sensor",

@@ -1,4 +1,4 @@
-"""The aiohttp skin over the hub: WebSocket, HTTP API, metrics, the page (PROTOCOL.md 4-5).
+"""The aiohttp skin over the hub: WebSocket, HTTP API, metrics, the page (docs/api.md).
 
 Handlers only translate between HTTP/WebSocket and the routing core. Each
 dashboard gets a writer task that drains its own queue at the pace of its
@@ -196,7 +196,7 @@ def _http_error(
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /ws``: a dashboard's WebSocket (PROTOCOL.md section 4)."""
+    """``GET /ws``: a dashboard's WebSocket (docs/api.md §3)."""
     rt = request.app[RUNTIME]
     role = _require(request)
     if not origin_allowed(

@@ -1,4 +1,4 @@
-"""Dashboard and API tokens with roles, and the Origin allow-list (PROTOCOL.md section 4).
+"""Dashboard and API tokens with roles, and the Origin allow-list (docs/api.md §1).
 
 Tokens are compared in constant time. Kept apart from the web layer so the
 rules are tested without a server.

@@ -1,4 +1,4 @@
-"""The ``iot-gateway`` command line (PROTOCOL.md section 6): ``serve`` and ``simulate``.
+"""The ``iot-gateway`` command line (docs/configuration.md, Command-line flags): ``serve`` and ``simulate``.
 
 argparse and tomllib from the standard library are enough here; flags override
 the config file, and secrets may come from the environment.

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class AuthSection:
-    """Dashboard tokens and allowed Origins (PROTOCOL.md section 4)."""
+    """Dashboard tokens and allowed Origins (docs/api.md §1)."""
 
     token: str | None = None  # operator token; env IOT_GATEWAY_TOKEN
     viewer_token: str | None = None  # env IOT_GATEWAY_VIEWER_TOKEN
@@ -40,7 +40,7 @@ class AuthSection:
 
 @dataclass(frozen=True, slots=True)
 class DevicesSection:
-    """The device port and device sessions (PROTOCOL.md section 2)."""
+    """The device port and device sessions (docs/protocol.md §4)."""
 
     hello_timeout: float = 5.0
     heartbeat: int = 30
@@ -81,7 +81,7 @@ class SerialSection:
 
 @dataclass(frozen=True, slots=True)
 class DashboardsSection:
-    """Dashboard limits and WebSocket options (PROTOCOL.md section 4)."""
+    """Dashboard limits and WebSocket options (docs/api.md §3)."""
 
     queue_size: int = 1024
     max_dashboards: int = 1000

@@ -1,4 +1,4 @@
-"""The routing core: devices in, dashboards out (PROTOCOL.md section 4), with no aiohttp.
+"""The routing core: devices in, dashboards out (docs/api.md §3), with no aiohttp.
 
 The hub keeps the device registry (by client_id and protocol), every
 dashboard's subscriptions and bounded outbound queue, and carries commands
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
-    """Unix time in milliseconds (the ``ts`` of PROTOCOL.md section 4)."""
+    """Unix time in milliseconds (the ``ts`` of docs/api.md §3)."""
     return int(time.time() * 1000)
 
 
@@ -70,14 +70,14 @@ def telemetry_text(rec: TelemetryRecord, data_json: str) -> str:
 
 
 class Role(enum.StrEnum):
-    """A token's role (PROTOCOL.md section 4)."""
+    """A token's role (docs/api.md §1)."""
 
     VIEWER = "viewer"
     OPERATOR = "operator"
 
 
 class ErrorCode(enum.StrEnum):
-    """Dashboard error codes (PROTOCOL.md section 4)."""
+    """Dashboard error codes (docs/api.md §3)."""
 
     BAD_REQUEST = "bad_request"
     FORBIDDEN = "forbidden"
@@ -777,7 +777,7 @@ class Hub:
         elif result.status is CommandStatus.TIMEOUT:
             status("timeout")
         else:
-            # PROTOCOL.md has no status for a link lost before the ACK: to the
+            # docs/api.md §3 has no status for a link lost before the ACK: to the
             # dashboard it is an ACK that never came.
             status("timeout", error=result.error or "link lost before the ACK")
 

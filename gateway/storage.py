@@ -1,5 +1,5 @@
 """Durable state of the hub: telemetry history, the gateway-wide offset, the offline
-command queue and the device registry (PROTOCOL.md sections 4-5, issue 4).
+command queue and the device registry (docs/api.md §3-4).
 
 It exists so that the hub can say "nothing is lost across a restart" without ever
 waiting on a disk from the event loop. The hub codes against the small `Storage`
@@ -78,7 +78,7 @@ class StorageClosedError(StorageError):
 
 @dataclass(frozen=True, slots=True)
 class TelemetryRecord:
-    """One stored DATA message, as dashboards receive it (PROTOCOL.md section 4)."""
+    """One stored DATA message, as dashboards receive it (docs/api.md §3)."""
 
     offset: int  # gateway-wide, strictly increasing, kept across restarts
     device: str
@@ -537,7 +537,7 @@ class SQLiteStorage:
         offset = self._next
         lease_end = self._lease_end
         if offset > lease_end:
-            # Handing it out anyway could reuse it after a crash (PROTOCOL.md section 4).
+            # Handing it out anyway could reuse it after a crash (docs/api.md §3).
             why = "died" if self._fatal is not None else "is stalled (see stats.pending)"
             raise StorageError(
                 f"{self.path}: offsets above {lease_end} are not reserved yet; "

@@ -5,7 +5,7 @@ test can drive it with a fake clock and a seed and know every byte it will
 send. The drivers in ``simulators.drivers`` move its messages over TCP or a
 pseudo-terminal; ``simulators.faults`` can mangle them on the way.
 
-What a model does (PROTOCOL.md section 2):
+What a model does (docs/protocol.md §4):
 
 - ``connect(now)`` sends HELLO (or, on a serial link configured with a fixed
   client_id, goes online at once without one);
@@ -49,12 +49,12 @@ M = TypeVar("M", bound=Message)
 EPSILON: Final = 1e-6
 
 # Heartbeat interval used until a WELCOME says otherwise (the gateway's default,
-# PROTOCOL.md section 2), and on fixed serial links, which get no WELCOME.
+# docs/protocol.md §4), and on fixed serial links, which get no WELCOME.
 DEFAULT_HEARTBEAT: Final = 30.0
 
 
 class AckStatus(enum.IntEnum):
-    """The simulated devices' own ACK status codes (PROTOCOL.md leaves them to devices)."""
+    """The simulated devices' own ACK status codes (docs/protocol.md §3 leaves them to devices)."""
 
     OK = 0
     UNKNOWN_COMMAND = 1  # an opcode the device does not implement

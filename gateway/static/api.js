@@ -1,4 +1,4 @@
-// The gateway's HTTP API, as the page uses it (PROTOCOL section 5). URLs are
+// The gateway's HTTP API, as the page uses it (docs/api.md §4). URLs are
 // relative to the page, so the dashboard also works behind a reverse proxy
 // that serves the gateway under a path prefix.
 

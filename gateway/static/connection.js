@@ -1,4 +1,4 @@
-// The dashboard's WebSocket to the gateway (docs/api.md, PROTOCOL section 4):
+// The dashboard's WebSocket to the gateway (docs/api.md §3):
 // one socket at a time, reconnected with capped exponential backoff and
 // jitter, frames split on newlines (the gateway batches objects), and a bad
 // token told apart from a gateway that is down.

@@ -2,7 +2,7 @@
 // received, chart series, commands given and the event log. No DOM here.
 //
 // Offsets are gateway-wide and strictly increasing but not consecutive
-// (PROTOCOL section 4), so the page never counts with them: it keeps the
+// (docs/api.md §3), so the page never counts with them: it keeps the
 // offsets it has seen, sorted, and drops a message whose offset it already
 // has. That is what makes replays safe: after a reconnect or a "lagged"
 // notice the page asks for everything after an offset it knows it has, and
@@ -12,7 +12,7 @@ export const MAX_POINTS = 300; // per chart: the last few hundred readings
 const MAX_OFFSETS = 5000; // per device, for de-duplication
 const MAX_EVENTS = 200;
 const MAX_COMMANDS = 500;
-// A command status after which nothing more will come (PROTOCOL section 4).
+// A command status after which nothing more will come (docs/api.md §3).
 export const FINAL_STATUSES = new Set([
   'acked',
   'nacked',
@@ -147,7 +147,7 @@ export class Store {
         d.lastSeen = entry.last_seen;
       }
       // `last` is a telemetry message like any other: it was sent on this socket
-      // after the subscription began, so it counts as received (PROTOCOL section 4).
+      // after the subscription began, so it counts as received (docs/api.md §3).
       if (entry.last) this.applyTelemetry(entry.last);
       changed.push(d);
     }

@@ -19,7 +19,7 @@ const STATE_LABELS = Object.freeze({
 });
 
 const PENDING_STATUSES = new Set(['sent', 'queued']);
-const RELAY_CHANNELS = 4; // relay-4 (PROTOCOL section 3)
+const RELAY_CHANNELS = 4; // relay-4 (docs/protocols.md)
 const MAX_LOG_ITEMS = 200;
 
 function byTestId(id) {

@@ -142,7 +142,7 @@ class GatewayProcess:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    # ---- HTTP API (PROTOCOL.md section 5) ----
+    # ---- HTTP API (docs/api.md §4) ----
 
     def get(self, path: str, token: str = OPERATOR) -> Any:
         request = urllib.request.Request(

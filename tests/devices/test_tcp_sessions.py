@@ -1,4 +1,4 @@
-"""Device sessions over real loopback TCP: every rule of PROTOCOL.md section 2."""
+"""Device sessions over real loopback TCP: every rule of docs/protocol.md §4."""
 
 from __future__ import annotations
 

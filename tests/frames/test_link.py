@@ -19,7 +19,7 @@ from frames import (
 )
 from frames.link import DecoderEvent
 
-# PROTOCOL.md section 1: payload -> frame.
+# docs/protocol.md §1: payload -> frame.
 VECTORS = [
     ("", "aaaa00bf40"),
     ("01", "aaaa0101c1e0"),

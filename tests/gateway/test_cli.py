@@ -1,4 +1,4 @@
-"""``iot-gateway serve`` as a user runs it (PROTOCOL.md section 6).
+"""``iot-gateway serve`` as a user runs it (docs/configuration.md, Command-line flags).
 
 Flag parsing is tested in-process through ``main(argv)``. Everything about
 running (the ready line, signals, exit statuses, the generated token) is
@@ -31,7 +31,7 @@ from gateway.cli import GC_GEN0_THRESHOLD, main, tune_gc
 
 READY = re.compile(r"ready http=127\.0\.0\.1:(\d+) devices=127\.0\.0\.1:(\d+)\n")
 DASHBOARD = re.compile(r"dashboard: http://127\.0\.0\.1:(\d+)/\?token=(\S+)")
-# PROTOCOL.md section 6.
+# docs/configuration.md, Command-line flags.
 SECTION_6_FLAGS = [
     "--config",
     "--host",

@@ -329,24 +329,24 @@ def test_serial_flags_add_to_the_files_ports(tmp_path: Path) -> None:
 def test_defaults_are_those_of_the_protocol() -> None:
     config = build_config({}, environ={})
     session = config.session_config()
-    assert session.hello_timeout == 5.0  # section 2: HELLO within 5 s
-    assert session.heartbeat == 30  # section 2: heartbeat 30 s
-    assert session.misses == 3  # section 2: silence for 3 x interval
+    assert session.hello_timeout == 5.0  # docs/protocol.md §4: HELLO within 5 s
+    assert session.heartbeat == 30  # docs/protocol.md §4: heartbeat 30 s
+    assert session.misses == 3  # docs/protocol.md §4: silence for 3 x interval
     assert session.silence_limit == 90.0
-    assert session.ack_timeout == 10.0  # section 4: timeout, no ACK in 10 s
-    assert session.serial_frame_timeout == 0.2  # section 1: 200 ms on serial
-    assert session.tcp_frame_timeout == 1.0  # section 1: 1 s on TCP
+    assert session.ack_timeout == 10.0  # docs/api.md §3: timeout, no ACK in 10 s
+    assert session.serial_frame_timeout == 0.2  # docs/protocol.md §2: 200 ms on serial
+    assert session.tcp_frame_timeout == 1.0  # docs/protocol.md §2: 1 s on TCP
     assert session.auth.token is None  # no device token unless configured
     hub = config.hub_config()
     assert hub.queue_size == 1024  # issue 4: per-dashboard queue
-    assert hub.command_ttl == 3600.0  # section 4: queued until its TTL, default 1 h
+    assert hub.command_ttl == 3600.0  # docs/api.md §3: queued until its TTL, default 1 h
     assert hub.commands_per_second == 20.0  # issue 4: commands per dashboard per second
-    assert config.dashboards.max_message == 64 * 1024  # section 4: over 64 KiB -> 1009
+    assert config.dashboards.max_message == 64 * 1024  # docs/api.md §3: over 64 KiB -> 1009
     assert config.dashboards.compression is False  # issue 4: off by default
     assert config.dashboards.drain_timeout == 30.0  # issue 4: not drained for 30 s
-    frame = config.frame_options()  # section 1: CRC-16/MODBUS, low byte first
+    frame = config.frame_options()  # docs/protocol.md §1: CRC-16/MODBUS, low byte first
     assert (frame.crc, frame.crc_byteorder, frame.crc_covers_header) == ("modbus", "little", False)
-    # section 6: the flags' defaults
+    # docs/configuration.md, Command-line flags: the flags' defaults
     assert (config.host, config.http_port, config.device_port) == ("127.0.0.1", 8080, 7000)
     assert config.data_dir == "./data"
     assert config.auth.token is None  # generated at start

@@ -1,6 +1,6 @@
 """The device port under random bytes and mutated valid streams from many connections.
 
-PROTOCOL.md section 1: garbage never raises out of the reader; section 2: a
+docs/protocol.md §2: garbage never raises out of the reader; §4: a
 TCP link that sends mostly garbage is closed. Here 40 connections at once send
 seeded random bytes, valid streams with bits flipped, bytes dropped or
 repeated, frames cut short, header floods, giant length bytes and malformed

@@ -1,6 +1,6 @@
 """Connection floods and slow-loris clients on both ports: limits hold, service continues.
 
-Device port (PROTOCOL.md section 2): ``devices.max_connections`` refuses links
+Device port (docs/protocol.md §4): ``devices.max_connections`` refuses links
 beyond it, the hello timeout closes links that never say HELLO, the frame
 timeout abandons a frame that trickles in, and the silence limit closes a
 device that sends nothing valid. Dashboards: ``dashboards.max_dashboards``

@@ -1,7 +1,7 @@
 """kill -9 of the gateway under traffic, then a restart on the same data directory.
 
 What docs/ and the storage module promise across a crash: offsets continue
-above every offset handed out before it (PROTOCOL.md section 4); a command
+above every offset handed out before it (docs/api.md §3); a command
 reported ``queued`` is on disk and reaches its device when it next says HELLO;
 the telemetry history is intact except, at most, what the storage writer had
 not committed (one batch window, 20 ms by default, plus any backlog).

@@ -1,4 +1,4 @@
-"""The dashboard WebSocket API under hypothesis-generated requests (PROTOCOL.md section 4).
+"""The dashboard WebSocket API under hypothesis-generated requests (docs/api.md §3).
 
 Whatever a client sends (wrong types, huge numbers, NaN, deep nesting,
 unknown ops, text that is not JSON, binary frames, messages over 64 KiB), the
@@ -38,7 +38,7 @@ from tests.resilience.support import OPERATOR, VIEWER, Telemetry, stream
 
 pytestmark = pytest.mark.resilience
 
-MAX_MESSAGE = 64 * 1024  # PROTOCOL.md section 4: a client message over 64 KiB closes with 1009
+MAX_MESSAGE = 64 * 1024  # docs/api.md §3: a client message over 64 KiB closes with 1009
 CANARY = "canary-dev"
 CANARY_RATE = 50.0
 REPLIES = {"error", "subscribed", "unsubscribed", "devices", "command_status"}
