@@ -39,7 +39,7 @@ from typing import Any
 from benchmarks import harness, stamp
 from devices import DeviceManager, DeviceSession, DeviceTelemetry, SessionConfig, Transport
 from frames import Data, FrameDecoder, Hello, decode_message, encode_frame, get_protocol
-from gateway.hub import Hub, HubConfig, Role, dumps, telemetry_message, telemetry_text
+from gateway.hub import Hub, HubConfig, LocalEngine, Role, dumps, telemetry_message, telemetry_text
 from gateway.metrics import Metrics
 from gateway.storage import SQLiteStorage, TelemetryRecord
 
@@ -78,7 +78,7 @@ async def pipeline(
     """Frames through the real session, hub and storage; CPU per message."""
     storage = SQLiteStorage(workdir / f"hot-{time.monotonic_ns()}.sqlite3")
     metrics = Metrics()
-    hub = Hub(storage, HubConfig(queue_size=1 << 20), metrics)
+    hub = Hub(LocalEngine(storage), HubConfig(queue_size=1 << 20), metrics)
     manager = DeviceManager(
         hub, SessionConfig(max_frames_per_second=1e9, rate_burst=1e9, max_devices=1 << 20)
     )

@@ -73,9 +73,12 @@ class CommandStatus(enum.StrEnum):
     """The fate of one COMMAND sent to a device."""
 
     SENT = "sent"
+    QUEUED = "queued"
     ACKED = "acked"
     NACKED = "nacked"
     TIMEOUT = "timeout"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
     FAILED = "failed"  # the link was lost before the ACK came
 
 

@@ -31,10 +31,12 @@ from .hub import (
     Dashboard,
     ErrorCode,
     Hub,
+    LocalEngine,
     Refused,
     Role,
     dumps,
     error_message,
+    parse_command,
     telemetry_message,
 )
 from .metrics import CONTENT_TYPE, Metrics, counter, counters, gauge
@@ -74,7 +76,7 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         batch_rows=s.batch_rows,
     )
     storage.stats.on_batch = metrics.storage_batch.observe
-    hub = Hub(storage, config.hub_config(), metrics)
+    hub = Hub(LocalEngine(storage), config.hub_config(), metrics)
     manager = DeviceManager(hub, config.session_config())
     hub.attach(manager)
     server = DeviceServer(
@@ -306,7 +308,7 @@ async def list_devices(request: web.Request) -> web.Response:
 async def get_device(request: web.Request) -> web.Response:
     """``GET /api/devices/{id}``."""
     _require(request)
-    state = request.app[RUNTIME].hub.devices.get(request.match_info["id"])
+    state = request.app[RUNTIME].hub.registry.get(request.match_info["id"])
     if state is None:
         raise _http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
     return web.json_response(state.listing(), dumps=dumps)
@@ -334,12 +336,11 @@ async def device_telemetry(request: web.Request) -> web.Response:
     _require(request)
     rt = request.app[RUNTIME]
     device = request.match_info["id"]
-    if device not in rt.hub.devices:
+    if device not in rt.hub.registry:
         raise _http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
     since = _int_param(request, "since", 0, -1, 2**63 - 1)
     limit = _int_param(request, "limit", 100, 1, 1000)
-    await rt.storage.flush()
-    records = await rt.storage.telemetry_since(since, device=device, limit=limit)
+    records = await rt.hub.history(device, since, limit)
     return web.json_response(
         {"device": device, "telemetry": [telemetry_message(r) for r in records]}, dumps=dumps
     )
@@ -378,12 +379,12 @@ async def post_command(request: web.Request) -> web.Response:
     statuses: list[dict[str, Any]] = []
     msg = {"id": body.get("id"), "device": request.match_info["id"], "command": body["command"]}
     try:
-        await rt.hub.submit_command(msg, statuses.append)
+        await rt.hub.submit_command(parse_command(msg), statuses.append)
     except ClientError as e:
         raise _http_error(web.HTTPBadRequest, e.code, e.message) from None
     first = statuses[0]
     if first["status"] == "rejected":
-        status = 404 if request.match_info["id"] not in rt.hub.devices else 400
+        status = 404 if request.match_info["id"] not in rt.hub.registry else 400
         return web.json_response(first, status=status, dumps=dumps)
     return web.json_response(first, status=202, dumps=dumps)
 

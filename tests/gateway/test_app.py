@@ -378,8 +378,12 @@ async def test_stalled_dashboard_does_not_slow_the_others(make_app: AppFactory) 
     await reader.request({"op": "subscribe", "all": True}, "subscribed")
     stalled = _stalled_dashboard(client.host, client.port)
     try:
-        await asyncio.wait_for(_until(lambda: len(rt.hub._all) == 2), 10)
-        slow = next(d for d in rt.hub._all if d.id != min(x.id for x in rt.hub._all))
+        await asyncio.wait_for(_until(lambda: len(rt.hub.subscriptions.all_subscribers()) == 2), 10)
+        slow = next(
+            d
+            for d in rt.hub.subscriptions.all_subscribers()
+            if d.id != min(x.id for x in rt.hub.subscriptions.all_subscribers())
+        )
         dev = await device(rt, "flood")
         # Paced by the reading dashboard: 100 rounds of 200 messages, each read in
         # full before the next, while the stalled one's buffers fill and overflow.
@@ -680,7 +684,7 @@ async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFac
     rt = runtime_of(client)
     stalled = _stalled_dashboard(client.host, client.port)
     try:
-        await asyncio.wait_for(_until(lambda: len(rt.hub._all) == 1), 10)
+        await asyncio.wait_for(_until(lambda: len(rt.hub.subscriptions.all_subscribers()) == 1), 10)
         dev = await device(rt, "firehose")
         closed = rt.metrics.slow_dashboards_closed
         for _ in range(200):  # until the stalled socket's buffers are full
@@ -691,7 +695,7 @@ async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFac
                 break
             await asyncio.sleep(0.05)  # let the writer's drain timeout run
         await asyncio.wait_for(_until(lambda: closed._value.get() >= 1), 10)
-        await asyncio.wait_for(_until(lambda: not rt.hub._all), 10)
+        await asyncio.wait_for(_until(lambda: not rt.hub.subscriptions.all_subscribers()), 10)
     finally:
         stalled.close()
 

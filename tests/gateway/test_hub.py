@@ -13,7 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from devices import DeviceInfo, DeviceOffline, DeviceOnline, DeviceTelemetry, Transport
-from gateway.hub import Dashboard, Hub, HubConfig, Role, dumps, telemetry_message, telemetry_text
+from gateway.hub import (
+    Dashboard,
+    Hub,
+    HubConfig,
+    LocalEngine,
+    Role,
+    dumps,
+    telemetry_message,
+    telemetry_text,
+)
 from gateway.storage import MemoryStorage, TelemetryRecord
 
 
@@ -36,7 +45,7 @@ def drain(d: Dashboard) -> list[dict[str, Any]]:
 async def hub() -> AsyncIterator[Hub]:
     storage = MemoryStorage()
     await storage.open()
-    h = Hub(storage, HubConfig(queue_size=8))
+    h = Hub(LocalEngine(storage), HubConfig(queue_size=8))
     await h.start()
     yield h
     await h.stop()
@@ -118,7 +127,7 @@ async def test_disconnect_forgets_subscriptions(hub: Hub) -> None:
     await hub.handle(d, {"op": "subscribe", "device": "a"})
     drain(d)
     hub.disconnect_dashboard(d)
-    assert not hub._by_device
+    assert hub.subscriptions.is_empty()
     assert d.closed
     hub.device_event(telemetry("a", 1))
     assert not d.queue
@@ -138,7 +147,7 @@ async def test_replay_then_live_without_gap_or_duplicate(hub: Hub) -> None:
 
     drainer = asyncio.create_task(writer())
     replay = asyncio.create_task(hub.handle(d, {"op": "subscribe", "device": "a", "since": 0}))
-    while not d.replaying:
+    while not d.held.active:
         await asyncio.sleep(0)
     hub.device_event(telemetry("a", 5))  # live, during the replay: held until it ends
     await replay
@@ -167,7 +176,7 @@ async def test_replay_since_skips_older(hub: Hub) -> None:
 async def test_max_dashboards_refused() -> None:
     storage = MemoryStorage()
     await storage.open()
-    h = Hub(storage, HubConfig(max_dashboards=1))
+    h = Hub(LocalEngine(storage), HubConfig(max_dashboards=1))
     h.connect_dashboard(Role.VIEWER, "a")
     from gateway.hub import Refused
 

@@ -1,0 +1,158 @@
+"""One connected dashboard: its role, subscriptions and bounded outbound queue.
+
+The hub never awaits a dashboard: fan-out only appends here, and the web
+layer's writer drains the queue at the pace of the socket (``wait`` and
+``take``). Telemetry is what gets dropped when the queue is full, never
+replies, presence or command statuses (docs/api.md §3.1); the dashboard is
+told with a ``lagged`` notice where to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from frames.ratelimit import TokenBucket
+
+from .messages import Target, dumps
+from .replay import HeldLive
+
+
+class Role(enum.StrEnum):
+    """A token's role (docs/api.md §1)."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+
+
+class Refused(Exception):
+    """A dashboard or request the hub cannot take now (a limit is reached)."""
+
+
+class Kind(enum.IntEnum):
+    """What an outbound item is: telemetry may be dropped, the rest never."""
+
+    TELEMETRY = 0
+    CONTROL = 1
+
+
+@dataclass(slots=True, eq=False)  # eq=False: hashed by identity, kept in sets
+class Dashboard:
+    """One dashboard's outbound side. The writer awaits ``wait()`` and sends ``take()``."""
+
+    id: int
+    role: Role
+    session: str
+    limit: int
+    commands: TokenBucket  # commands per second (docs/api.md §3.2)
+    subscriptions: set[Target] = field(default_factory=set)
+    # (kind, offset, text, loop time the device frame arrived; 0 when unknown)
+    queue: deque[tuple[Kind, int, str, float]] = field(default_factory=deque)
+    telemetry_queued: int = 0
+    dropped: int = 0  # telemetry dropped since the last lagged notice
+    resume_from: int | None = None
+    dropped_total: int = 0
+    closed: bool = False
+    # When the oldest telemetry of the last batch ``take()`` returned arrived.
+    batch_received: float = 0.0
+    held: HeldLive = field(init=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _room: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.held = HeldLive(self.limit)
+
+    def push_control(self, text: str) -> None:
+        """Queue a reply, presence or command_status: never dropped."""
+        if self.closed:
+            return
+        self.queue.append((Kind.CONTROL, 0, text, 0.0))
+        self._ready.set()
+
+    def push_control_json(self, obj: dict[str, object]) -> None:
+        """Queue a control message given as a JSON object."""
+        self.push_control(dumps(obj))
+
+    def push_telemetry(
+        self, offset: int, text: str, received: float = 0.0, device: str = "", protocol: str = ""
+    ) -> int:
+        """Queue a live telemetry message; returns how many were dropped to make room."""
+        if self.closed:
+            return 0
+        if not self.held.targets:
+            return self.append_telemetry(offset, text, received)
+        dropped = self.held.offer((offset, text, received, device, protocol))
+        for off in dropped:
+            self.note_drop(off)
+        return len(dropped)
+
+    def append_telemetry(self, offset: int, text: str, received: float = 0.0) -> int:
+        """Queue telemetry behind what is queued, dropping the oldest when full."""
+        dropped = 0
+        if self.telemetry_queued >= self.limit:
+            # Drop the oldest telemetry; replies and presence stay.
+            for i, (kind, off, _, _) in enumerate(self.queue):
+                if kind is Kind.TELEMETRY:
+                    del self.queue[i]
+                    self.telemetry_queued -= 1
+                    self.note_drop(off)
+                    dropped = 1
+                    break
+        self.queue.append((Kind.TELEMETRY, offset, text, received))
+        self.telemetry_queued += 1
+        self._ready.set()
+        return dropped
+
+    def note_drop(self, offset: int) -> None:
+        """Telemetry at ``offset`` will not reach this dashboard: announce it."""
+        self.dropped += 1
+        self.dropped_total += 1
+        if self.resume_from is None or offset < self.resume_from:
+            self.resume_from = offset
+
+    @property
+    def has_room(self) -> bool:
+        """True while telemetry can be queued without dropping any."""
+        return self.telemetry_queued < self.limit
+
+    async def wait(self) -> None:
+        """Until there is something to send (or the dashboard is closed)."""
+        while not self.queue and not self.dropped and not self.closed:
+            self._ready.clear()
+            await self._ready.wait()
+
+    def take(self, max_items: int) -> list[str]:
+        """Up to ``max_items`` queued texts, a lagged notice first if telemetry was dropped."""
+        out: list[str] = []
+        if self.dropped:
+            out.append(
+                dumps({"op": "lagged", "dropped": self.dropped, "resume_from": self.resume_from})
+            )
+            self.dropped = 0
+            self.resume_from = None
+        q = self.queue
+        self.batch_received = 0.0
+        while q and len(out) < max_items:
+            kind, _, text, received = q.popleft()
+            if kind is Kind.TELEMETRY:
+                self.telemetry_queued -= 1
+                if received and not self.batch_received:
+                    self.batch_received = received
+            out.append(text)
+        if self.telemetry_queued < self.limit // 2:
+            self._room.set()
+        return out
+
+    async def room(self) -> None:
+        """Until the queue is at most half full (a replay waits on this: backpressure)."""
+        while self.telemetry_queued >= self.limit // 2 and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    def close(self) -> None:
+        """No more output; wake the writer so it can finish."""
+        self.closed = True
+        self._ready.set()
+        self._room.set()

@@ -1,0 +1,176 @@
+"""Replay: stored telemetry after an offset, then live, with no gap and no duplicate.
+
+A subscribe with ``since`` (docs/api.md §3.2) reads history up to a seam, an
+offset taken when the replay starts: above everything already delivered live
+and below everything that comes later (offsets need not be consecutive).
+Live telemetry for the dashboard waits in a ``HeldLive`` buffer meanwhile and
+is released after the replay, so order holds. When live traffic outruns the
+buffer, what the replay will read from history anyway is let go and the
+replay reads on to a new seam.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from ..storage import TelemetryRecord
+from .messages import Target, dumps, telemetry_message
+
+# Rounds a replay may take to catch up with live traffic before it gives up
+# and sends a lagged notice instead.
+REPLAY_ROUNDS = 20
+
+# (offset, text, loop time the device frame arrived, device, protocol)
+Held = tuple[int, str, float, str, str]
+
+
+class HeldLive:
+    """Live telemetry held back while one or more replays of a dashboard run."""
+
+    __slots__ = ("items", "limit", "overflowed", "targets")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.targets: list[Target] = []
+        self.items: deque[Held] = deque()
+        # Set when ``items`` overflowed: the replays' own messages were let go
+        # (they are in history) and the replay must read up to a new seam.
+        self.overflowed = False
+
+    @property
+    def active(self) -> bool:
+        """True while a replay runs."""
+        return bool(self.targets)
+
+    def replayed(self, device: str, protocol: str) -> bool:
+        """True when a running replay will read this device's telemetry from history."""
+        return any(t.matches(device, protocol) for t in self.targets)
+
+    def offer(self, item: Held) -> list[int]:
+        """Hold ``item``; returns the offsets of telemetry dropped to stay bounded."""
+        if self.overflowed and self.replayed(item[3], item[4]):
+            return []  # history has it; the replay's next round reads it
+        self.items.append(item)
+        if len(self.items) <= self.limit:
+            return []
+        # Too much live traffic while replaying: let go of what the replay will
+        # read again from history; anything else is dropped and announced.
+        self.overflowed = True
+        dropped: list[int] = []
+        kept: deque[Held] = deque()
+        for held in self.items:
+            if self.replayed(held[3], held[4]):
+                continue
+            if len(kept) < self.limit // 2:
+                kept.append(held)
+            else:
+                dropped.append(held[0])
+        self.items = kept
+        return dropped
+
+
+class ReplayOutbox(Protocol):
+    """What a replay needs of a dashboard."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def held(self) -> HeldLive: ...
+
+    @property
+    def has_room(self) -> bool: ...
+
+    async def room(self) -> None: ...
+
+    def append_telemetry(self, offset: int, text: str, received: float = 0.0) -> int: ...
+
+    def note_drop(self, offset: int) -> None: ...
+
+
+class History(Protocol):
+    """What a replay reads: the seam and the stored telemetry (an ``Engine`` is one)."""
+
+    def seam(self) -> int: ...
+
+    async def flush(self) -> None: ...
+
+    async def history(
+        self,
+        after: int,
+        *,
+        until: int | None = None,
+        device: str | None = None,
+        protocol: str | None = None,
+        limit: int = 100,
+    ) -> list[TelemetryRecord]: ...
+
+
+async def replay(d: ReplayOutbox, target: Target, since: int, history: History) -> None:
+    """Queue ``target``'s telemetry after ``since`` for ``d``, then its held live messages.
+
+    The caller subscribed ``d`` to ``target`` and called ``d.held.targets.append(target)``
+    before the seam was taken; this removes it again and releases the held messages.
+    """
+    cut = history.seam()
+    after = since
+    held = d.held
+    try:
+        for _ in range(REPLAY_ROUNDS):
+            await history.flush()
+            after = await _replay_range(d, target, after, cut, history)
+            after = await _release_held(d, target, after)
+            if d.closed or not held.overflowed:
+                break  # caught up: held is empty, live flows straight in
+            # Live traffic outran the hold buffer: read on to a new seam.
+            held.overflowed = False
+            cut = history.seam()
+        else:
+            d.note_drop(after + 1)  # could not catch up: say where to resume
+            held.overflowed = False
+    finally:
+        held.targets.remove(target)
+        if not held.active:
+            items, held.items = held.items, deque()
+            for offset, text, received, _, _ in items:
+                d.append_telemetry(offset, text, received)
+
+
+async def _release_held(d: ReplayOutbox, target: Target, after: int) -> int:
+    """Move held live telemetry to the queue, waiting for room as the replay did.
+
+    New live messages keep landing in the held buffer meanwhile, so order holds.
+    Returns the offset of the last released message of ``target``.
+    """
+    held = d.held
+    while held.items and not held.overflowed and not d.closed:
+        await d.room()
+        while held.items and not held.overflowed and d.has_room:
+            offset, text, received, device, protocol = held.items.popleft()
+            d.append_telemetry(offset, text, received)
+            if target.matches(device, protocol):
+                after = offset
+    return after
+
+
+async def _replay_range(
+    d: ReplayOutbox, target: Target, after: int, cut: int, history: History
+) -> int:
+    """Queue stored telemetry of ``target`` with ``after < offset <= cut``; wait for room."""
+    kind = str(target.kind)
+    while not d.closed:
+        records = await history.history(
+            after,
+            until=cut,
+            device=target.value if kind == "device" else None,
+            protocol=target.value if kind == "protocol" else None,
+            limit=500,
+        )
+        if not records:
+            break
+        for rec in records:
+            await d.room()
+            d.append_telemetry(rec.offset, dumps(telemetry_message(rec)))
+        after = records[-1].offset
+    return max(after, cut)
