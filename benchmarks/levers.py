@@ -43,7 +43,7 @@ def lever_b() -> None:
 
 def lever_f() -> None:
     """Wait ``BENCH_FLUSH_MS`` after a wake-up, so that one frame carries more."""
-    import gateway.app
+    import gateway.web.ws
 
     delay = float(os.environ.get("BENCH_FLUSH_MS", "2")) / 1000
 
@@ -69,7 +69,7 @@ def lever_f() -> None:
         except (ConnectionError, RuntimeError):
             return
 
-    gateway.app._writer = writer
+    gateway.web.ws._writer = writer  # type: ignore[assignment]
 
 
 def main() -> int:

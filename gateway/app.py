@@ -1,65 +1,40 @@
-"""The aiohttp skin over the hub: WebSocket, HTTP API, metrics, the page (docs/api.md).
+"""The composition root's wiring: storage, hub, devices and the web skin of one gateway.
 
-Handlers only translate between HTTP/WebSocket and the routing core. Each
-dashboard gets a writer task that drains its own queue at the pace of its
-socket; the hub never awaits a socket.
+``build_runtime`` wires the parts (nothing starts); ``create_app`` makes the
+aiohttp application whose lifecycle starts and stops them in order. This and
+the CLI are the only modules that import every layer (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
 from devices import DeviceManager, DeviceServer, SerialLink
 
-from .auth import TokenTable, bearer, origin_allowed
+from .auth import TokenTable
 from .config import GatewayConfig
-from .connections import HttpConnectionCap
-from .hub import (
-    ClientError,
-    Dashboard,
-    ErrorCode,
-    Hub,
-    LocalEngine,
-    Refused,
-    Role,
-    dumps,
-    error_message,
-    parse_command,
-    telemetry_message,
-)
-from .metrics import CONTENT_TYPE, Metrics, counter, counters, gauge
+from .hub import Hub, LocalEngine
+from .metrics import Metrics, counter, counters, gauge
 from .storage import RetentionPolicy, SQLiteStorage, Storage
-
-log = logging.getLogger(__name__)
+from .web import WEB, WebContext, add_routes
+from .web.connections import HttpConnectionCap
 
 
 @dataclass(slots=True)
-class Runtime:
-    """Everything one running gateway holds (in the app, under ``RUNTIME``)."""
+class Runtime(WebContext):
+    """Everything one running gateway holds: what the web skin sees, plus devices and storage."""
 
-    config: GatewayConfig
-    tokens: TokenTable
-    metrics: Metrics
-    storage: Storage
-    hub: Hub
-    manager: DeviceManager
-    device_server: DeviceServer
-    http: HttpConnectionCap
-    serial_links: list[SerialLink] = field(default_factory=list)
-    sockets: set[web.WebSocketResponse] = field(default_factory=set)
-    accepting: bool = True
+    storage: Storage = field(kw_only=True)
+    manager: DeviceManager = field(kw_only=True)
+    device_server: DeviceServer = field(kw_only=True)
+    serial_links: list[SerialLink] = field(default_factory=list, kw_only=True)
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
@@ -88,7 +63,16 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
     )
     http = HttpConnectionCap(config.http.max_connections)
     http.on_refused = metrics.refused.labels("http_connections").inc
-    rt = Runtime(config, tokens, metrics, storage, hub, manager, server, http)
+    rt = Runtime(
+        config,
+        tokens,
+        metrics,
+        hub,
+        http,
+        storage=storage,
+        manager=manager,
+        device_server=server,
+    )
     metrics.add_snapshot(lambda: _link_metrics(rt))
     return rt
 
@@ -167,272 +151,6 @@ def _link_metrics(rt: Runtime) -> list[Any]:
     return out
 
 
-# ---- auth helpers ----------------------------------------------------------------------------
-
-
-def _presented_token(request: web.Request) -> str | None:
-    return bearer(request.headers.get("Authorization")) or request.query.get("token")
-
-
-def _require(request: web.Request, role: Role | None = None) -> Role:
-    rt = request.app[RUNTIME]
-    granted = rt.tokens.role_of(_presented_token(request))
-    if granted is None:
-        raise web.HTTPUnauthorized(
-            text=dumps({"code": "unauthorized", "message": "missing or wrong token"}),
-            content_type="application/json",
-            headers={"WWW-Authenticate": 'Bearer realm="iot-gateway"'},
-        )
-    if role is Role.OPERATOR and granted is not Role.OPERATOR:
-        raise _http_error(web.HTTPForbidden, ErrorCode.FORBIDDEN, "this needs an operator token")
-    return granted
-
-
-def _http_error(
-    cls: type[web.HTTPException], code: ErrorCode | str, message: str
-) -> web.HTTPException:
-    return cls(text=dumps({"code": str(code), "message": message}), content_type="application/json")
-
-
-# ---- WebSocket -------------------------------------------------------------------------------
-
-
-async def ws_handler(request: web.Request) -> web.StreamResponse:
-    """``GET /ws``: a dashboard's WebSocket (docs/api.md §3)."""
-    rt = request.app[RUNTIME]
-    role = _require(request)
-    if not origin_allowed(
-        request.headers.get("Origin"),
-        request.host,
-        request.scheme,
-        rt.config.auth.allowed_origins,
-    ):
-        rt.metrics.refused.labels("origin").inc()
-        raise _http_error(web.HTTPForbidden, ErrorCode.FORBIDDEN, "Origin not allowed")
-    if not rt.accepting:
-        raise _http_error(web.HTTPServiceUnavailable, "shutting_down", "the gateway is stopping")
-    session = str(uuid.uuid4())
-    try:
-        dashboard = rt.hub.connect_dashboard(role, session)
-    except Refused as e:
-        raise _http_error(web.HTTPServiceUnavailable, "too_many_dashboards", str(e)) from None
-    cfg = rt.config.dashboards
-    ws = web.WebSocketResponse(
-        compress=cfg.compression,
-        max_msg_size=cfg.max_message,
-        heartbeat=30.0,
-    )
-    try:
-        await ws.prepare(request)
-    except BaseException:
-        rt.hub.disconnect_dashboard(dashboard)
-        raise
-    rt.sockets.add(ws)
-    dashboard.push_control(dumps({"op": "welcome", "session": session, "role": str(role)}))
-    writer = asyncio.create_task(
-        _writer(rt, ws, dashboard, request), name=f"ws writer {dashboard.id}"
-    )
-    try:
-        async for msg in ws:
-            if msg.type is WSMsgType.TEXT:
-                await _on_text(rt, dashboard, msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                dashboard.push_control(
-                    dumps(error_message(None, ErrorCode.BAD_REQUEST, "send JSON in text frames"))
-                )
-            elif msg.type is WSMsgType.ERROR:
-                log.debug("dashboard %d: %s", dashboard.id, ws.exception())
-    finally:
-        rt.hub.disconnect_dashboard(dashboard)
-        rt.sockets.discard(ws)
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
-    return ws
-
-
-async def _on_text(rt: Runtime, dashboard: Dashboard, text: str) -> None:
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        dashboard.push_control(dumps(error_message(None, ErrorCode.BAD_REQUEST, "not valid JSON")))
-        return
-    await rt.hub.handle(dashboard, obj)
-
-
-async def _writer(
-    rt: Runtime, ws: web.WebSocketResponse, dashboard: Dashboard, request: web.Request
-) -> None:
-    """Send the dashboard's queue, batching objects into newline-separated frames."""
-    cfg = rt.config.dashboards
-    try:
-        while True:
-            await dashboard.wait()
-            items = dashboard.take(cfg.batch_max_items)
-            if not items:
-                if dashboard.closed:
-                    return
-                continue
-            received = dashboard.batch_received
-            try:
-                # asyncio.timeout, not wait_for: wait_for made a task per frame sent.
-                async with asyncio.timeout(cfg.drain_timeout):
-                    await ws.send_str("\n".join(items))
-                if received:
-                    # Once per frame, for its oldest telemetry: the worst case in it.
-                    loop_now = asyncio.get_running_loop().time()
-                    rt.metrics.send_latency.observe(loop_now - received)
-            except TimeoutError:
-                rt.metrics.slow_dashboards_closed.inc()
-                log.warning(
-                    "closing dashboard %d: its socket did not drain for %g s",
-                    dashboard.id,
-                    cfg.drain_timeout,
-                )
-                if request.transport is not None:
-                    request.transport.abort()
-                return
-    except (ConnectionError, RuntimeError):
-        return  # the socket closed under us; the reader loop cleans up
-
-
-# ---- HTTP API --------------------------------------------------------------------------------
-
-
-async def list_devices(request: web.Request) -> web.Response:
-    """``GET /api/devices``."""
-    _require(request)
-    return web.json_response({"devices": request.app[RUNTIME].hub.devices_listing()}, dumps=dumps)
-
-
-async def get_device(request: web.Request) -> web.Response:
-    """``GET /api/devices/{id}``."""
-    _require(request)
-    state = request.app[RUNTIME].hub.registry.get(request.match_info["id"])
-    if state is None:
-        raise _http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
-    return web.json_response(state.listing(), dumps=dumps)
-
-
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _http_error(
-            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, f"{name} must be an integer"
-        ) from None
-    if not low <= value <= high:
-        raise _http_error(
-            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, f"{name} must be in {low}..{high}"
-        )
-    return value
-
-
-async def device_telemetry(request: web.Request) -> web.Response:
-    """``GET /api/devices/{id}/telemetry?since=OFFSET&limit=N``, oldest first."""
-    _require(request)
-    rt = request.app[RUNTIME]
-    device = request.match_info["id"]
-    if device not in rt.hub.registry:
-        raise _http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
-    since = _int_param(request, "since", 0, -1, 2**63 - 1)
-    limit = _int_param(request, "limit", 100, 1, 1000)
-    records = await rt.hub.history(device, since, limit)
-    return web.json_response(
-        {"device": device, "telemetry": [telemetry_message(r) for r in records]}, dumps=dumps
-    )
-
-
-async def post_command(request: web.Request) -> web.Response:
-    """``POST /api/devices/{id}/commands`` with ``{"command": {...}}`` -> 202 + first status."""
-    _require(request, Role.OPERATOR)
-    rt = request.app[RUNTIME]
-    limit = rt.config.dashboards.max_message
-    too_large = web.HTTPRequestEntityTooLarge(
-        max_size=limit,
-        actual_size=request.content_length or limit + 1,
-        text=dumps({"code": str(ErrorCode.TOO_LARGE), "message": f"body over {limit} bytes"}),
-        content_type="application/json",
-    )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    wait = rt.config.http.idle_timeout
-    try:
-        # A body that never arrives would hold the connection busy for ever.
-        async with asyncio.timeout(wait):
-            body = await request.json()
-    except TimeoutError:
-        raise _http_error(
-            web.HTTPRequestTimeout, "timeout", f"request body not received within {wait:g} s"
-        ) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large from None  # a chunked body that grew past client_max_size
-    except ValueError:
-        raise _http_error(web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "body is not JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("command"), dict):
-        raise _http_error(
-            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, 'body must be {"command": {...}}'
-        )
-    statuses: list[dict[str, Any]] = []
-    msg = {"id": body.get("id"), "device": request.match_info["id"], "command": body["command"]}
-    try:
-        await rt.hub.submit_command(parse_command(msg), statuses.append)
-    except ClientError as e:
-        raise _http_error(web.HTTPBadRequest, e.code, e.message) from None
-    first = statuses[0]
-    if first["status"] == "rejected":
-        status = 404 if request.match_info["id"] not in rt.hub.registry else 400
-        return web.json_response(first, status=status, dumps=dumps)
-    return web.json_response(first, status=202, dumps=dumps)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: no token; says whether the gateway is up."""
-    rt = request.app[RUNTIME]
-    return web.json_response(
-        {
-            "status": "ok" if rt.accepting else "stopping",
-            "devices_online": rt.hub.online_count(),
-            "dashboards": len(rt.hub.dashboards),
-        }
-    )
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: Prometheus text format."""
-    rt = request.app[RUNTIME]
-    return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def _static_dir() -> Path:
-    return Path(str(resources.files("gateway") / "static"))
-
-
-PAGE_HEADERS = {
-    # Revalidate page files so an upgraded gateway never mixes old and new modules.
-    "Cache-Control": "no-cache",
-    # The page loads nothing from elsewhere; say so, so an injected script cannot.
-    "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' data:; connect-src 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-}
-
-
-async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path == "/" or request.path.startswith("/static/"):
-        response.headers.update(PAGE_HEADERS)
-
-
-async def index(request: web.Request) -> web.StreamResponse:
-    """``GET /``: the dashboard page (it asks for the token itself)."""
-    return web.FileResponse(_static_dir() / "index.html")
-
-
 # ---- app -------------------------------------------------------------------------------------
 
 
@@ -497,18 +215,8 @@ def create_app(config: GatewayConfig, tokens: TokenTable) -> web.Application:
         client_max_size=config.dashboards.max_message, middlewares=[rt.http.middleware]
     )
     app[RUNTIME] = rt
+    app[WEB] = rt
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
-    app.on_response_prepare.append(_page_headers)
-    app.router.add_get("/ws", ws_handler)
-    app.router.add_get("/api/devices", list_devices)
-    app.router.add_get("/api/devices/{id}", get_device)
-    app.router.add_get("/api/devices/{id}/telemetry", device_telemetry)
-    app.router.add_post("/api/devices/{id}/commands", post_command)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/", index)
-    static = _static_dir()
-    if static.is_dir():
-        app.router.add_static("/static/", static, name="static")
+    add_routes(app)
     return app

@@ -1,4 +1,6 @@
-"""The ``iot-gateway`` command line (docs/configuration.md, Command-line flags): ``serve`` and ``simulate``.
+"""The ``iot-gateway`` command line: ``serve`` and ``simulate``.
+
+The flags are documented in docs/configuration.md, Command-line flags.
 
 argparse and tomllib from the standard library are enough here; flags override
 the config file, and secrets may come from the environment.
@@ -24,8 +26,8 @@ from devices import SerialPortConfig
 from .app import RUNTIME, create_app
 from .auth import TokenTable, generate_token
 from .config import ConfigError, GatewayConfig, build_config, load_file
-from .connections import CappedSite, fit_to_fd_limit, raise_fd_limit
 from .storage import StorageError
+from .web.connections import CappedSite, fit_to_fd_limit, raise_fd_limit
 
 log = logging.getLogger("gateway")
 

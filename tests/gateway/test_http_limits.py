@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from gateway.app import RUNTIME, create_app
 from gateway.auth import TokenTable
 from gateway.config import GatewayConfig, build_config
-from gateway.connections import (
+from gateway.web.connections import (
     RESERVED_FDS,
     CappedSite,
     HttpConnectionCap,

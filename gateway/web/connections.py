@@ -31,7 +31,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
 
-    from .config import GatewayConfig
+    from ..config import GatewayConfig
 
 log = logging.getLogger(__name__)
 

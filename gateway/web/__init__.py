@@ -1,0 +1,35 @@
+"""The aiohttp skin over the hub (docs/architecture.md): WebSocket, HTTP API, the page.
+
+Handlers only translate between HTTP/WebSocket and the routing core. What
+leans on aiohttp's internals (connection caps) is in ``connections`` alone.
+``add_routes`` mounts every handler on an application whose ``WEB`` key holds
+a ``WebContext``; the composition root (``gateway.app``) builds both.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import rest
+from .context import WEB, WebContext
+from .page import index, page_headers, static_dir
+from .ws import ws_handler
+
+
+def add_routes(app: web.Application) -> None:
+    """Mount the WebSocket, the HTTP API, health, metrics and the page."""
+    app.on_response_prepare.append(page_headers)
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/api/devices", rest.list_devices)
+    app.router.add_get("/api/devices/{id}", rest.get_device)
+    app.router.add_get("/api/devices/{id}/telemetry", rest.device_telemetry)
+    app.router.add_post("/api/devices/{id}/commands", rest.post_command)
+    app.router.add_get("/healthz", rest.healthz)
+    app.router.add_get("/metrics", rest.metrics)
+    app.router.add_get("/", index)
+    static = static_dir()
+    if static.is_dir():
+        app.router.add_static("/static/", static, name="static")
+
+
+__all__ = ["WEB", "WebContext", "add_routes"]

@@ -1,0 +1,34 @@
+"""What the web handlers may reach of a running gateway, under one typed app key.
+
+The handlers see the hub, tokens, metrics, config and the connection cap,
+never the device side or the storage engine: those are wired by the
+composition root (``gateway.app``), whose ``Runtime`` extends this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ..auth import TokenTable
+from ..config import GatewayConfig
+from ..hub import Hub
+from ..metrics import Metrics
+from .connections import HttpConnectionCap
+
+
+@dataclass(slots=True)
+class WebContext:
+    """The routing core and the settings the HTTP and WebSocket handlers use."""
+
+    config: GatewayConfig
+    tokens: TokenTable
+    metrics: Metrics
+    hub: Hub
+    http: HttpConnectionCap
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    accepting: bool = True
+
+
+WEB: web.AppKey[WebContext] = web.AppKey("web", WebContext)

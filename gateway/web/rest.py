@@ -1,0 +1,127 @@
+"""The HTTP API (docs/api.md §4): devices, telemetry history, commands, health, metrics.
+
+Handlers check the token, translate the request into a hub call, and the
+result into JSON; no routing rule lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ..hub import ClientError, ErrorCode, Role, dumps, parse_command, telemetry_message
+from ..metrics import CONTENT_TYPE
+from .context import WEB
+from .errors import http_error, require
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    """``GET /api/devices``."""
+    require(request)
+    return web.json_response({"devices": request.app[WEB].hub.devices_listing()}, dumps=dumps)
+
+
+async def get_device(request: web.Request) -> web.Response:
+    """``GET /api/devices/{id}``."""
+    require(request)
+    state = request.app[WEB].hub.registry.get(request.match_info["id"])
+    if state is None:
+        raise http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
+    return web.json_response(state.listing(), dumps=dumps)
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise http_error(
+            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, f"{name} must be an integer"
+        ) from None
+    if not low <= value <= high:
+        raise http_error(
+            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, f"{name} must be in {low}..{high}"
+        )
+    return value
+
+
+async def device_telemetry(request: web.Request) -> web.Response:
+    """``GET /api/devices/{id}/telemetry?since=OFFSET&limit=N``, oldest first."""
+    require(request)
+    hub = request.app[WEB].hub
+    device = request.match_info["id"]
+    if device not in hub.registry:
+        raise http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
+    since = _int_param(request, "since", 0, -1, 2**63 - 1)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    records = await hub.history(device, since, limit)
+    return web.json_response(
+        {"device": device, "telemetry": [telemetry_message(r) for r in records]}, dumps=dumps
+    )
+
+
+async def post_command(request: web.Request) -> web.Response:
+    """``POST /api/devices/{id}/commands`` with ``{"command": {...}}`` -> 202 + first status."""
+    require(request, Role.OPERATOR)
+    ctx = request.app[WEB]
+    limit = ctx.config.dashboards.max_message
+    too_large = web.HTTPRequestEntityTooLarge(
+        max_size=limit,
+        actual_size=request.content_length or limit + 1,
+        text=dumps({"code": str(ErrorCode.TOO_LARGE), "message": f"body over {limit} bytes"}),
+        content_type="application/json",
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    wait = ctx.config.http.idle_timeout
+    try:
+        # A body that never arrives would hold the connection busy for ever.
+        async with asyncio.timeout(wait):
+            body = await request.json()
+    except TimeoutError:
+        raise http_error(
+            web.HTTPRequestTimeout, "timeout", f"request body not received within {wait:g} s"
+        ) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None  # a chunked body that grew past client_max_size
+    except ValueError:
+        raise http_error(web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "body is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("command"), dict):
+        raise http_error(
+            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, 'body must be {"command": {...}}'
+        )
+    statuses: list[dict[str, Any]] = []
+    device = request.match_info["id"]
+    msg = {"id": body.get("id"), "device": device, "command": body["command"]}
+    try:
+        await ctx.hub.submit_command(parse_command(msg), statuses.append)
+    except ClientError as e:
+        raise http_error(web.HTTPBadRequest, e.code, e.message) from None
+    first = statuses[0]
+    if first["status"] == "rejected":
+        status = 404 if device not in ctx.hub.registry else 400
+        return web.json_response(first, status=status, dumps=dumps)
+    return web.json_response(first, status=202, dumps=dumps)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: no token; says whether the gateway is up."""
+    ctx = request.app[WEB]
+    return web.json_response(
+        {
+            "status": "ok" if ctx.accepting else "stopping",
+            "devices_online": ctx.hub.online_count(),
+            "dashboards": len(ctx.hub.dashboards),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format."""
+    return web.Response(
+        body=request.app[WEB].metrics.render(), headers={"Content-Type": CONTENT_TYPE}
+    )

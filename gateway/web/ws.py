@@ -1,0 +1,122 @@
+"""``GET /ws``: a dashboard's WebSocket (docs/api.md §3), a thin skin over the hub.
+
+The reader hands each JSON request to the hub; a writer task per dashboard
+drains the dashboard's own queue at the pace of its socket, batching objects
+into newline-separated frames. The hub never awaits a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+
+from aiohttp import WSMsgType, web
+
+from ..auth import origin_allowed
+from ..hub import Dashboard, ErrorCode, Refused, dumps, error_message
+from .context import WEB, WebContext
+from .errors import http_error, require
+
+log = logging.getLogger(__name__)
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    """``GET /ws``: authenticate, check the Origin, then serve one dashboard."""
+    ctx = request.app[WEB]
+    role = require(request)
+    if not origin_allowed(
+        request.headers.get("Origin"),
+        request.host,
+        request.scheme,
+        ctx.config.auth.allowed_origins,
+    ):
+        ctx.metrics.refused.labels("origin").inc()
+        raise http_error(web.HTTPForbidden, ErrorCode.FORBIDDEN, "Origin not allowed")
+    if not ctx.accepting:
+        raise http_error(web.HTTPServiceUnavailable, "shutting_down", "the gateway is stopping")
+    session = str(uuid.uuid4())
+    try:
+        dashboard = ctx.hub.connect_dashboard(role, session)
+    except Refused as e:
+        raise http_error(web.HTTPServiceUnavailable, "too_many_dashboards", str(e)) from None
+    cfg = ctx.config.dashboards
+    ws = web.WebSocketResponse(
+        compress=cfg.compression,
+        max_msg_size=cfg.max_message,
+        heartbeat=30.0,
+    )
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        ctx.hub.disconnect_dashboard(dashboard)
+        raise
+    ctx.sockets.add(ws)
+    dashboard.push_control(dumps({"op": "welcome", "session": session, "role": str(role)}))
+    writer = asyncio.create_task(
+        _writer(ctx, ws, dashboard, request), name=f"ws writer {dashboard.id}"
+    )
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await _on_text(ctx, dashboard, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                dashboard.push_control(
+                    dumps(error_message(None, ErrorCode.BAD_REQUEST, "send JSON in text frames"))
+                )
+            elif msg.type is WSMsgType.ERROR:
+                log.debug("dashboard %d: %s", dashboard.id, ws.exception())
+    finally:
+        ctx.hub.disconnect_dashboard(dashboard)
+        ctx.sockets.discard(ws)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+    return ws
+
+
+async def _on_text(ctx: WebContext, dashboard: Dashboard, text: str) -> None:
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        dashboard.push_control(dumps(error_message(None, ErrorCode.BAD_REQUEST, "not valid JSON")))
+        return
+    await ctx.hub.handle(dashboard, obj)
+
+
+async def _writer(
+    ctx: WebContext, ws: web.WebSocketResponse, dashboard: Dashboard, request: web.Request
+) -> None:
+    """Send the dashboard's queue, batching objects into newline-separated frames."""
+    cfg = ctx.config.dashboards
+    try:
+        while True:
+            await dashboard.wait()
+            items = dashboard.take(cfg.batch_max_items)
+            if not items:
+                if dashboard.closed:
+                    return
+                continue
+            received = dashboard.batch_received
+            try:
+                # asyncio.timeout, not wait_for: wait_for made a task per frame sent.
+                async with asyncio.timeout(cfg.drain_timeout):
+                    await ws.send_str("\n".join(items))
+                if received:
+                    # Once per frame, for its oldest telemetry: the worst case in it.
+                    loop_now = asyncio.get_running_loop().time()
+                    ctx.metrics.send_latency.observe(loop_now - received)
+            except TimeoutError:
+                ctx.metrics.slow_dashboards_closed.inc()
+                log.warning(
+                    "closing dashboard %d: its socket did not drain for %g s",
+                    dashboard.id,
+                    cfg.drain_timeout,
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return
+    except (ConnectionError, RuntimeError):
+        return  # the socket closed under us; the reader loop cleans up
