@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.codec import machine
-from gateway.storage import _INSERT_TELEMETRY_BATCH
+from gateway.storage.schema import _INSERT_TELEMETRY_BATCH
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _INSERT_ONE = (

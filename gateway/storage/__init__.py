@@ -1,0 +1,70 @@
+"""Durable state of the hub: telemetry history, the gateway-wide offset, the offline
+command queue and the device registry (docs/api.md §3-4).
+
+It exists so that the hub can say "nothing is lost across a restart" without ever
+waiting on a disk from the event loop. The hub codes against the small `Storage`
+protocol; `SQLiteStorage` is the default engine and `MemoryStorage` its in-memory
+twin for routing-core tests.
+
+How `SQLiteStorage` keeps SQLite off the event loop:
+
+* One writer thread owns the only write connection. `append_telemetry` and
+  `upsert_device` only put a row on its queue; the thread commits what has
+  gathered every `batch_interval` seconds or `batch_rows` rows, whichever comes
+  first. Calls that must be durable before they return (`enqueue_command`,
+  `remove_command`, `expire_commands`) and `flush` barriers ride the same queue,
+  so they are ordered with the telemetry before them, and they cut the batch
+  window short.
+* Reads run on a small pool of reader threads, each with its own read-only
+  connection. The database is in WAL mode, so readers never block the writer
+  and always see the last committed batch.
+
+What a kill -9 can lose (docs/deployment.md, "What a crash can lose"): the
+telemetry rows and device upserts appended but not yet committed (at most one
+batch window, 20 ms by default, plus any backlog the writer had not caught up
+with; `stats.pending` counts them). Never a command whose `enqueue_command`
+returned, and never an offset: offsets handed out before the crash are all
+below the next process's first offset.
+
+The parts, one job each (importers use this package, never the parts):
+
+* `records`: the values that cross the seam (records, retention, stats, errors);
+* `base`: the `Storage` protocol, the seam itself;
+* `schema`: the SQLite file layout, its version, and the SQL statements;
+* `writer`: the write queue and the writer thread (batching, commits, offset
+  leases, retention);
+* `readers`: the reader threads and the queries;
+* `sqlite`: `SQLiteStorage`, the engine assembled from the two halves above;
+* `memory`: `MemoryStorage`.
+
+The package imports nothing from the gateway around it (no aiohttp, no hub): only
+the standard library and `frames.errors` for the error base.
+"""
+
+from __future__ import annotations
+
+from .base import Storage
+from .memory import MemoryStorage
+from .records import (
+    DeviceRecord,
+    QueuedCommand,
+    RetentionPolicy,
+    StorageClosedError,
+    StorageError,
+    StorageStats,
+    TelemetryRecord,
+)
+from .sqlite import SQLiteStorage
+
+__all__ = [
+    "DeviceRecord",
+    "MemoryStorage",
+    "QueuedCommand",
+    "RetentionPolicy",
+    "SQLiteStorage",
+    "Storage",
+    "StorageClosedError",
+    "StorageError",
+    "StorageStats",
+    "TelemetryRecord",
+]

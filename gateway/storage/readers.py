@@ -1,0 +1,151 @@
+"""The read half of `SQLiteStorage`: a small pool of reader threads and the queries.
+
+It has its own module because reads never touch the writer's queue: each reader
+thread has its own read-only connection, and WAL mode lets it see the last
+committed batch without ever blocking the writer or the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .records import DeviceRecord, QueuedCommand, StorageClosedError, StorageError, TelemetryRecord
+from .schema import (
+    _BUSY_TIMEOUT_MS,
+    _COMMAND_COLUMNS,
+    _TELEMETRY_COLUMNS,
+    _row_to_command,
+    _row_to_telemetry,
+)
+
+_READER_THREADS = 4
+
+_T = TypeVar("_T")
+
+
+class SQLiteReaders:
+    """The reader half of `SQLiteStorage` (sqlite.py), which sets up the state below.
+
+    Not an engine on its own: `SQLiteStorage.open()` starts the pool, `close()`
+    shuts it down and closes the connections in `_read_conns`.
+    """
+
+    path: Path
+    _state: str
+    _readers: ThreadPoolExecutor | None
+    _local: threading.local
+    _read_conns: list[sqlite3.Connection]
+    _read_lock: threading.Lock
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        if self._state != "open" or self._readers is None:
+            raise StorageClosedError(f"{self.path}: {what}() on a storage that is {self._state}")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        # Runs in a reader thread, with that thread's own connection.
+        try:
+            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+            if conn is None:
+                # check_same_thread=False only so that close() can close it.
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                with self._read_lock:
+                    self._read_conns.append(conn)
+                self._local.conn = conn
+                conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA query_only = ON")  # a reader never writes by mistake
+            # isolation_level=None: each statement is its own read transaction
+            # over the latest commit, and fetchall() ends it at once, so a
+            # reader never pins an old WAL snapshot.
+            return fn(conn)
+        except sqlite3.Error as e:
+            raise StorageError(f"{self.path}: read failed: {e}") from e
+
+    async def telemetry_since(
+        self,
+        since: int,
+        *,
+        until: int | None = None,
+        device: str | None = None,
+        protocol: str | None = None,
+        limit: int = 1000,
+    ) -> list[TelemetryRecord]:
+        """Committed records with `since < offset <= until`, oldest first, at most `limit`."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        where = ['"offset" > ?']
+        params: list[Any] = [since]
+        if until is not None:
+            where.append('"offset" <= ?')
+            params.append(until)
+        if device is not None:
+            where.append("device = ?")
+            params.append(device)
+        if protocol is not None:
+            where.append("protocol = ?")
+            params.append(protocol)
+        params.append(limit)
+        sql = (
+            f"SELECT {_TELEMETRY_COLUMNS} FROM telemetry WHERE {' AND '.join(where)}"
+            ' ORDER BY "offset" LIMIT ?'
+        )
+
+        def query(conn: sqlite3.Connection) -> list[TelemetryRecord]:
+            return [_row_to_telemetry(row) for row in conn.execute(sql, params).fetchall()]
+
+        return await self._read(query, "telemetry_since")
+
+    async def latest_telemetry(self) -> dict[str, TelemetryRecord]:
+        """The newest committed record of each device, by device."""
+        # A skip-scan over the (device, offset) index: one seek per device instead
+        # of reading every row, which GROUP BY device would do.
+        sql = f"""
+            WITH RECURSIVE d(device) AS (
+                SELECT MIN(device) FROM telemetry
+                UNION ALL
+                SELECT (SELECT MIN(device) FROM telemetry WHERE device > d.device)
+                FROM d WHERE d.device IS NOT NULL
+            )
+            SELECT {_TELEMETRY_COLUMNS} FROM telemetry WHERE "offset" IN (
+                SELECT (SELECT MAX("offset") FROM telemetry t WHERE t.device = d.device)
+                FROM d WHERE d.device IS NOT NULL
+            )
+        """
+
+        def query(conn: sqlite3.Connection) -> dict[str, TelemetryRecord]:
+            records = (_row_to_telemetry(row) for row in conn.execute(sql).fetchall())
+            return {record.device: record for record in records}
+
+        return await self._read(query, "latest_telemetry")
+
+    async def pending_commands(self, device: str, now_ms: int) -> list[QueuedCommand]:
+        """The device's commands not yet expired at `now_ms`, oldest first."""
+        sql = (
+            f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE device = ? AND expires_ms > ?"
+            " ORDER BY key"
+        )
+
+        def query(conn: sqlite3.Connection) -> list[QueuedCommand]:
+            rows = conn.execute(sql, (device, now_ms)).fetchall()
+            return [_row_to_command(row) for row in rows]
+
+        return await self._read(query, "pending_commands")
+
+    async def devices(self) -> list[DeviceRecord]:
+        """Every device ever seen (committed upserts), by name."""
+        sql = (
+            "SELECT device, protocol, transport, first_seen_ms, last_seen_ms FROM devices"
+            " ORDER BY device"
+        )
+
+        def query(conn: sqlite3.Connection) -> list[DeviceRecord]:
+            return [DeviceRecord(*row) for row in conn.execute(sql).fetchall()]
+
+        return await self._read(query, "devices")

@@ -1,0 +1,182 @@
+"""The SQLite file (gateway/storage/schema.py): its layout, its version, and that a
+data dir written by an earlier gateway still opens.
+
+`V1_SCHEMA` is version 1 of the file, frozen. A change to the schema must bump
+`_SCHEMA_VERSION` and migrate: then add the new version beside this one, keep
+the version-1 test opening a version-1 file, and point the layout test at the
+new version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.storage import (
+    DeviceRecord,
+    QueuedCommand,
+    SQLiteStorage,
+    StorageError,
+    TelemetryRecord,
+)
+from tests.gateway import storage_support
+from tests.gateway.storage_support import NOW_MS, OpenSQLite, append, command, raw_rows
+
+# Fixtures shared by the storage test files: pytest finds them by these names.
+db_path = storage_support.db_path
+open_sqlite = storage_support.open_sqlite
+
+# Never edit: this is what every version-1 data dir holds.
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- "offset" is the rowid: that is the (offset) index, for free.
+CREATE TABLE IF NOT EXISTS telemetry (
+    "offset" INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device, "offset");
+CREATE INDEX IF NOT EXISTS telemetry_protocol ON telemetry (protocol, "offset");
+-- For the age rule of retention, so pruning never scans the whole table.
+CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
+
+-- AUTOINCREMENT so that a key is never reused, even after the newest row is removed.
+CREATE TABLE IF NOT EXISTS commands (
+    key INTEGER PRIMARY KEY AUTOINCREMENT,
+    command_id TEXT,
+    device TEXT NOT NULL,
+    command TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_device ON commands (device, key);
+CREATE INDEX IF NOT EXISTS commands_expires ON commands (expires_ms);
+
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    protocol TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+V1_RESERVED = 5000  # meta.offset_reserved: the next process starts above it
+V1_TELEMETRY = [
+    TelemetryRecord(10, "a", "env-sensor", NOW_MS, 1, {"temperature_c": 21.5}),
+    TelemetryRecord(11, "b", "relay-4", NOW_MS + 1, 2, {"channels": [True, False]}),
+    TelemetryRecord(4000, "a", "env-sensor", NOW_MS + 2, 3, {"name": "caf\u00e9 \u2603"}),
+]
+V1_COMMAND = QueuedCommand(7, "c-1", "b", {"name": "set", "on": True}, b"\x02\x01", NOW_MS, 2**62)
+V1_DEVICES = [
+    DeviceRecord("a", "env-sensor", "tcp", NOW_MS - 100, NOW_MS + 2),
+    DeviceRecord("b", "relay-4", "serial", NOW_MS - 50, NOW_MS + 1),
+]
+
+
+def write_v1_data_dir(path: Path) -> None:
+    """A data dir as a version-1 gateway leaves it, written with plain sqlite3."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(V1_SCHEMA)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('offset_reserved', ?)", (V1_RESERVED,))
+        for r in V1_TELEMETRY:
+            conn.execute(
+                'INSERT INTO telemetry ("offset", device, protocol, ts, seq, data)'
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (r.offset, r.device, r.protocol, r.ts, r.seq, json.dumps(r.data)),
+            )
+        c = V1_COMMAND
+        conn.execute(
+            "INSERT INTO commands (key, command_id, device, command, body, created_ms, expires_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                c.key,
+                c.command_id,
+                c.device,
+                json.dumps(c.command),
+                c.body,
+                c.created_ms,
+                c.expires_ms,
+            ),
+        )
+        for d in V1_DEVICES:
+            conn.execute(
+                "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
+                (d.device, d.protocol, d.transport, d.first_seen_ms, d.last_seen_ms),
+            )
+    finally:
+        conn.close()
+
+
+def layout(path: Path) -> list[tuple[Any, ...]]:
+    """Tables and indexes with their SQL (whitespace folded), and the schema version."""
+    rows = raw_rows(path, "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
+    folded = [(*row[:3], re.sub(r"\s+", " ", row[3] or "")) for row in rows]
+    return [*folded, *raw_rows(path, "PRAGMA user_version")]
+
+
+async def test_storage_file_layout_uses_wal(open_sqlite: OpenSQLite, db_path: Path) -> None:
+    storage = await open_sqlite()
+    append(storage)
+    await storage.close()
+    assert raw_rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+    indexes = {name for (name,) in raw_rows(db_path, "SELECT name FROM sqlite_master")}
+    assert {"telemetry_device", "telemetry_protocol", "commands_device"} <= indexes
+
+
+async def test_a_version_1_data_dir_opens(open_sqlite: OpenSQLite, db_path: Path) -> None:
+    write_v1_data_dir(db_path)
+    storage = await open_sqlite()
+    assert await storage.telemetry_since(0) == V1_TELEMETRY
+    assert await storage.latest_telemetry() == {"a": V1_TELEMETRY[2], "b": V1_TELEMETRY[1]}
+    assert await storage.pending_commands("b", NOW_MS) == [V1_COMMAND]
+    assert await storage.devices() == V1_DEVICES
+
+    # It goes on where the file left off: offsets above its reservation, new keys.
+    record = append(storage, "a")
+    assert record.offset > V1_RESERVED
+    queued = await storage.enqueue_command(command("b", NOW_MS, 60_000))
+    assert queued.key > V1_COMMAND.key
+    await storage.close()
+    assert raw_rows(db_path, "PRAGMA user_version") == [(1,)]
+    assert raw_rows(db_path, 'SELECT MAX("offset") FROM telemetry') == [(record.offset,)]
+
+
+async def test_a_data_dir_written_now_has_the_version_1_layout(
+    open_sqlite: OpenSQLite, db_path: Path, tmp_path: Path
+) -> None:
+    # Reopening what this code writes is test_close_flushes_everything and
+    # test_history_and_commands_survive_a_restart; this pins the layout, so a
+    # schema change cannot slip in without a new version.
+    storage = await open_sqlite()
+    append(storage)
+    await storage.close()
+    frozen = tmp_path / "frozen" / "v1.sqlite3"
+    write_v1_data_dir(frozen)
+    assert layout(db_path) == layout(frozen)
+
+
+async def test_a_newer_schema_version_is_refused(db_path: Path) -> None:
+    write_v1_data_dir(db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    with pytest.raises(StorageError, match=r"schema version 2, newer than this gateway's 1"):
+        await SQLiteStorage(db_path).open()
+    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]  # left as it was
