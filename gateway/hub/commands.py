@@ -20,9 +20,9 @@ from devices import CommandHandle, CommandResult, CommandStatus, DeviceNotOnline
 from frames import CommandError, get_protocol
 
 from ..metrics import Metrics
-from ..storage import QueuedCommand
 from .engine import Engine, StatusCallback
 from .messages import ClientError, CommandRequest, ErrorCode, command_status, now_ms
+from .records import QueuedCommand
 from .registry import Registry
 
 log = logging.getLogger(__name__)

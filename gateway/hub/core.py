@@ -25,7 +25,6 @@ from devices import (
 from frames.ratelimit import TokenBucket
 
 from ..metrics import Metrics
-from ..storage import TelemetryRecord
 from .commands import CommandRouter, CommandSettings, DeviceLinks
 from .dashboard import Dashboard, Refused, Role
 from .engine import Engine, Presence, StatusCallback
@@ -44,6 +43,7 @@ from .messages import (
     request_id_of,
     telemetry_text,
 )
+from .records import TelemetryRecord
 from .registry import DeviceState, Registry
 from .replay import replay
 from .subscriptions import SubscriptionIndex

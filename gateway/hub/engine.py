@@ -8,7 +8,7 @@ which nodes are alive. The hub calls an ``Engine``; the engine calls back the
 hub's ``EngineSink`` for whatever must reach this node's dashboards, its own
 devices' messages included, so a single node and a cluster route alike.
 
-``LocalEngine`` is the single node: a ``Storage`` (SQLite, or the in-memory
+``LocalEngine`` is the single node: a ``Store`` (SQLite, or the in-memory
 twin in tests) and in-process fan-out. A cluster engine (Redis Streams) fills
 the same seam; see docs/architecture.md.
 """
@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 from devices import CommandStatus, DeviceTelemetry
 
-from ..storage import DeviceRecord, QueuedCommand, Storage, TelemetryRecord
+from .records import DeviceRecord, QueuedCommand, TelemetryRecord
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,9 @@ class Engine(Protocol):
 
 
 class LocalEngine:
-    """The single node: one ``Storage`` and in-process delivery."""
+    """The single node: one ``Store`` and in-process delivery."""
 
-    def __init__(self, storage: Storage, node: str = "local") -> None:
+    def __init__(self, storage: Store, node: str = "local") -> None:
         self.storage = storage
         self._node = node
         self._sink: EngineSink | None = None

@@ -16,7 +16,7 @@ from typing import Any, Final
 from devices import CommandStatus
 from frames import valid_client_id, valid_protocol_name
 
-from ..storage import TelemetryRecord
+from .records import TelemetryRecord
 
 
 def now_ms() -> int:

@@ -12,8 +12,8 @@ from typing import Any
 
 from devices import DeviceInfo
 
-from ..storage import DeviceRecord, TelemetryRecord
 from .messages import telemetry_message
+from .records import DeviceRecord, TelemetryRecord
 
 
 @dataclass(slots=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from ..storage import TelemetryRecord
 from .messages import Target, dumps, telemetry_message
+from .records import TelemetryRecord
 
 # Rounds a replay may take to catch up with live traffic before it gives up
 # and sends a lagged notice instead.

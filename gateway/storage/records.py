@@ -1,17 +1,15 @@
-"""The values that cross the storage seam: records, the retention policy, the
-counters, and the errors.
-
-They have their own module because every engine and the hub share them, and
-they need nothing but the standard library (and the gateway-wide error base).
+"""What the storage engines share: the retention policy, the counters, the errors,
+and the hub's records they store (re-exported here for the engines' own use).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from frames.errors import FrameGatewayError
+
+from ..hub.records import DeviceRecord, QueuedCommand, TelemetryRecord
 
 
 class StorageError(FrameGatewayError):
@@ -20,42 +18,6 @@ class StorageError(FrameGatewayError):
 
 class StorageClosedError(StorageError):
     """The storage was used before `open()` or after `close()`: a bug on the caller's side."""
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryRecord:
-    """One stored DATA message, as dashboards receive it (docs/api.md §3)."""
-
-    offset: int  # gateway-wide, strictly increasing, kept across restarts
-    device: str
-    protocol: str
-    ts: int  # unix ms
-    seq: int  # the device's message seq
-    data: dict[str, Any]  # the decoded JSON telemetry
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedCommand:
-    """A command waiting for its (offline) device until `expires_ms`."""
-
-    key: int  # storage row id, assigned by storage; pass 0 when enqueuing
-    command_id: str | None  # the dashboard's request id, may be None
-    device: str
-    command: dict[str, Any]  # the JSON command as given
-    body: bytes  # the encoded COMMAND body
-    created_ms: int
-    expires_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceRecord:
-    """A device the gateway has seen at least once."""
-
-    device: str
-    protocol: str
-    transport: str  # "tcp" | "serial"
-    first_seen_ms: int
-    last_seen_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +53,14 @@ class StorageStats:
     pruned_rows: int = 0
     failed_batches: int = 0
     on_batch: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
+
+
+__all__ = [
+    "DeviceRecord",
+    "QueuedCommand",
+    "RetentionPolicy",
+    "StorageClosedError",
+    "StorageError",
+    "StorageStats",
+    "TelemetryRecord",
+]
