@@ -61,6 +61,8 @@ class CommandRouter:
         self.links: DeviceLinks | None = None
         # Statuses of queued commands go back to whoever gave them, by queue key.
         self._owners: dict[int, StatusCallback] = {}
+        # Queued commands being written now: their delivery reports them, not expiry.
+        self._delivering: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
 
@@ -176,10 +178,13 @@ class CommandRouter:
             if state is None or state.session != session or self.links is None:
                 return
             owner = self._owners.get(cmd.key)
+            self._delivering.add(cmd.key)
             try:
                 handle = await self.links.send_command(device, cmd.body)
             except DeviceNotOnline:
                 return  # still queued; delivered at the next WELCOME
+            finally:
+                self._delivering.discard(cmd.key)
             await self.engine.remove_command(cmd.key)
             self._owners.pop(cmd.key, None)
             report = self._reporter(None, device, owner or _nobody)
@@ -196,6 +201,8 @@ class CommandRouter:
                 log.exception("command expiry failed")
                 continue
             for cmd in expired:
+                if cmd.key in self._delivering:
+                    continue  # written to its device meanwhile: ``sent`` follows
                 owner = self._owners.pop(cmd.key, None)
                 self._reporter(None, cmd.device, owner or _nobody)(CommandStatus.EXPIRED)
 

@@ -107,6 +107,9 @@ class Dashboard:
 
     def note_drop(self, offset: int) -> None:
         """Telemetry at ``offset`` will not reach this dashboard: announce it."""
+        # The lagged notice is itself something to send: wake the writer even
+        # when nothing else is queued after the drop.
+        self._ready.set()
         self.dropped += 1
         self.dropped_total += 1
         if self.resume_from is None or offset < self.resume_from:
@@ -141,13 +144,18 @@ class Dashboard:
                 if received and not self.batch_received:
                     self.batch_received = received
             out.append(text)
-        if self.telemetry_queued < self.limit // 2:
+        if self.telemetry_queued < self._half:
             self._room.set()
         return out
 
+    @property
+    def _half(self) -> int:
+        # At least 1: with a queue of 1, "half full" must still mean "empty".
+        return max(1, self.limit // 2)
+
     async def room(self) -> None:
         """Until the queue is at most half full (a replay waits on this: backpressure)."""
-        while self.telemetry_queued >= self.limit // 2 and not self.closed:
+        while self.telemetry_queued >= self._half and not self.closed:
             self._room.clear()
             await self._room.wait()
 

@@ -7,8 +7,7 @@ nowhere; an online device gets it (``sent``) and its ACK, NACK (``code``) or
 timeout (``error``) becomes the final status; an offline device's commands
 are ``queued`` and delivered oldest first at its next session, their
 statuses going to whoever gave them, with their ids; a queued command past
-its TTL is ``expired``, but not one whose delivery is under way (xfail: a
-bug today); a command to a protocol goes to each online device of
+its TTL is ``expired``, but not one whose delivery is under way; a command to a protocol goes to each online device of
 it, or is a ``not_found`` ClientError; every status is counted in
 ``iot_command_results_total`` by status.
 """
@@ -415,16 +414,6 @@ async def test_a_queued_command_expires_after_its_ttl() -> None:
 FINAL = {"acked", "nacked", "timeout", "expired", "rejected"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: CommandRouter._deliver_queued removes a queued command from the engine only "
-        "after links.send_command() returns, so while the send waits (DeviceSession.send_command "
-        "awaits an in-flight slot and link.drain()) the expiry loop can still expire it: the "
-        "owner gets 'expired' (final), then 'sent' and 'acked' for the same command, which the "
-        "device did receive; both are counted in iot_command_results_total."
-    ),
-)
 async def test_a_command_being_delivered_is_not_also_expired(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -194,16 +194,6 @@ async def test_wait_wakes_when_a_message_is_queued(what: str) -> None:
     assert len(d.take(10)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: Dashboard.note_drop() never sets _ready, so a writer blocked in wait() sleeps on "
-        "while a lagged notice is pending (wait()'s own loop counts `dropped` as something to "
-        "send). The replay calls note_drop() when REPLAY_ROUNDS run out, and push_telemetry() "
-        "when the hold overflows; with nothing queued after it, the notice waits for the next "
-        "message."
-    ),
-)
 async def test_wait_wakes_when_only_a_drop_is_pending() -> None:
     d = dashboard(4)
     waiter = asyncio.create_task(d.wait())
@@ -233,18 +223,7 @@ def test_has_room_until_the_telemetry_limit() -> None:
 @pytest.mark.parametrize(
     "limit",
     [
-        pytest.param(
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "bug: with limit 1 (HubConfig(queue_size=1) is allowed), limit // 2 == 0 and "
-                    "room() waits while telemetry_queued >= 0, i.e. forever; take() only sets "
-                    "_room below 0. A subscribe with 'since' then hangs in replay until the "
-                    "dashboard closes."
-                ),
-            ),
-        ),
+        1,
         2,
         3,
         4,
