@@ -7,9 +7,10 @@ nowhere; an online device gets it (``sent``) and its ACK, NACK (``code``) or
 timeout (``error``) becomes the final status; an offline device's commands
 are ``queued`` and delivered oldest first at its next session, their
 statuses going to whoever gave them, with their ids; a queued command past
-its TTL is ``expired``, but not one whose delivery is under way; a command to a protocol goes to each online device of
-it, or is a ``not_found`` ClientError; every status is counted in
-``iot_command_results_total`` by status.
+its TTL is ``expired``, but not one whose delivery is under way; a command
+to a protocol goes to each online device of it, or is a ``not_found``
+ClientError; every status is counted in ``iot_command_results_total`` by
+status.
 """
 
 from __future__ import annotations
