@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 
 from benchmarks import harness
 from benchmarks.harness import Child, Server
+from tests.support.gateway import GatewayProcess
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,20 +161,9 @@ async def _spawn_loadgens(
 
 async def scrape(server: Server) -> dict[str, float]:
     """The gateway's /metrics, as {"name{labels}": value} (empty for the bridge)."""
-    if server.http is None:
+    if not isinstance(server.process, GatewayProcess):
         return {}
-    import aiohttp
-
-    url = f"http://{server.http[0]}:{server.http[1]}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        text = await resp.text()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out
+    return (await server.process.metrics()).flat()
 
 
 async def run_once(
@@ -242,7 +231,7 @@ async def run_once(
         clients_after = harness.sample_all(client_pids)
         everyone_after = harness.all_cpu()
         metrics = await scrape(server)
-        window = after[server.child.pid].at - before[server.child.pid].at
+        window = after[server.process.pid].at - before[server.process.pid].at
 
         done = [await g.event("done", 60 + timing.drain) for g in gens]
         dash_done = await dash.event("done", 60)
@@ -261,7 +250,7 @@ async def run_once(
     per_process_cpu = {
         name: after[pid].cpu - before[pid].cpu
         for name, pid in zip(
-            [server.child.name, *(c.name for c in server.extra)], server.pids, strict=True
+            [server.process.name, *(c.name for c in server.extra)], server.pids, strict=True
         )
     }
     others = harness.others_cpu(everyone_before, everyone_after, [*server.pids, *client_pids])

@@ -3,7 +3,9 @@
 The benchmarks run every party in its own process (gateway or bridge, Mosquitto,
 load generator, dashboards) so that each one's CPU can be read apart from the
 others in ``/proc/PID/stat``. Children speak to the orchestrator in JSON lines on
-stdout (``{"event": "ready", ...}`` then ``{"event": "done", ...}``); every wait
+stdout (``{"event": "ready", ...}`` then ``{"event": "done", ...}``); the gateway
+is started by the tests' own helper (``tests.support.gateway``), so that its
+ready line, config file and shutdown are read one way everywhere. Every wait
 here has a deadline, and every child started is stopped (SIGTERM, then SIGKILL)
 by the same object that started it.
 """
@@ -28,6 +30,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
+
+from tests.support.gateway import GatewayProcess
+from tests.support.wait import WaitTimeout, wait_until
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = ROOT / "benchmarks" / "results"
@@ -173,7 +178,7 @@ class ChildFailed(RuntimeError):
 
 @dataclass(slots=True)
 class Child:
-    """A child process that prints JSON lines (or a gateway's ready line) on stdout."""
+    """A child process that prints JSON lines on stdout (the gateway is a ``GatewayProcess``)."""
 
     name: str
     proc: asyncio.subprocess.Process
@@ -298,26 +303,6 @@ def module(name: str, *args: object) -> list[str]:
 # ---- the systems under test ------------------------------------------------------------------
 
 
-def toml(table: Mapping[str, Any]) -> str:
-    """A TOML document of scalars and one level of sections (enough for gateway configs)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        raise TypeError(f"cannot write {v!r} as TOML")
-
-    top = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, Mapping)]
-    sections = []
-    for k, v in table.items():
-        if isinstance(v, Mapping):
-            sections.append(f"[{k}]\n" + "".join(f"{kk} = {value(vv)}\n" for kk, vv in v.items()))
-    return "\n".join(top) + "\n\n" + "\n".join(sections)
-
-
 def bench_gateway_config(**sections: Mapping[str, Any]) -> dict[str, Any]:
     """A gateway config for benchmarks: limits opened so that the load is not refused."""
     table: dict[str, dict[str, Any]] = {
@@ -339,7 +324,7 @@ def bench_gateway_config(**sections: Mapping[str, Any]) -> dict[str, Any]:
 class Server:
     """A server under test: its process, and where devices (and dashboards) connect."""
 
-    child: Child
+    process: Child | GatewayProcess  # the gateway, or the bridge
     devices: tuple[str, int]
     http: tuple[str, int] | None = None
     token: str = ""
@@ -348,17 +333,13 @@ class Server:
     @property
     def pids(self) -> list[int]:
         """Every server-side process: their CPU is summed."""
-        return [self.child.pid, *(c.pid for c in self.extra)]
+        return [self.process.pid, *(c.pid for c in self.extra)]
 
     async def stop(self) -> None:
-        await self.child.stop()
+        """SIGTERM to each, SIGKILL past 10 s."""
+        await self.process.stop(timeout=10.0)
         for c in self.extra:
             await c.stop()
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 async def start_gateway(
@@ -370,36 +351,28 @@ async def start_gateway(
     name: str = "gateway",
     timeout: float = 30.0,
 ) -> Server:
-    """``iot-gateway serve`` on free ports, with ``IOT_GATEWAY_LOOP`` set to ``loop``."""
-    conf = workdir / f"{name}.toml"
-    write_bytes(conf, toml(config).encode())
+    """``iot-gateway serve`` on free ports, with ``IOT_GATEWAY_LOOP`` set to ``loop``.
+
+    Started by the tests' own helper (``tests.support.gateway``): config file,
+    ready line and shutdown are handled as in the tests. Its stderr goes to
+    ``workdir/NAME.log``.
+    """
     # BENCH_GATEWAY_CMD runs another build (e.g. a patched one) in the gateway's place.
     command = os.environ.get("BENCH_GATEWAY_CMD") or str(
         Path(sys.executable).parent / "iot-gateway"
     )
-    argv = [
-        *command.split(),
-        "serve",
-        "--config",
-        str(conf),
-        "--http-port",
-        "0",
-        "--device-port",
-        "0",
-        "--data-dir",
-        str(workdir / f"{name}-data"),
-        "--token",
-        token,
-        "--log-level",
-        "warning",
-    ]
-    child = await spawn(name, argv, workdir, env={"IOT_GATEWAY_LOOP": loop})
-    deadline = time.monotonic() + timeout
-    while True:
-        line = await child.line(max(0.1, deadline - time.monotonic()))
-        if line.startswith("ready "):
-            parts = dict(p.split("=", 1) for p in line.split()[1:])
-            return Server(child, _hostport(parts["devices"]), _hostport(parts["http"]), token)
+    gateway = GatewayProcess(
+        workdir,
+        config,
+        token=token,
+        args=["--log-level", "warning"],
+        env={"IOT_GATEWAY_LOOP": loop},
+        command=command.split(),
+        cwd=ROOT,  # BENCH_GATEWAY_CMD may name the venv relative to the repository
+        name=name,
+    )
+    await gateway.start(timeout)
+    return Server(gateway, gateway.device_address, gateway.http_address, token)
 
 
 def free_port() -> int:
@@ -436,22 +409,26 @@ async def start_mosquitto(workdir: Path, *, timeout: float = 10.0) -> Child:
         ).encode(),
     )
     child = await spawn(f"mosquitto:{port}", [binary, "-c", str(conf)], workdir)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def listening() -> bool:
         if child.proc.returncode is not None:
             raise ChildFailed(f"mosquitto exited with {child.proc.returncode}:\n{child.tail()}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            if time.monotonic() > deadline:
-                await child.stop()
-                raise ChildFailed(f"mosquitto is not listening on {port}") from None
-            await asyncio.sleep(0.05)
-            continue
+            return False
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        return child
+        return True
+
+    try:
+        # Mosquitto says nothing when it listens: its port is tried until it answers.
+        await wait_until(listening, f"mosquitto listening on {port}", timeout=timeout)
+    except WaitTimeout as e:
+        await child.stop()
+        raise ChildFailed(str(e)) from None
+    return child
 
 
 def mosquitto_port(child: Child) -> int:

@@ -27,7 +27,8 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.browser.support import OUTPUT, TIMEOUT_MS, GatewayProcess
+from tests.browser.support import OUTPUT, TIMEOUT_MS, demo_gateway
+from tests.support.gateway import GatewayProcess
 
 CHROMIUM = os.environ.get("IOT_GATEWAY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -65,28 +66,26 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
     browser.close()
 
 
-def _start(tmp: Path) -> GatewayProcess:
-    tmp.mkdir(parents=True, exist_ok=True)
-    gateway = GatewayProcess(tmp / "data", tmp / "gateway.log")
-    gateway.start()
-    return gateway
+def _started(workdir: Path) -> Iterator[GatewayProcess]:
+    """A demo gateway, started; at the end it must stop cleanly on SIGTERM."""
+    gw = demo_gateway(workdir)
+    gw.start_sync()
+    yield gw
+    if gw.running:
+        exit = gw.stop_sync()
+        assert exit.code == 0, exit
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """One gateway with the demo's devices, shared by the tests that do not restart it."""
-    gw = _start(tmp_path_factory.mktemp("gateway"))
-    yield gw
-    gw.stop()
+    yield from _started(tmp_path_factory.mktemp("gateway"))
 
 
 @pytest.fixture
 def own_gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
     """A gateway this test alone may stop and restart."""
-    gw = _start(tmp_path)
-    yield gw
-    if gw.proc is not None:
-        gw.stop()
+    yield from _started(tmp_path)
 
 
 @pytest.fixture

@@ -22,9 +22,11 @@ from tests.browser.support import (
     ROOT,
     TIMEOUT_MS,
     VIEWER,
-    GatewayProcess,
-    wait_for,
+    listed_devices,
+    page_url,
 )
+from tests.support.gateway import GatewayProcess
+from tests.support.wait import wait_until_sync
 
 pytestmark = pytest.mark.browser
 
@@ -38,7 +40,7 @@ def card(page: Page, device: str) -> Locator:
 
 def open_dashboard(page: Page, gateway: GatewayProcess, token: str) -> None:
     """Load the page with ``?token=`` and wait until it is live with the demo's four devices."""
-    page.goto(gateway.page_url(token))
+    page.goto(page_url(gateway, token))
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
     expect(page.get_by_test_id("device-card")).to_have_count(4)
 
@@ -107,9 +109,10 @@ def test_devices_appear_and_values_update(page: Page, gateway: GatewayProcess) -
 
 def test_chart_is_seeded_from_history_and_gains_points(page: Page, gateway: GatewayProcess) -> None:
     # Some history before the page opens, so seeding has something to find.
-    wait_for(
-        lambda: len(gateway.stored_offsets("demo-1", -1, 2**62)) >= 3,
+    wait_until_sync(
+        lambda: len(gateway.stored_offsets_sync("demo-1", -1, 2**62)) >= 3,
         "three stored readings of demo-1",
+        timeout=TIMEOUT_MS / 1000,
     )
     open_dashboard(page, gateway, OPERATOR)
     sensor = card(page, "demo-1")
@@ -153,7 +156,7 @@ def test_relay_switch_shows_acked_and_new_state(page: Page, gateway: GatewayProc
     expect(switch).to_have_attribute("aria-checked", after)
     expect(page.get_by_test_id("event-log")).to_contain_text("demo-2 Channel 2")
     # The device itself reported the new state to the gateway.
-    assert gateway.devices()["demo-2"]["last"]["data"]["channels"][2] is (after == "true")
+    assert listed_devices(gateway)["demo-2"]["last"]["data"]["channels"][2] is (after == "true")
 
     # And back again from the keyboard.
     switch.focus()
@@ -177,11 +180,11 @@ def test_viewer_sees_no_command_controls(page: Page, gateway: GatewayProcess) ->
 
 def test_bad_token_shows_unauthorized(page: Page, gateway: GatewayProcess) -> None:
     # No token at all: the page asks for one.
-    page.goto(gateway.page_url(None))
+    page.goto(page_url(gateway, None))
     expect(page.get_by_test_id("auth-panel")).to_be_visible()
     expect(page.get_by_test_id("auth-message")).to_contain_text("needs an access token")
 
-    page.goto(gateway.page_url("not-the-token"))
+    page.goto(page_url(gateway, "not-the-token"))
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "unauthorized")
     expect(page.get_by_test_id("connection-state")).to_have_text("Unauthorized")
     message = page.get_by_test_id("auth-message")
@@ -212,7 +215,8 @@ def test_gateway_restart_reconnects_without_a_gap(page: Page, own_gateway: Gatew
     )
     http_port = gateway.http_port
 
-    gateway.stop()
+    stopped = gateway.stop_sync()
+    assert stopped.code == 0, stopped
     state = page.get_by_test_id("connection-state")
     expect(state).to_have_attribute("data-state", "reconnecting")
     expect(state).to_have_text("Reconnecting")
@@ -227,17 +231,18 @@ def test_gateway_restart_reconnects_without_a_gap(page: Page, own_gateway: Gatew
     # Keep the page off the network while the gateway restarts and its devices
     # report, so readings pile up that only the replay (since = last offset) can bring.
     page.context.set_offline(True)
-    gateway.start()
+    gateway.start_sync()
     assert gateway.http_port == http_port
-    stored_at_restart = max(d["last"]["offset"] for d in gateway.devices().values())
-    wait_for(
+    stored_at_restart = max(d["last"]["offset"] for d in listed_devices(gateway).values())
+    wait_until_sync(
         lambda: all(
-            len(gateway.stored_offsets(device, stored_at_restart, 2**62)) >= 2
-            for device in gateway.devices()
+            len(gateway.stored_offsets_sync(device, stored_at_restart, 2**62)) >= 2
+            for device in listed_devices(gateway)
         ),
         "two readings of every device after the restart",
+        timeout=TIMEOUT_MS / 1000,
     )
-    stored = {device: d["last"]["offset"] for device, d in gateway.devices().items()}
+    stored = {device: d["last"]["offset"] for device, d in listed_devices(gateway).items()}
     expect(state).to_have_attribute("data-state", "reconnecting")
     page.context.set_offline(False)  # the page's "online" handler retries at once
 
@@ -258,7 +263,7 @@ def test_gateway_restart_reconnects_without_a_gap(page: Page, own_gateway: Gatew
         seen: list[int] = d["offsets"]
         assert seen == sorted(set(seen)), f"{device}: duplicates or disorder"
         # Every stored reading from the first one the page saw to the last: no gap.
-        expected = gateway.stored_offsets(device, seen[0] - 1, seen[-1])
+        expected = gateway.stored_offsets_sync(device, seen[0] - 1, seen[-1])
         assert seen == expected, f"{device}: page {seen} != storage {expected}"
         assert seen[0] <= stopped_at < seen[-1], f"{device}: the restart is not inside {seen}"
     expect(page.get_by_test_id("event-log")).to_contain_text("replaying after offset")
@@ -301,7 +306,7 @@ def test_screenshot_of_the_demo(page: Page, gateway: GatewayProcess) -> None:
 
 def test_replay_bookkeeping_in_the_page(page: Page, gateway: GatewayProcess) -> None:
     """The page's own modules: de-duplication by offset, the lag watermark, the backoff."""
-    page.goto(gateway.page_url(VIEWER))
+    page.goto(page_url(gateway, VIEWER))
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
     result = page.evaluate(
         """async () => {
@@ -380,7 +385,7 @@ def test_chart_history_seeding_finds_the_newest_readings(
         route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
     page.route("**/api/devices/hist-*/telemetry*", telemetry)
-    page.goto(gateway.page_url(VIEWER))
+    page.goto(page_url(gateway, VIEWER))
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
     for device, offsets in histories.items():
         got = page.evaluate(

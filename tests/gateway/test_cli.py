@@ -12,14 +12,11 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import re
 import signal
 import socket
 import struct
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import pytest
 
 from frames import Data, Frame, FrameDecoder, Hello, Welcome, decode_message, encode_frame
 from gateway.cli import GC_GEN0_THRESHOLD, main, tune_gc
+from tests.support.gateway import GatewayProcess
 
 READY = re.compile(r"ready http=127\.0\.0\.1:(\d+) devices=127\.0\.0\.1:(\d+)\n")
 DASHBOARD = re.compile(r"dashboard: http://127\.0\.0\.1:(\d+)/\?token=(\S+)")
@@ -114,108 +112,34 @@ def test_missing_config_file_exits_2(capsys: pytest.CaptureFixture[str], tmp_pat
 # ---- a real gateway process --------------------------------------------------------------------
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The test's environment without gateway secrets (a developer's shell may set them)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_GATEWAY_")}
-    env.update(extra)
-    return env
-
-
-class Served:
-    """One ``iot-gateway serve`` child process; stderr is drained as it comes."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.stderr: list[str] = []
-        self._stderr_changed = asyncio.Event()
-        self._stderr_task = asyncio.create_task(self._drain_stderr())
-        self.http = ""
-        self.devices: tuple[str, int] = ("", 0)
-
-    async def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.stderr.append(line.decode())
-            self._stderr_changed.set()
-        self._stderr_changed.set()
-
-    async def ready(self, timeout: float = 10.0) -> str:
-        """Read the ready line (or fail with what stderr said)."""
-        assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"no ready line; stderr: {''.join(self.stderr)}") from None
-        match = READY.fullmatch(line.decode())
-        assert match, f"{line!r}; stderr: {''.join(self.stderr)}"
-        self.http = f"127.0.0.1:{match.group(1)}"
-        self.devices = ("127.0.0.1", int(match.group(2)))
-        return line.decode()
-
-    async def stderr_match(self, pattern: re.Pattern[str], timeout: float = 5.0) -> re.Match[str]:
-        async with asyncio.timeout(timeout):
-            while True:
-                for line in self.stderr:
-                    if m := pattern.search(line):
-                        return m
-                if self._stderr_task.done():
-                    raise AssertionError(f"{pattern.pattern} not on stderr: {self.stderr}")
-                self._stderr_changed.clear()
-                await self._stderr_changed.wait()
-
-    async def finish(self, timeout: float = 5.0) -> tuple[int, str]:
-        """Exit status and the rest of stdout, once the process has ended."""
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            rest = await self.proc.stdout.read()
-            code = await self.proc.wait()
-            await self._stderr_task
-        return code, rest.decode()
-
-    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> tuple[int, str, float]:
-        started = time.monotonic()
-        self.proc.send_signal(sig)
-        code, rest = await self.finish(timeout=5.0)
-        return code, rest, time.monotonic() - started
-
-    async def cleanup(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-        # Read the pipes to their end so the transports close before the loop does.
-        with contextlib.suppress(Exception):
-            await self.finish(timeout=5.0)
-        self._stderr_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._stderr_task
-
-
-Spawn = Callable[..., Awaitable[Served]]
+GatewayFactory = Callable[..., GatewayProcess]
 
 
 @pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
-    started: list[Served] = []
+def gateways(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """``iot-gateway serve ARGS`` with exactly the flags a test gives (``bare``), not started.
 
-    async def start(*argv: str, env: dict[str, str] | None = None) -> Served:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env if env is not None else child_env(),
-            cwd=tmp_path,
-        )
-        served = Served(proc)
-        started.append(served)
-        return served
+    Their environment has no ``IOT_GATEWAY_*`` variable but those in ``env``
+    (a developer's shell may set them). Each one still running at the end is killed.
+    """
+    made: list[GatewayProcess] = []
 
-    yield start
-    for served in started:
-        await served.cleanup()
+    def make(
+        *args: str, config: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / f"gw{len(made)}", config, args=args, bare=True, env=env)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.kill_sync()
+
+
+async def ready(gw: GatewayProcess) -> None:
+    """Start it; its first stdout line is the ready line, on loopback."""
+    await gw.start(timeout=10.0)
+    assert READY.fullmatch(gw.ready_line), f"{gw.ready_line!r}; stderr: {gw.stderr()}"
 
 
 def serve_args(data_dir: Path, *extra: str) -> list[str]:
@@ -258,30 +182,35 @@ async def device_sends(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_serve_prints_ready_serves_and_stops_on_signal(
-    spawn: Spawn, tmp_path: Path, sig: signal.Signals
+    gateways: GatewayFactory, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    served = await spawn(*serve_args(tmp_path / "data", "--token", "T"))
-    await served.ready()
-    status, body = await get_json(f"http://{served.http}/healthz")
+    gw = gateways(*serve_args(tmp_path / "data", "--token", "T"))
+    await ready(gw)
+    status, body = await get_json(f"{gw.url}/healthz")
     assert status == 200
     assert body["status"] == "ok"
     # The devices address of the ready line is the live device port.
-    _, writer = await device_sends(served.devices, "cli-1", struct.pack(">hHB", 2137, 4550, 97))
+    _, writer = await device_sends(gw.device_address, "cli-1", struct.pack(">hHB", 2137, 4550, 97))
     await close_device(writer)
-    code, rest, elapsed = await served.stop(sig)
-    assert code == 0, "".join(served.stderr)
-    assert rest == ""  # the ready line was the only line on stdout
-    assert elapsed < 5.0
-    assert not any("Traceback" in line for line in served.stderr)
+    exit = await gw.stop(sig, timeout=5.0)
+    assert exit.code == 0, exit
+    assert exit.stdout == ""  # the ready line was the only line on stdout
+    assert exit.elapsed < 5.0
+    assert "Traceback" not in exit.stderr
 
 
-async def test_without_a_token_one_is_made_and_printed(spawn: Spawn, tmp_path: Path) -> None:
-    served = await spawn(*serve_args(tmp_path / "data"))
-    await served.ready()
-    match = await served.stderr_match(DASHBOARD)
-    assert f"127.0.0.1:{match.group(1)}" == served.http
+async def test_without_a_token_one_is_made_and_printed(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = gateways(*serve_args(tmp_path / "data"))
+    await ready(gw)
+    # Printed before the ready line (docs/configuration.md, Command-line flags): there by now.
+    match = DASHBOARD.search(gw.stderr())
+    assert match, gw.stderr()
+    assert f"127.0.0.1:{match.group(1)}" == f"{gw.http_host}:{gw.http_port}"
     token = match.group(2)
-    base = f"http://{served.http}"
+    assert gw.token == token
+    base = gw.url
     assert await get_json(f"{base}/api/devices", token) == (200, {"devices": []})
     status, body = await get_json(f"{base}/api/devices")
     assert (status, body["code"]) == (401, "unauthorized")
@@ -289,36 +218,38 @@ async def test_without_a_token_one_is_made_and_printed(spawn: Spawn, tmp_path: P
     assert status == 401
     # The printed URL itself works: ?token= is accepted as well as the header.
     assert (await get_json(f"{base}/api/devices?token={token}"))[0] == 200
-    code, _, _ = await served.stop()
-    assert code == 0
+    exit = await gw.stop(timeout=5.0)
+    assert exit.code == 0, exit
 
 
 async def test_token_from_the_environment_is_used_and_not_printed(
-    spawn: Spawn, tmp_path: Path
+    gateways: GatewayFactory, tmp_path: Path
 ) -> None:
-    env = child_env(IOT_GATEWAY_TOKEN="env-secret", IOT_GATEWAY_VIEWER_TOKEN="env-viewer")
-    served = await spawn(*serve_args(tmp_path / "data"), env=env)
-    await served.ready()
-    base = f"http://{served.http}/api/devices"
+    env = {"IOT_GATEWAY_TOKEN": "env-secret", "IOT_GATEWAY_VIEWER_TOKEN": "env-viewer"}
+    gw = gateways(*serve_args(tmp_path / "data"), env=env)
+    await ready(gw)
+    base = f"{gw.url}/api/devices"
     assert (await get_json(base, "env-secret"))[0] == 200
     assert (await get_json(base, "env-viewer"))[0] == 200
-    code, _, _ = await served.stop()
-    assert code == 0
-    assert not any("token=" in line or "env-secret" in line for line in served.stderr)
+    exit = await gw.stop(timeout=5.0)
+    assert exit.code == 0, exit
+    assert not any("token=" in line or "env-secret" in line for line in exit.stderr.splitlines())
 
 
 async def test_sigterm_keeps_accepted_telemetry_across_a_restart(
-    spawn: Spawn, tmp_path: Path
+    gateways: GatewayFactory, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    first = await spawn(*serve_args(data_dir, "--token", "T"))
-    await first.ready()
+    first = gateways(*serve_args(data_dir, "--token", "T"))
+    await ready(first)
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(f"http://{first.http}/ws?token=T") as ws,
+        http.ws_connect(f"{first.url}/ws?token=T") as ws,
     ):
         await ws.send_json({"op": "subscribe", "device": "keep-1", "id": 1})
-        _, writer = await device_sends(first.devices, "keep-1", struct.pack(">hHB", -512, 0, 5))
+        _, writer = await device_sends(
+            first.device_address, "keep-1", struct.pack(">hHB", -512, 0, 5)
+        )
         telemetry: dict[str, Any] | None = None
         async with asyncio.timeout(5):
             while telemetry is None:
@@ -326,7 +257,7 @@ async def test_sigterm_keeps_accepted_telemetry_across_a_restart(
                     msg = json.loads(line)
                     if msg["op"] == "telemetry":
                         telemetry = msg
-        code, _, _ = await first.stop()
+        exit = await first.stop(timeout=5.0)
         # Shutdown closes the device first (the dashboard sees it go), then the socket.
         after: list[dict[str, Any]] = []
         async with asyncio.timeout(5):
@@ -338,56 +269,65 @@ async def test_sigterm_keeps_accepted_telemetry_across_a_restart(
             ("presence", False, "shutdown")
         ]
         await close_device(writer)
-    assert code == 0
+    assert exit.code == 0, exit
 
-    second = await spawn(*serve_args(data_dir, "--token", "T"))
-    await second.ready()
-    status, body = await get_json(f"http://{second.http}/api/devices/keep-1/telemetry", "T")
+    second = gateways(*serve_args(data_dir, "--token", "T"))
+    await ready(second)
+    status, body = await get_json(f"{second.url}/api/devices/keep-1/telemetry", "T")
     assert status == 200
     assert body["telemetry"] == [telemetry]
     assert telemetry["data"] == {"temperature_c": -5.12, "humidity_pct": 0.0, "battery_pct": 5}
-    assert (await second.stop())[0] == 0
+    assert (await second.stop(timeout=5.0)).code == 0
 
 
-async def test_a_busy_device_port_is_one_line_and_exit_1(spawn: Spawn, tmp_path: Path) -> None:
+async def test_a_busy_device_port_is_one_line_and_exit_1(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        served = await spawn(
+        gw = gateways(
             "--http-port", "0", "--device-port", str(port), "--data-dir", str(tmp_path / "d")
         )
-        code, out = await served.finish(timeout=10)
-    assert code == 1
-    assert out == ""  # no ready line
-    errors = [line for line in served.stderr if " ERROR " in line]
+        gw.launch()
+        exit = await gw.wait_exit(timeout=10)
+    assert exit.code == 1
+    assert exit.stdout == ""  # no ready line
+    errors = [line for line in exit.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
     assert "cannot start the gateway" in errors[0]
     assert str(port) in errors[0]
-    assert not any("Traceback" in line for line in served.stderr)
+    assert "Traceback" not in exit.stderr
 
 
-async def test_an_unusable_data_dir_is_one_line_and_exit_1(spawn: Spawn, tmp_path: Path) -> None:
+async def test_an_unusable_data_dir_is_one_line_and_exit_1(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    served = await spawn(*serve_args(not_a_dir))
-    code, out = await served.finish(timeout=10)
-    assert code == 1
-    assert out == ""
+    gw = gateways(*serve_args(not_a_dir))
+    gw.launch()
+    exit = await gw.wait_exit(timeout=10)
+    assert exit.code == 1
+    assert exit.stdout == ""
     assert any(
-        "cannot start the gateway" in line and str(not_a_dir) in line for line in served.stderr
+        "cannot start the gateway" in line and str(not_a_dir) in line
+        for line in exit.stderr.splitlines()
     )
-    assert not any("Traceback" in line for line in served.stderr)
+    assert "Traceback" not in exit.stderr
 
 
-async def test_config_error_in_a_real_process_exits_2(spawn: Spawn, tmp_path: Path) -> None:
-    path = tmp_path / "gateway.toml"
-    path.write_text("http_port = 70000\n")
-    served = await spawn("--config", str(path))
-    code, out = await served.finish(timeout=10)
-    assert code == 2
-    assert out == ""
-    assert served.stderr == [f"iot-gateway: http_port must be 0..65535, not 70000 (in {path})\n"]
+async def test_config_error_in_a_real_process_exits_2(gateways: GatewayFactory) -> None:
+    gw = gateways(config={"http_port": 70000})  # serve --config FILE, nothing else
+    assert gw.argv()[-2:] == ["--config", str(gw.config_path)]
+    gw.launch()
+    assert gw.config_path.read_text() == "http_port = 70000\n"
+    exit = await gw.wait_exit(timeout=10)
+    assert exit.code == 2
+    assert exit.stdout == ""
+    path = gw.config_path
+    assert exit.stderr == f"iot-gateway: http_port must be 0..65535, not 70000 (in {path})\n"
 
 
 def test_tune_gc_freezes_what_exists_and_collects_less_often() -> None:

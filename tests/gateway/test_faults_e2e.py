@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 
@@ -12,15 +11,11 @@ from gateway.app import Runtime
 from simulators import DeviceSpec, Faults, TcpDevice
 from tests.gateway.conftest import AppFactory
 from tests.gateway.support import runtime_of
+from tests.support.wait import wait_until
 
 FAST = BackoffPolicy(base=0.05, cap=0.2)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll gateway state that has no event of its own."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+# Gateway and device counters have no event of their own: polled, in process, often.
+POLL_EVERY = 0.01
 
 
 def telemetry_count(rt: Runtime) -> int:
@@ -41,10 +36,17 @@ async def run_device(
     )
     stop = asyncio.Event()
     task = asyncio.create_task(dev.run(stop))
-    await until(lambda: dev.model.counters.data_sent >= frames)
+    await wait_until(
+        lambda: dev.model.counters.data_sent >= frames,
+        f"{frames} DATA sent",
+        timeout=20,
+        every=POLL_EVERY,
+    )
     stop.set()
     await asyncio.wait_for(task, 20)
-    await until(lambda: not rt.manager.links)
+    await wait_until(
+        lambda: not rt.manager.links, "the device link closed", timeout=20, every=POLL_EVERY
+    )
     return dev
 
 
@@ -108,7 +110,12 @@ async def test_silence_ends_the_session_and_the_device_returns(make_app: AppFact
     task = asyncio.create_task(quiet.run(stop))
     # The gateway ends the silent session (1 s x 1 miss) and closes the link;
     # the device reconnects and is online again with a new session.
-    await until(lambda: quiet.model.counters.sessions >= 2 and rt.manager.is_online("quiet-1"))
+    await wait_until(
+        lambda: quiet.model.counters.sessions >= 2 and rt.manager.is_online("quiet-1"),
+        "quiet-1 back online in a second session",
+        timeout=20,
+        every=POLL_EVERY,
+    )
     stop.set()
     await asyncio.wait_for(task, 20)
     assert quiet.injector.counters.silences >= 1

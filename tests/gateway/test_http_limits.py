@@ -31,6 +31,8 @@ from gateway.web.connections import (
     raise_fd_limit,
 )
 from tests.gateway.conftest import OPERATOR, VIEWER
+from tests.support.metrics import parse_metrics
+from tests.support.wait import wait_until
 
 
 class Served:
@@ -59,14 +61,12 @@ class Served:
         return int(head.split(b" ", 2)[1]), body
 
     async def metric(self, name: str) -> float:
-        _, body = await self.request(
+        status, body = await self.request(
             f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\n"
             "Connection: close\r\n\r\n".encode()
         )
-        for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-        raise AssertionError(f"{name} not in /metrics")
+        assert status == 200, body
+        return parse_metrics(body.decode()).value(name)
 
 
 Serve = Callable[..., Awaitable[Served]]
@@ -101,14 +101,6 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
         await s.runner.cleanup()
 
 
-async def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait until ``check()`` holds; the server acts on its own loop turns."""
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-    assert check(), what
-
-
 async def _closed_by_server(reader: asyncio.StreamReader) -> bytes:
     """Everything the server sends until it closes the connection."""
     with contextlib.suppress(ConnectionError):
@@ -129,7 +121,9 @@ SLOW_POST = (
 async def test_at_the_cap_the_oldest_idle_connection_makes_room(serve: Serve) -> None:
     gw = await serve(http={"max_connections": 4}, dashboards={"max_dashboards": 2})
     slow = [await gw.connect(PARTIAL) for _ in range(4)]
-    await _until(lambda: gw.cap.open_connections() == 4, "four connections open")
+    await wait_until(
+        lambda: gw.cap.open_connections() == 4, "four connections open", timeout=10, every=0.01
+    )
     status, body = await gw.request(HEALTHZ)
     assert status == 200, body
     # The oldest half-sent request was closed, with nothing sent; the others are still open.
@@ -148,7 +142,9 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503(serve: Serve) ->
     # Each request's headers are complete, its body never comes: busy connections.
     for _ in range(3):
         await gw.connect(SLOW_POST)
-    await _until(lambda: len(gw.cap.busy) == 3, "three requests in progress")
+    await wait_until(
+        lambda: len(gw.cap.busy) == 3, "three requests in progress", timeout=10, every=0.01
+    )
     status, body = await gw.request(HEALTHZ)
     assert status == 503
     assert json.loads(body)["code"] == "unavailable"
@@ -191,7 +187,9 @@ async def test_headers_that_trickle_in_are_cut_off_by_the_idle_timeout(serve: Se
             writer.write(b"a")
         await asyncio.wait([closed], timeout=0.1)
     assert closed.result() == b""
-    await _until(lambda: gw.cap.open_connections() == 0, "the connection gone")
+    await wait_until(
+        lambda: gw.cap.open_connections() == 0, "the connection gone", timeout=10, every=0.01
+    )
 
 
 @pytest.mark.timeout(30)
@@ -206,7 +204,9 @@ async def test_a_dashboard_websocket_is_busy_and_never_evicted(serve: Serve) -> 
     )
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
     await gw.connect(PARTIAL)
-    await _until(lambda: gw.cap.open_connections() == 2, "two connections open")
+    await wait_until(
+        lambda: gw.cap.open_connections() == 2, "two connections open", timeout=10, every=0.01
+    )
     # The cap is reached: the half-sent request goes, the dashboard stays.
     status, _ = await gw.request(HEALTHZ)
     assert status == 200

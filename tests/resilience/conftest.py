@@ -14,20 +14,23 @@ from typing import Any
 
 import pytest
 
-from tests.resilience.support import OPEN, GatewayProcess
+from tests.resilience.support import OPEN
+from tests.support.gateway import OPERATOR, VIEWER, GatewayProcess
 
 GatewayFactory = Callable[..., GatewayProcess]
 
 
 @pytest.fixture
 async def gateways(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """Make gateway processes (not started); every one is killed at the end of the test."""
+    """Make gateway processes (not started) with the suite's tokens and an empty config
+    unless given; every one is killed at the end of the test."""
     made: list[GatewayProcess] = []
 
     def factory(config: dict[str, Any] | None = None, **kwargs: Any) -> GatewayProcess:
         workdir = tmp_path / f"gw{len(made)}"
-        workdir.mkdir()
-        gw = GatewayProcess(workdir, config, **kwargs)
+        kwargs.setdefault("token", OPERATOR)
+        kwargs.setdefault("viewer_token", VIEWER)
+        gw = GatewayProcess(workdir, config or {}, **kwargs)
         made.append(gw)
         return gw
 

@@ -20,13 +20,14 @@ import pytest
 import frames
 from tests.resilience.conftest import GatewayFactory
 from tests.resilience.support import (
-    OPERATOR,
-    GatewayProcess,
     Telemetry,
-    poll,
+    connect_dashboard,
+    connect_device,
     stream,
     track,
 )
+from tests.support.gateway import OPERATOR, GatewayProcess
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.resilience
 
@@ -43,8 +44,8 @@ class Steady:
         self.sent: list[float] = []
 
     async def __aenter__(self) -> Steady:
-        self.watcher = Telemetry(await self.gw.dashboard(self.session, {"device": GOOD}))
-        self.device = await self.gw.device(GOOD)
+        self.watcher = Telemetry(await connect_dashboard(self.gw, self.session, {"device": GOOD}))
+        self.device = await connect_device(self.gw, GOOD)
         self.task = asyncio.ensure_future(stream(self.device, 20.0, self.stop, self.sent))
         await self.watcher.wait_for(lambda: self.watcher.count(GOOD) >= 3)
         return self
@@ -98,14 +99,14 @@ async def test_device_connection_flood_is_capped(gateways: GatewayFactory) -> No
         assert sum(closed) >= flood - 49, sum(closed)
         await steady.flowing()
         m = await gw.metrics()
-        assert m['iot_device_refused_total{limit="max_connections"}'] >= flood - 49
+        assert m.value("iot_device_refused_total", limit="max_connections") >= flood - 49
         # The ones let in never said HELLO: the hello timeout frees their places.
         rest = await asyncio.gather(
             *(_closed_soon(r, 6.0) for (r, _), c in zip(conns, closed, strict=True) if not c)
         )
         assert all(rest)
         await _close([w for _, w in conns])
-        newcomer = await gw.device("newcomer-1")
+        newcomer = await connect_device(gw, "newcomer-1")
         await newcomer.aclose()
         await steady.flowing()
     assert gw.crashes() == [], gw.crashes()[:5]
@@ -138,7 +139,7 @@ async def test_device_slow_loris_is_closed_by_the_timers(gateways: GatewayFactor
 
     async def trickle_frame(i: int) -> bool:
         """Says HELLO, then a frame's header and length, then a byte every 0.3 s, forever."""
-        device = await gw.device(f"loris-{i}")
+        device = await connect_device(gw, f"loris-{i}")
         watch = asyncio.ensure_future(_closed_soon(device.reader, 10.0))
         try:
             device.send_raw(b"\xaa\xaa\xc8")  # a 200-byte payload announced
@@ -163,15 +164,15 @@ async def test_device_slow_loris_is_closed_by_the_timers(gateways: GatewayFactor
         assert time.monotonic() - started < 9.0
         await steady.flowing()
         after = await gw.metrics()
-        assert after["iot_frame_timeouts_total"] > before["iot_frame_timeouts_total"]
+        assert after.value("iot_frame_timeouts_total") > before.value("iot_frame_timeouts_total")
         # Each close is counted by its reason: the 20 silent HELLOs by the hello timer.
-        assert after['iot_device_links_closed_total{reason="hello_timeout"}'] >= 20
-        assert after['iot_device_errors_sent_total{code="not_registered"}'] >= 20
+        assert after.value("iot_device_links_closed_total", reason="hello_timeout") >= 20
+        assert after.value("iot_device_errors_sent_total", code="not_registered") >= 20
 
         async def only_steady_left() -> bool:
-            return (await gw.metrics())["iot_device_links"] == 1
+            return (await gw.metrics()).value("iot_device_links") == 1
 
-        await poll(only_steady_left, "the slow links gone")
+        await wait_until(only_steady_left, "the slow links gone")
     assert gw.crashes() == [], gw.crashes()[:5]
 
 
@@ -182,7 +183,7 @@ async def test_dashboard_flood_is_capped(gateways: GatewayFactory) -> None:
         # The steady dashboard holds one place; 19 more fit, 21 are refused.
         async def connect() -> aiohttp.ClientWebSocketResponse | int:
             try:
-                return await session.ws_connect(f"{gw.http}/ws?token={OPERATOR}")
+                return await session.ws_connect(f"{gw.url}/ws?token={OPERATOR}")
             except aiohttp.WSServerHandshakeError as e:
                 return e.status
 
@@ -193,15 +194,15 @@ async def test_dashboard_flood_is_capped(gateways: GatewayFactory) -> None:
         assert statuses == [503] * 21
         await steady.flowing()
         m = await gw.metrics()
-        assert m['iot_refused_total{limit="max_dashboards"}'] == 21
+        assert m.value("iot_refused_total", limit="max_dashboards") == 21
         for ws in sockets:
             await ws.close()
 
         async def room_again() -> bool:
-            return (await gw.metrics())["iot_dashboards"] == 1
+            return (await gw.metrics()).value("iot_dashboards") == 1
 
-        await poll(room_again, "the flood's dashboards gone")
-        late = await gw.dashboard(session)
+        await wait_until(room_again, "the flood's dashboards gone")
+        late = await connect_dashboard(gw, session)
         await late.ws.close()
         await steady.flowing()
     assert gw.crashes() == [], gw.crashes()[:5]
@@ -249,9 +250,9 @@ async def test_http_slow_loris_leaves_the_service_running(gateways: GatewayFacto
         await slow.open(200)
         # Everything else is served meanwhile: the page's API, a new dashboard, a new device.
         assert await gw.healthy()
-        late = await gw.dashboard(session)
+        late = await connect_dashboard(gw, session)
         await late.ws.close()
-        newcomer = await gw.device("newcomer-2")
+        newcomer = await connect_device(gw, "newcomer-2")
         await newcomer.aclose()
         await steady.flowing()
         assert gw.open_fds() - fds_before < 260
@@ -266,7 +267,7 @@ async def test_http_slow_loris_cannot_starve_the_device_port(gateways: GatewayFa
     try:
         await slow.open(300)
         async with asyncio.timeout(5):
-            device = await gw.device("after-the-flood")
+            device = await connect_device(gw, "after-the-flood")
         await device.aclose()
         assert await gw.healthy()
         # The limits were fitted inside the 256 descriptors, and said so.
@@ -274,8 +275,10 @@ async def test_http_slow_loris_cannot_starve_the_device_port(gateways: GatewayFa
         assert "devices.max_connections lowered from 20000 to" in gw.log()
         m = await gw.metrics()
         # Slow clients were closed to make room for newer ones, not let pile up.
-        assert m["iot_http_idle_closed_total"] >= 300 - 40, m["iot_http_idle_closed_total"]
-        assert m["iot_http_connections"] <= 40
+        assert m.value("iot_http_idle_closed_total") >= 300 - 40, m.value(
+            "iot_http_idle_closed_total"
+        )
+        assert m.value("iot_http_connections") <= 40
         assert gw.open_fds() < 256 - 32
     finally:
         await slow.aclose()

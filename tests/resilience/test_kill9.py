@@ -18,7 +18,8 @@ import pytest
 
 import frames
 from tests.resilience.conftest import GatewayFactory
-from tests.resilience.support import Telemetry, poll, stream
+from tests.resilience.support import Telemetry, connect_dashboard, connect_device, stream
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.resilience
 
@@ -34,15 +35,15 @@ async def test_kill9_under_traffic_then_restart(gateways: GatewayFactory) -> Non
     gw = gateways()
     await gw.start()
     async with aiohttp.ClientSession() as session:
-        watcher = Telemetry(await gw.dashboard(session))
+        watcher = Telemetry(await connect_dashboard(gw, session))
         # A device seen once, now offline: commands for it are queued on disk.
-        sleepy = await gw.device("sleepy")
+        sleepy = await connect_device(gw, "sleepy")
         await sleepy.aclose()
 
         async def sleepy_offline() -> bool:
             return not (await gw.get_json("/api/devices/sleepy"))["online"]
 
-        await poll(sleepy_offline, "sleepy offline")
+        await wait_until(sleepy_offline, "sleepy offline")
         queued = []
         for i in range(3):
             status, body = await gw.post_json(
@@ -54,7 +55,7 @@ async def test_kill9_under_traffic_then_restart(gateways: GatewayFactory) -> Non
             queued.append(10 + i)
 
         stop = asyncio.Event()
-        devices = [await gw.device(name) for name in STREAMERS]
+        devices = [await connect_device(gw, name) for name in STREAMERS]
         tasks = [asyncio.ensure_future(stream(d, RATE, stop, [])) for d in devices]
         await watcher.wait_for(lambda: all(watcher.count(n) >= 50 for n in STREAMERS), 20)
 
@@ -86,8 +87,8 @@ async def test_kill9_under_traffic_then_restart(gateways: GatewayFactory) -> Non
         assert lost_total <= RATE * len(STREAMERS) * LOSS_WINDOW, lost_total
 
         # Offsets continue above everything handed out before the crash.
-        again = Telemetry(await gw.dashboard(session))
-        device = await gw.device(STREAMERS[0])
+        again = Telemetry(await connect_dashboard(gw, session))
+        device = await connect_device(gw, STREAMERS[0])
         device.send_raw(frames.encode_frame(frames.Data(1, b"\x08\x59\x11\xc6\x61").encode()))
         await again.wait_for(lambda: again.count(STREAMERS[0]) >= 1)
         new_offset = again.offsets(STREAMERS[0])[0]
@@ -97,7 +98,7 @@ async def test_kill9_under_traffic_then_restart(gateways: GatewayFactory) -> Non
         await again.aclose()
 
         # No queued command lost: sleepy gets all three, oldest first, on its HELLO.
-        sleepy = await gw.device("sleepy")
+        sleepy = await connect_device(gw, "sleepy")
         got = []
         for _ in queued:
             command = await sleepy.expect(frames.Command, timeout=10)

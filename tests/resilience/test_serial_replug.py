@@ -22,7 +22,14 @@ import aiohttp
 import pytest
 
 from tests.resilience.conftest import GatewayFactory
-from tests.resilience.support import Telemetry, data_frame, poll, stream
+from tests.resilience.support import (
+    Telemetry,
+    connect_dashboard,
+    connect_device,
+    data_frame,
+    stream,
+)
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.resilience
 
@@ -73,11 +80,11 @@ def presence(watcher: Telemetry, online: bool) -> int:
 async def test_serial_unplug_replug_under_traffic(gateways: GatewayFactory, tmp_path: Path) -> None:
     link = tmp_path / "ttyBENCH0"
     pty = Pty(link)
-    gw = gateways(extra_args=["--serial", f"{link},client_id={SERIAL_ID},protocol=env-sensor"])
+    gw = gateways(args=["--serial", f"{link},client_id={SERIAL_ID},protocol=env-sensor"])
     await gw.start()
     async with aiohttp.ClientSession() as session:
-        watcher = Telemetry(await gw.dashboard(session))
-        tcp = await gw.device(TCP_ID)
+        watcher = Telemetry(await connect_dashboard(gw, session))
+        tcp = await connect_device(gw, TCP_ID)
         stop = asyncio.Event()
         tcp_task = asyncio.ensure_future(stream(tcp, 20.0, stop, []))
         await watcher.wait_for(lambda: watcher.count(SERIAL_ID) >= 10, 20)
@@ -110,9 +117,9 @@ async def test_serial_unplug_replug_under_traffic(gateways: GatewayFactory, tmp_
             await watcher.wait_for(serial_flows, 30)
 
         async def reconnects_counted() -> bool:
-            return (await gw.metrics())["iot_serial_reconnects_total"] >= 2
+            return (await gw.metrics()).value("iot_serial_reconnects_total") >= 2
 
-        await poll(reconnects_counted, "iot_serial_reconnects_total >= 2")
+        await wait_until(reconnects_counted, "iot_serial_reconnects_total >= 2")
         stop.set()
         await tcp_task
         await tcp.aclose()

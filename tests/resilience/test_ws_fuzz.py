@@ -34,7 +34,8 @@ from gateway.auth import TokenTable
 from gateway.config import build_config
 from tests.devices.support import Client
 from tests.gateway.support import Dash, runtime_of
-from tests.resilience.support import OPERATOR, VIEWER, Telemetry, stream
+from tests.resilience.support import Telemetry, stream
+from tests.support.gateway import OPERATOR, VIEWER
 
 pytestmark = pytest.mark.resilience
 
