@@ -22,7 +22,7 @@ from .auth import TokenTable
 from .config import GatewayConfig
 from .hub import Hub, LocalEngine
 from .metrics import Metrics, counter, counters, gauge
-from .storage import RetentionPolicy, SQLiteStorage, Storage
+from .storage import SQLiteStorage, Storage
 from .web import WEB, WebContext, add_routes
 from .web.connections import HttpConnectionCap
 
@@ -46,7 +46,7 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
     s = config.storage
     storage = SQLiteStorage(
         Path(config.data_dir) / "gateway.sqlite3",
-        retention=RetentionPolicy(s.retention_per_device, s.retention_days * 86400),
+        retention=s.retention(),
         batch_interval=s.batch_interval,
         batch_rows=s.batch_rows,
     )
@@ -99,34 +99,35 @@ def _link_metrics(rt: Runtime) -> list[Any]:
         ),
         counter("iot_serial_reconnects", "Serial ports reopened after a loss", t.reconnects),
         counter(
-            "iot_garbage_links_closed", "TCP links closed for sending garbage", c["garbage_closed"]
+            "iot_garbage_links_closed", "TCP links closed for sending garbage", c.garbage_closed
         ),
-        counter("iot_device_auth_failed", "HELLOs refused for a wrong token", c["auth_failed"]),
+        counter("iot_device_auth_failed", "HELLOs refused for a wrong token", c.auth_failed),
         counters(
             "iot_device_refused",
             "Device connections or HELLOs refused by a limit",
             "limit",
             {
-                "max_connections": c["refused_connections"],
-                "max_devices": c["refused_max_devices"],
+                "max_connections": c.refused_connections,
+                "max_devices": c.refused_max_devices,
             },
         ),
         counters(
             "iot_device_links_closed",
             "Device links closed, by reason (hello_timeout, silent, garbage, closed, lost, ...)",
             "reason",
-            _prefixed(c, "closed_"),
+            # Only the reasons seen so far: a label appears once it has been counted.
+            {str(reason): n for reason, n in sorted(c.links_closed.items())},
         ),
         counters(
             "iot_device_errors_sent",
             "ERROR messages sent to devices, by code",
             "code",
-            _prefixed(c, "error_"),
+            dict(sorted((code.name.lower(), n) for code, n in c.errors_sent.items())),
         ),
         counter(
-            "iot_device_replaced", "Links closed by a newer HELLO of the same device", c["replaced"]
+            "iot_device_replaced", "Links closed by a newer HELLO of the same device", c.replaced
         ),
-        counter("iot_stray_acks", "ACKs from devices for no command in flight", c["stray_acks"]),
+        counter("iot_stray_acks", "ACKs from devices for no command in flight", c.stray_acks),
         gauge(
             "iot_http_connections",
             "Open HTTP connections (dashboards included)",

@@ -23,6 +23,7 @@ from frames import FrameOptions
 from frames.backoff import BackoffPolicy
 
 from .hub import HubConfig
+from .storage import StorageConfig
 
 
 class ConfigError(ValueError):
@@ -80,17 +81,23 @@ class SerialSection:
 
 
 @dataclass(frozen=True, slots=True)
-class DashboardsSection:
-    """Dashboard limits and WebSocket options (docs/api.md §3)."""
+class DashboardsSection(HubConfig):
+    """Dashboard limits (the hub's own ``HubConfig``) and WebSocket options (docs/api.md §3)."""
 
-    queue_size: int = 1024
-    max_dashboards: int = 1000
-    commands_per_second: float = 20.0
-    command_ttl: float = 3600.0
     compression: bool = False
     max_message: int = 64 * 1024
     drain_timeout: float = 30.0
-    batch_max_items: int = 256
+
+    def __post_init__(self) -> None:
+        # Zero-argument super() fails in a slotted dataclass before Python 3.14.
+        HubConfig.__post_init__(self)
+        if self.max_message < 1024:
+            raise ValueError(f"max_message must be >= 1024, not {self.max_message}")
+        if not self.drain_timeout > 0:
+            raise ValueError("drain_timeout must be > 0")
+        # 0 would make each dashboard's writer spin without ever sending.
+        if self.batch_max_items < 1:
+            raise ValueError(f"batch_max_items must be >= 1, not {self.batch_max_items}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +108,8 @@ class HttpSection:
     idle_timeout: float = 15.0  # no request in progress, or a request body not arriving
 
 
-@dataclass(frozen=True, slots=True)
-class StorageSection:
-    """History retention and the writer's batching."""
-
-    retention_per_device: int = 10_000
-    retention_days: float = 7.0
-    batch_interval: float = 0.02
-    batch_rows: int = 500
+# [storage] is the storage engine's own settings: each default written once.
+StorageSection = StorageConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,15 +162,8 @@ class GatewayConfig:
         return [_serial_port(s) for s in self.serial]
 
     def hub_config(self) -> HubConfig:
-        """The routing core's limits."""
-        d = self.dashboards
-        return HubConfig(
-            queue_size=d.queue_size,
-            max_dashboards=d.max_dashboards,
-            commands_per_second=d.commands_per_second,
-            command_ttl=d.command_ttl,
-            batch_max_items=d.batch_max_items,
-        )
+        """The routing core's limits: the ``[dashboards]`` section is one."""
+        return self.dashboards
 
 
 ENV_SECRETS = {
@@ -247,7 +241,14 @@ def _build(cls: type[Any], table: Any, where: str, source: str) -> Any:
             ]
         else:
             values[key] = _coerce(value, tp, name, source)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        # A section's own checks name the field first: prefix it with the section.
+        text = str(e)
+        sep = "." if text.split(" ", 1)[0] in known else ": "
+        prefix = f"{where}{sep}" if where else ""
+        raise ConfigError(f"{prefix}{text} (in {source})") from None
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -332,13 +333,6 @@ def _check(config: GatewayConfig, source: str) -> None:
         if port.frame_timeout is not None and not port.frame_timeout > 0:
             raise bad(f"serial[{i}].frame_timeout must be > 0, not {port.frame_timeout}")
     d = config.dashboards
-    if d.max_message < 1024:
-        raise bad(f"dashboards.max_message must be >= 1024, not {d.max_message}")
-    if not d.drain_timeout > 0:
-        raise bad("dashboards.drain_timeout must be > 0")
-    # 0 would make each dashboard's writer spin without ever sending.
-    if d.batch_max_items < 1:
-        raise bad(f"dashboards.batch_max_items must be >= 1, not {d.batch_max_items}")
     h = config.http
     # Every dashboard holds an HTTP connection: with no spare ones the page
     # and the API could not be reached once the dashboards are all there.
@@ -349,18 +343,9 @@ def _check(config: GatewayConfig, source: str) -> None:
         )
     if not h.idle_timeout > 0:
         raise bad(f"http.idle_timeout must be > 0, not {h.idle_timeout}")
-    s = config.storage
-    if s.retention_per_device < 1 or not s.retention_days > 0:
-        raise bad("storage.retention_per_device and retention_days must be > 0")
-    # Checked here because the storage engine is only built once serving starts.
-    if s.batch_interval < 0:
-        raise bad(f"storage.batch_interval must be >= 0, not {s.batch_interval}")
-    if s.batch_rows < 1:
-        raise bad(f"storage.batch_rows must be >= 1, not {s.batch_rows}")
     builders: list[tuple[str, Callable[[], object]]] = [
         ("devices", config.session_config),
         ("devices", config.frame_options),
-        ("dashboards", config.hub_config),
     ]
     for i, port in enumerate(config.serial):
         builders.append((f"serial[{i}]", functools.partial(_serial_port, port)))

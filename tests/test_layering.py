@@ -157,7 +157,6 @@ FORBIDDEN_LIBRARIES: dict[str, tuple[str, ...]] = {
     "simulators": ("aiohttp", "sqlite3"),
     "gateway.hub": ("aiohttp", "sqlite3"),
     "gateway.storage": ("aiohttp",),
-    "gateway.web": ("sqlite3",),
 }
 
 

@@ -71,6 +71,8 @@ class HubConfig:
             raise ValueError("commands_per_second must be > 0")
         if not self.command_ttl > 0:
             raise ValueError("command_ttl must be > 0")
+        if not self.expiry_interval > 0:
+            raise ValueError("expiry_interval must be > 0")
 
     def command_settings(self) -> CommandSettings:
         """What command routing takes of these."""

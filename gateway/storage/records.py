@@ -20,12 +20,20 @@ class StorageClosedError(StorageError):
     """The storage was used before `open()` or after `close()`: a bug on the caller's side."""
 
 
+# Each default written once: the engine's arguments and the config file's
+# [storage] section (StorageConfig) both take them from here.
+RETENTION_PER_DEVICE = 10_000
+RETENTION_DAYS = 7.0
+BATCH_INTERVAL = 0.02  # seconds the writer waits to fill a batch
+BATCH_ROWS = 500
+
+
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
     """How much telemetry history to keep: both limits apply."""
 
-    max_per_device: int = 10_000
-    max_age_s: float = 7 * 24 * 3600
+    max_per_device: int = RETENTION_PER_DEVICE
+    max_age_s: float = RETENTION_DAYS * 86400
 
     def __post_init__(self) -> None:
         if self.max_per_device < 1 or not self.max_age_s > 0:
@@ -33,6 +41,28 @@ class RetentionPolicy:
                 "retention needs max_per_device >= 1 and max_age_s > 0, got "
                 f"max_per_device={self.max_per_device} max_age_s={self.max_age_s}"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """The ``[storage]`` section: history retention and the writer's batching."""
+
+    retention_per_device: int = RETENTION_PER_DEVICE
+    retention_days: float = RETENTION_DAYS
+    batch_interval: float = BATCH_INTERVAL
+    batch_rows: int = BATCH_ROWS
+
+    def __post_init__(self) -> None:
+        if self.retention_per_device < 1 or not self.retention_days > 0:
+            raise ValueError("retention_per_device and retention_days must be > 0")
+        if self.batch_interval < 0:
+            raise ValueError(f"batch_interval must be >= 0, not {self.batch_interval}")
+        if self.batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, not {self.batch_rows}")
+
+    def retention(self) -> RetentionPolicy:
+        """The engine's retention policy (ages in seconds)."""
+        return RetentionPolicy(self.retention_per_device, self.retention_days * 86400)
 
 
 @dataclass(slots=True)
@@ -60,6 +90,7 @@ __all__ = [
     "QueuedCommand",
     "RetentionPolicy",
     "StorageClosedError",
+    "StorageConfig",
     "StorageError",
     "StorageStats",
     "TelemetryRecord",

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from .readers import _READER_THREADS, SQLiteReaders
 from .records import (
+    BATCH_INTERVAL,
+    BATCH_ROWS,
     DeviceRecord,
     QueuedCommand,
     RetentionPolicy,
@@ -66,8 +68,8 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         # A frozen dataclass, so one shared default is safe; ruff sees that only
         # within the module defining it.
         retention: RetentionPolicy = RetentionPolicy(),  # noqa: B008
-        batch_interval: float = 0.02,
-        batch_rows: int = 500,
+        batch_interval: float = BATCH_INTERVAL,
+        batch_rows: int = BATCH_ROWS,
         offset_block: int = 1 << 20,
     ) -> None:
         if batch_interval < 0 or batch_rows < 1 or offset_block < 2:
