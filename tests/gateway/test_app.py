@@ -16,6 +16,7 @@ from aiohttp import WSServerHandshakeError
 import frames
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
 from tests.gateway.support import Dash, device, runtime_of
+from tests.support.wait import wait_until
 
 ENV_DATA = bytes.fromhex("085911c661")
 
@@ -268,7 +269,9 @@ async def test_offline_command_is_queued_then_delivered_oldest_first(make_app: A
     dev = await device(rt, "q1")
     await dev.aclose()
     await d.request({"op": "devices"}, "devices")
-    await asyncio.wait_for(_until(lambda: not rt.hub.devices["q1"].online), 10)
+    await wait_until(
+        lambda: not rt.hub.devices["q1"].online, "not rt.hub.devices['q1'].online", timeout=10
+    )
     for n in (1, 2):
         await d.send({"op": "command", "id": f"q{n}", "device": "q1", "command": {"hex": f"0{n}"}})
         assert (await d.expect("command_status", id=f"q{n}"))["status"] == "queued"
@@ -288,7 +291,9 @@ async def test_queued_command_expires(make_app: AppFactory) -> None:
     d = await dash(client)
     dev = await device(rt, "e1")
     await dev.aclose()
-    await asyncio.wait_for(_until(lambda: not rt.hub.devices["e1"].online), 10)
+    await wait_until(
+        lambda: not rt.hub.devices["e1"].online, "not rt.hub.devices['e1'].online", timeout=10
+    )
     await d.send({"op": "command", "id": "old", "device": "e1", "command": {"name": "reboot"}})
     await d.expect("command_status", id="old", status="queued")
     await d.expect("command_status", id="old", status="expired")
@@ -346,11 +351,6 @@ async def test_oversized_message_closes_with_1009(make_app: AppFactory) -> None:
 # ---- slow consumers --------------------------------------------------------------------------
 
 
-async def _until(predicate: Any) -> None:
-    while not predicate():
-        await asyncio.sleep(0.01)
-
-
 def _stalled_dashboard(host: str, port: int) -> socket.socket:
     """A WebSocket client that completes the upgrade and then never reads."""
     s = socket.socket()
@@ -378,7 +378,11 @@ async def test_stalled_dashboard_does_not_slow_the_others(make_app: AppFactory) 
     await reader.request({"op": "subscribe", "all": True}, "subscribed")
     stalled = _stalled_dashboard(client.host, client.port)
     try:
-        await asyncio.wait_for(_until(lambda: len(rt.hub.subscriptions.all_subscribers()) == 2), 10)
+        await wait_until(
+            lambda: len(rt.hub.subscriptions.all_subscribers()) == 2,
+            "len(rt.hub.subscriptions.all_subscribers()) == 2",
+            timeout=10,
+        )
         slow = next(
             d
             for d in rt.hub.subscriptions.all_subscribers()
@@ -442,9 +446,10 @@ async def test_replay_seam_has_no_gap_and_no_duplicate_under_live_traffic(
 
     consumer = asyncio.create_task(consume())
     await producer
-    await asyncio.wait_for(
-        _until(lambda: rt.hub.devices["live"].last is not None and rt.storage.stats.pending == 0),
-        10,
+    await wait_until(
+        lambda: rt.hub.devices["live"].last is not None and rt.storage.stats.pending == 0,
+        "the live value stored",
+        timeout=10,
     )
     await rt.storage.flush()
     stored = []
@@ -470,7 +475,9 @@ async def test_restart_keeps_offsets_history_and_queued_commands(
     await d.request({"op": "subscribe", "device": "r", "since": 0}, "subscribed")
     before = [(await d.expect("telemetry"))["offset"] for _ in range(5)]
     await dev.aclose()
-    await asyncio.wait_for(_until(lambda: not rt.hub.devices["r"].online), 10)
+    await wait_until(
+        lambda: not rt.hub.devices["r"].online, "not rt.hub.devices['r'].online", timeout=10
+    )
     await d.send({"op": "command", "id": "later", "device": "r", "command": {"name": "reboot"}})
     await d.expect("command_status", status="queued")
     await first.close()
@@ -506,13 +513,21 @@ async def test_http_api(make_app: AppFactory) -> None:
     dev = await device(rt, "h1")
     for i in range(5):
         dev.send(frames.Data(i, ENV_DATA))
-    await asyncio.wait_for(_until(lambda: rt.hub.devices["h1"].last is not None), 10)
+    await wait_until(
+        lambda: rt.hub.devices["h1"].last is not None,
+        "rt.hub.devices['h1'].last is not None",
+        timeout=10,
+    )
     body = await (await client.get("/api/devices", headers=view)).json()
     assert [d["device"] for d in body["devices"]] == ["h1"]
     one = await client.get("/api/devices/h1", headers=view)
     assert (await one.json())["online"] is True
     assert (await client.get("/api/devices/nope", headers=view)).status == 404
-    await asyncio.wait_for(_until(lambda: rt.hub.devices["h1"].last is not None), 10)
+    await wait_until(
+        lambda: rt.hub.devices["h1"].last is not None,
+        "rt.hub.devices['h1'].last is not None",
+        timeout=10,
+    )
     tel = await (await client.get("/api/devices/h1/telemetry?limit=3", headers=view)).json()
     seqs = [t["seq"] for t in tel["telemetry"]]
     offsets = [t["offset"] for t in tel["telemetry"]]
@@ -609,7 +624,11 @@ async def test_loop_is_not_blocked_by_storage_during_a_write_burst(make_app: App
         if i % 500 == 0:
             await dev.writer.drain()
     await dev.writer.drain()
-    await asyncio.wait_for(_until(lambda: rt.storage.stats.rows_written >= 20_000), 30)
+    await wait_until(
+        lambda: rt.storage.stats.rows_written >= 20_000,
+        "rt.storage.stats.rows_written >= 20_000",
+        timeout=30,
+    )
     done.set()
     await tick
     # A lag check, not a speed test: generous for a noisy 2-core machine.
@@ -684,7 +703,11 @@ async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFac
     rt = runtime_of(client)
     stalled = _stalled_dashboard(client.host, client.port)
     try:
-        await asyncio.wait_for(_until(lambda: len(rt.hub.subscriptions.all_subscribers()) == 1), 10)
+        await wait_until(
+            lambda: len(rt.hub.subscriptions.all_subscribers()) == 1,
+            "len(rt.hub.subscriptions.all_subscribers()) == 1",
+            timeout=10,
+        )
         dev = await device(rt, "firehose")
         closed = rt.metrics.slow_dashboards_closed
         for _ in range(200):  # until the stalled socket's buffers are full
@@ -694,8 +717,12 @@ async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFac
             if closed._value.get() >= 1:
                 break
             await asyncio.sleep(0.05)  # let the writer's drain timeout run
-        await asyncio.wait_for(_until(lambda: closed._value.get() >= 1), 10)
-        await asyncio.wait_for(_until(lambda: not rt.hub.subscriptions.all_subscribers()), 10)
+        await wait_until(lambda: closed._value.get() >= 1, "closed._value.get() >= 1", timeout=10)
+        await wait_until(
+            lambda: not rt.hub.subscriptions.all_subscribers(),
+            "not rt.hub.subscriptions.all_subscribers()",
+            timeout=10,
+        )
     finally:
         stalled.close()
 
