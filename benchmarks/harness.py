@@ -536,7 +536,8 @@ def write_result(name: str, result: Mapping[str, Any], path: Path | None = None)
         "bench_levers": os.environ.get("BENCH_LEVERS"),
         **result,
     }
-    out.write_text(json.dumps(body, indent=2) + "\n")
+    # default=str: results carry the parsed arguments, paths among them.
+    out.write_text(json.dumps(body, indent=2, default=str) + "\n")
     return out
 
 
