@@ -40,18 +40,15 @@ from .messages import (
 )
 from .options import CRC_EXTENSION_IN_USE, FrameOptions
 from .protocols import (
-    Boolean,
-    ChannelMask,
     CommandSchema,
     ConstructProtocol,
     HexProtocol,
-    Integer,
     Protocol,
-    Scaled,
     get_protocol,
     known_protocols,
     register_protocol,
 )
+from .schema import Boolean, ChannelMask, Integer, Scaled
 
 __all__ = [
     "CRC_EXTENSION_IN_USE",

@@ -13,30 +13,25 @@ it to ``register_protocol`` (see docs/protocols.md).
 from __future__ import annotations
 
 import abc
-import struct
-import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from construct import (
-    Adapter,
     Construct,
     ConstructError,
-    Flag,
-    FormatField,
     Int8ub,
     Int16sb,
     Int16ub,
-    Renamed,
     Struct,
     Terminated,
-    Validator,
 )
 
 from .errors import CommandError, ErrorCode, RemoteProtocolError
+from .fixed import fixed_layout, static_size
 from .messages import MAX_BODY, valid_protocol_name
+from .schema import Boolean, ChannelMask, Integer, Scaled
 
 JsonObject = dict[str, Any]
 
@@ -66,67 +61,6 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     return value
-
-
-# ---- construct building blocks for schemas -------------------------------------------------
-
-
-class Integer(Validator):  # type: ignore[misc]
-    """An integer field that refuses bools and floats and stays within [low, high]."""
-
-    def __init__(self, subcon: Construct, low: int, high: int) -> None:
-        super().__init__(subcon)
-        self.low = low
-        self.high = high
-
-    def _validate(self, obj: Any, context: Any, path: str) -> bool:
-        return isinstance(obj, int) and not isinstance(obj, bool) and self.low <= obj <= self.high
-
-
-class Boolean(Validator):  # type: ignore[misc]
-    """A one-byte flag that only accepts JSON true/false when building."""
-
-    def __init__(self) -> None:
-        super().__init__(Flag)
-
-    def _validate(self, obj: Any, context: Any, path: str) -> bool:
-        return isinstance(obj, bool)
-
-
-class Scaled(Adapter):  # type: ignore[misc]
-    """A fixed-point number: the wire carries ``round(value * factor)``."""
-
-    def __init__(self, subcon: Construct, factor: int) -> None:
-        super().__init__(subcon)
-        self.factor = factor
-
-    def _decode(self, obj: int, context: Any, path: str) -> float:
-        return obj / self.factor
-
-    def _encode(self, obj: Any, context: Any, path: str) -> int:
-        if isinstance(obj, bool) or not isinstance(obj, int | float):
-            raise ConstructError(f"expected a number, not {obj!r}", path=path)
-        return round(obj * self.factor)
-
-
-class ChannelMask(Adapter):  # type: ignore[misc]
-    """A bitmask, bit i = channel i, shown as a list of ``count`` booleans."""
-
-    def __init__(self, subcon: Construct, count: int) -> None:
-        super().__init__(subcon)
-        self.count = count
-
-    def _decode(self, obj: int, context: Any, path: str) -> list[bool]:
-        if obj >> self.count:
-            raise ConstructError(f"bits above channel {self.count - 1} are set", path=path)
-        return [bool(obj >> i & 1) for i in range(self.count)]
-
-    def _encode(self, obj: Any, context: Any, path: str) -> int:
-        if not isinstance(obj, list) or len(obj) != self.count:
-            raise ConstructError(f"expected a list of {self.count} booleans", path=path)
-        if not all(isinstance(v, bool) for v in obj):
-            raise ConstructError("every channel must be true or false", path=path)
-        return sum(1 << i for i, on in enumerate(obj) if on)
 
 
 # ---- protocols -----------------------------------------------------------------------------
@@ -241,8 +175,8 @@ class ConstructProtocol(Protocol):
         self._data_fast = _compiled(self.data)
         # Even compiled, construct costs ~5 us per DATA body, the largest CPU cost of
         # a message in the gateway; struct.unpack of a fixed layout costs ~0.2 us.
-        self._fixed = _fixed_layout(data)
-        self._static_size = _static_size(self.data)
+        self._fixed = fixed_layout(data)
+        self._static_size = static_size(self.data)
         self.commands = dict(commands or {})
         self._by_opcode = {spec.opcode: (n, spec) for n, spec in self.commands.items()}
         if len(self._by_opcode) != len(self.commands):
@@ -366,141 +300,6 @@ def _compiled(struct: Construct) -> Construct:
         return struct.compile()
     except Exception:  # construct raises several types for what it cannot compile
         return struct
-
-
-# ---- the struct fast path for fixed-size DATA schemas ---------------------------------------
-
-# An adapter's ``_decode(obj, context, path)``, called with no context and no path.
-_Decoder = Callable[[Any, Any, str], Any]
-
-# Adapters the fast path may call outside construct: their ``_decode`` reads neither the
-# context nor the path. Matched by exact type, since a subclass may override ``_decode``.
-_CONTEXT_FREE_ADAPTERS: tuple[type, ...] = (Integer, Boolean, Scaled, ChannelMask)
-_NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
-
-
-@dataclass(frozen=True, slots=True)
-class _FixedLayout:
-    """A DATA schema of fixed-size numbers, decoded with precompiled ``struct.Struct``s.
-
-    ``unpack`` gives each field's raw value as construct's ``FormatField`` (or ``Flag``)
-    would; ``fields`` names each one with its adapters' ``_decode`` (None if it has
-    none): the functions construct calls, so the values and their types are the same.
-    """
-
-    size: int
-    unpack: Callable[[bytes], tuple[Any, ...]]
-    fields: tuple[tuple[str, _Decoder | None], ...]
-
-    def decode(self, body: bytes) -> JsonObject:
-        """``body`` (exactly ``size`` bytes) -> values; an adapter may raise ConstructError."""
-        values: JsonObject = {}
-        for (name, decode), value in zip(self.fields, self.unpack(body), strict=True):
-            values[name] = value if decode is None else decode(value, None, "")
-        return values
-
-
-def _static_size(schema: Construct) -> int | None:
-    """The schema's size in bytes if it has one size, else None."""
-    try:
-        size: int = schema.sizeof()
-    except ConstructError:  # SizeofError: variable size (or depends on the data)
-        return None
-    return size
-
-
-def _fixed_layout(data: Construct) -> _FixedLayout | None:
-    """The fixed layout of a DATA schema, or None when construct must decode it.
-
-    Every field must be named (uniquely, and not ``_...``, which ``_to_json`` would
-    drop) and be a ``FormatField`` or ``Flag`` under any number of ``Renamed`` and
-    context-free adapters, with no ``parsed`` hook anywhere (a hook is user code
-    that construct calls while parsing). Anything else keeps the construct path.
-    """
-    while type(data) is Renamed and data.parsed is None:
-        data = data.subcon
-    if type(data) is not Struct or data.parsed is not None:
-        return None
-    names: list[str] = []
-    fields: list[tuple[str, _Decoder | None]] = []
-    # Consecutive fields of one byte order share one struct; a field of one byte has none.
-    runs: list[tuple[str | None, str]] = []
-    for sc in data.subcons:
-        name = sc.name
-        if not isinstance(name, str) or not name or name.startswith("_") or name in names:
-            return None
-        found = _fixed_field(sc)
-        if found is None:
-            return None
-        order, code, decode = found
-        if struct.calcsize(">" + code) == 1:
-            order = None
-        elif order == "=":
-            order = _NATIVE_ORDER  # "=" is native order with standard sizes, like "<" / ">"
-        if runs and (order is None or runs[-1][0] in (None, order)):
-            run_order, codes = runs[-1]
-            runs[-1] = (run_order or order, codes + code)
-        else:
-            runs.append((order, code))
-        names.append(name)
-        fields.append((name, decode))
-    # Standard sizes and no alignment padding: "<", ">" and "=" never insert any.
-    structs = [struct.Struct((order or ">") + codes) for order, codes in runs]
-    unpack: Callable[[bytes], tuple[Any, ...]]
-    if len(structs) <= 1:
-        unpack = (structs[0] if structs else struct.Struct(">")).unpack
-    else:
-        unpack = _unpack_runs(structs)
-    return _FixedLayout(sum(s.size for s in structs), unpack, tuple(fields))
-
-
-def _fixed_field(sc: Construct) -> tuple[str | None, str, _Decoder | None] | None:
-    """(byte order, struct code, its adapters' decoding) of one field, or None."""
-    decode: _Decoder | None = None
-    while True:
-        if sc.parsed is not None:
-            return None
-        kind = type(sc)
-        if kind is Renamed:
-            sc = sc.subcon
-        elif kind in _CONTEXT_FREE_ADAPTERS:
-            # Walking inwards: this adapter decodes after the ones inside it.
-            decode = sc._decode if decode is None else _then(sc._decode, decode)
-            sc = sc.subcon
-        else:
-            break
-    if kind is FormatField:
-        return sc.fmtstr[0], sc.fmtstr[1:], decode
-    if kind is type(Flag):
-        # construct reads one byte and compares it with 0, as struct's "?" does.
-        return None, "?", decode
-    return None
-
-
-def _then(first: _Decoder, outer: _Decoder) -> _Decoder:
-    """``outer`` applied to what ``first`` decodes (a field under nested adapters)."""
-
-    def decode(obj: Any, context: Any, path: str) -> Any:
-        return outer(first(obj, context, path), context, path)
-
-    return decode
-
-
-def _unpack_runs(structs: list[struct.Struct]) -> Callable[[bytes], tuple[Any, ...]]:
-    """One unpack over fields of mixed byte order: each run of one order at its offset."""
-    parts: list[tuple[int, struct.Struct]] = []
-    offset = 0
-    for s in structs:
-        parts.append((offset, s))
-        offset += s.size
-
-    def unpack(body: bytes) -> tuple[Any, ...]:
-        values: tuple[Any, ...] = ()
-        for at, part in parts:
-            values += part.unpack_from(body, at)
-        return values
-
-    return unpack
 
 
 def _reason(error: ConstructError) -> str:
