@@ -12,10 +12,9 @@ from aiohttp.test_utils import TestClient
 from gateway.app import create_app
 from gateway.auth import TokenTable
 from gateway.config import build_config
-from tests.gateway.support import OPEN_DEVICES
+from tests.gateway.support import OPEN_DEVICES, OPERATOR, VIEWER
 
-OPERATOR = "op-token"
-VIEWER = "view-token"
+__all__ = ["OPERATOR", "VIEWER"]
 
 AppFactory = Callable[..., Any]
 

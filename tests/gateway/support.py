@@ -11,6 +11,11 @@ import aiohttp
 from gateway.app import RUNTIME, Runtime
 from tests.devices.support import Client
 
+OPERATOR = "op-token"
+VIEWER = "view-token"
+# An env-sensor DATA body: 21.37 degC, 45.5 %, battery 97 % (docs/protocols.md).
+ENV_DATA = bytes.fromhex("085911c661")
+
 
 class Dash:
     """A plain WebSocket dashboard: splits batched frames on newlines, keeps an inbox."""
@@ -84,3 +89,11 @@ async def device(rt: Runtime, client_id: str, protocol: str = "env-sensor") -> C
     OPEN_DEVICES.append(c)
     await c.hello(client_id, protocol)
     return c
+
+
+async def dash(client: Any, token: str = OPERATOR) -> Dash:
+    """A dashboard connected with ``token``, its welcome already read."""
+    d = Dash(await client.ws_connect(f"/ws?token={token}"))
+    welcome = await d.recv()
+    assert welcome["op"] == "welcome"
+    return d

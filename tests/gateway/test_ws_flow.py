@@ -1,0 +1,223 @@
+"""Flow under pressure: slow dashboards, replay seams under live traffic, restarts, write bursts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import frames
+from tests.gateway.conftest import OPERATOR, AppFactory
+from tests.gateway.support import ENV_DATA, dash, device, runtime_of
+from tests.support.wait import wait_until
+
+
+def _stalled_dashboard(host: str, port: int) -> socket.socket:
+    """A WebSocket client that completes the upgrade and then never reads."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((host, port))
+    s.sendall(
+        (
+            f"GET /ws?token={OPERATOR} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    body = b'{"op":"subscribe","all":true}'
+    # One masked text frame (an all-zero mask leaves the payload as it is).
+    s.sendall(bytes([0x81, 0x80 | len(body)]) + b"\x00\x00\x00\x00" + body)
+    return s
+
+
+async def test_stalled_dashboard_does_not_slow_the_others(make_app: AppFactory) -> None:
+    client = await make_app(
+        dashboards={"queue_size": 256}, devices={"max_frames_per_second": 1e6, "rate_burst": 1e6}
+    )
+    rt = runtime_of(client)
+    reader = await dash(client)
+    await reader.request({"op": "subscribe", "all": True}, "subscribed")
+    stalled = _stalled_dashboard(client.host, client.port)
+    try:
+        await wait_until(
+            lambda: len(rt.hub.subscriptions.all_subscribers()) == 2,
+            "len(rt.hub.subscriptions.all_subscribers()) == 2",
+            timeout=10,
+        )
+        slow = next(
+            d
+            for d in rt.hub.subscriptions.all_subscribers()
+            if d.id != min(x.id for x in rt.hub.subscriptions.all_subscribers())
+        )
+        dev = await device(rt, "flood")
+        # Paced by the reading dashboard: 100 rounds of 200 messages, each read in
+        # full before the next, while the stalled one's buffers fill and overflow.
+        got = 0
+        for _ in range(100):
+            for i in range(200):
+                dev.send(frames.Data(i, ENV_DATA))
+            await dev.writer.drain()
+            target = got + 200
+            while got < target:
+                msg = await reader.recv()
+                if msg["op"] == "telemetry":
+                    got += 1
+        # The stalled one's queue stayed bounded and it lost telemetry, not the reader.
+        assert slow.telemetry_queued <= 256
+        assert slow.dropped_total > 0
+        assert rt.metrics.telemetry_dropped._value.get() > 0
+        assert not [m for m in reader.seen if m.get("op") == "lagged"]
+    finally:
+        stalled.close()
+
+
+async def test_replay_seam_has_no_gap_and_no_duplicate_under_live_traffic(
+    make_app: AppFactory,
+) -> None:
+    client = await make_app(devices={"max_frames_per_second": 1e6, "rate_burst": 1e6})
+    rt = runtime_of(client)
+    dev = await device(rt, "live")
+    total = 3000
+    joined = asyncio.Event()
+
+    async def produce() -> None:
+        for i in range(total):
+            dev.send(frames.Data(i % 256, ENV_DATA))
+            if i % 50 == 0:
+                await dev.writer.drain()
+                await asyncio.sleep(0)
+            if i == total // 2:
+                joined.set()
+
+    producer = asyncio.create_task(produce())
+    await joined.wait()
+    d = await dash(client)
+    await d.send({"op": "subscribe", "device": "live", "since": 0})
+    received: list[int] = []
+
+    async def consume() -> None:  # read as a live dashboard does, while traffic flows
+        while len(received) < total:
+            msg = await d.recv()
+            assert msg["op"] != "lagged", "a reading dashboard must not lag here"
+            if msg["op"] == "telemetry":
+                received.append(msg["offset"])
+
+    consumer = asyncio.create_task(consume())
+    await producer
+    await wait_until(
+        lambda: rt.hub.devices["live"].last is not None and rt.storage.stats.pending == 0,
+        "the live value stored",
+        timeout=10,
+    )
+    await rt.storage.flush()
+    stored = []
+    after = 0
+    while batch := await rt.storage.telemetry_since(after, device="live", limit=1000):
+        stored += [r.offset for r in batch]
+        after = batch[-1].offset
+    assert len(stored) == total
+    await asyncio.wait_for(consumer, 30)
+    assert received == stored
+
+
+async def test_restart_keeps_offsets_history_and_queued_commands(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    data = tmp_path / "kept"
+    first = await make_app(data_dir=data)
+    rt = runtime_of(first)
+    dev = await device(rt, "r")
+    for i in range(5):
+        dev.send(frames.Data(i, ENV_DATA))
+    d = await dash(first)
+    await d.request({"op": "subscribe", "device": "r", "since": 0}, "subscribed")
+    before = [(await d.expect("telemetry"))["offset"] for _ in range(5)]
+    await dev.aclose()
+    await wait_until(
+        lambda: not rt.hub.devices["r"].online, "not rt.hub.devices['r'].online", timeout=10
+    )
+    await d.send({"op": "command", "id": "later", "device": "r", "command": {"name": "reboot"}})
+    await d.expect("command_status", status="queued")
+    await first.close()
+
+    second = await make_app(data_dir=data)
+    rt2 = runtime_of(second)
+    listing = await (
+        await second.get("/api/devices/r", headers={"Authorization": f"Bearer {OPERATOR}"})
+    ).json()
+    assert listing["online"] is False
+    assert listing["last"]["offset"] == before[-1]
+    d2 = await dash(second)
+    await d2.request({"op": "subscribe", "device": "r", "since": 0}, "subscribed")
+    replayed = [(await d2.expect("telemetry"))["offset"] for _ in range(5)]
+    assert replayed == before
+    back = await device(rt2, "r")
+    cmd = await back.expect(frames.Command)
+    assert cmd.body == b"\x02"
+    back.send(frames.Data(9, ENV_DATA))
+    new = await d2.expect("telemetry")
+    assert new["offset"] > before[-1]
+
+
+async def test_loop_is_not_blocked_by_storage_during_a_write_burst(make_app: AppFactory) -> None:
+    client = await make_app(devices={"max_frames_per_second": 1e6, "rate_burst": 1e6})
+    rt = runtime_of(client)
+    dev = await device(rt, "burst")
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal worst
+        while not done.is_set():
+            t0 = loop.time()
+            await asyncio.sleep(0.001)
+            worst = max(worst, loop.time() - t0)
+
+    tick = asyncio.create_task(ticker())
+    for i in range(20_000):
+        dev.send(frames.Data(i % 256, ENV_DATA))
+        if i % 500 == 0:
+            await dev.writer.drain()
+    await dev.writer.drain()
+    await wait_until(
+        lambda: rt.storage.stats.rows_written >= 20_000,
+        "rt.storage.stats.rows_written >= 20_000",
+        timeout=30,
+    )
+    done.set()
+    await tick
+    # A lag check, not a speed test: generous for a noisy 2-core machine.
+    assert worst < 2.0, worst
+
+
+async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFactory) -> None:
+    client = await make_app(
+        dashboards={"drain_timeout": 0.5},
+        devices={"max_frames_per_second": 1e6, "rate_burst": 1e6},
+    )
+    rt = runtime_of(client)
+    stalled = _stalled_dashboard(client.host, client.port)
+    try:
+        await wait_until(
+            lambda: len(rt.hub.subscriptions.all_subscribers()) == 1,
+            "len(rt.hub.subscriptions.all_subscribers()) == 1",
+            timeout=10,
+        )
+        dev = await device(rt, "firehose")
+        closed = rt.metrics.slow_dashboards_closed
+        for _ in range(200):  # until the stalled socket's buffers are full
+            for i in range(500):
+                dev.send(frames.Data(i % 256, ENV_DATA))
+            await dev.writer.drain()
+            if closed._value.get() >= 1:
+                break
+            await asyncio.sleep(0.05)  # let the writer's drain timeout run
+        await wait_until(lambda: closed._value.get() >= 1, "closed._value.get() >= 1", timeout=10)
+        await wait_until(
+            lambda: not rt.hub.subscriptions.all_subscribers(),
+            "not rt.hub.subscriptions.all_subscribers()",
+            timeout=10,
+        )
+    finally:
+        stalled.close()
