@@ -2,8 +2,10 @@
 
 Run by the benchmarks as its own process (``python -m benchmarks.loadgen``).
 It speaks the device protocol of docs/protocol.md §3-4 with the project's own
-encoder (``frames.encode_frame`` of ``frames.Data``), one asyncio Protocol per
-connection and no task per device, so that one process can drive 10,000 links.
+encoder (``frames.encode_frame`` of ``frames.Data``) and the device-side
+handshake the simulators and tests share (``simulators.handshake``), one
+asyncio Protocol per connection and no task per device, so that one process
+can drive 10,000 links.
 
 Every DATA body carries its send time (``benchmarks.stamp``). Sends are spread
 evenly: frame k of the whole run is due at ``start + k / (D * R)`` and goes to
@@ -29,21 +31,8 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from benchmarks import harness, stamp
-from frames import (
-    Data,
-    Error,
-    ErrorCode,
-    Frame,
-    FrameDecoder,
-    Hello,
-    Ping,
-    Pong,
-    RemoteProtocolError,
-    Welcome,
-    decode_message,
-    encode_frame,
-    get_protocol,
-)
+from frames import Data, Error, Ping, Pong, Welcome, encode_frame, get_protocol
+from simulators.handshake import DeviceHandshake, MessageReader, encode, error_name
 
 
 class Totals:
@@ -69,9 +58,14 @@ class Device(asyncio.Protocol):
         self.protocol = protocol
         self.totals = totals
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder()
+        self.reader = MessageReader()
+        self.handshake = DeviceHandshake(client_id, protocol, next_seq=self._next_seq)
         self.welcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.seq = 0
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0xFF
+        return self.seq
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -79,30 +73,24 @@ class Device(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.transport.write(encode_frame(Hello(0, self.client_id, self.protocol).encode()))
+        self.transport.write(encode(self.handshake.hello()))
 
     def data_received(self, data: bytes) -> None:
-        for event in self.decoder.feed(data):
-            if not isinstance(event, Frame):
-                continue
-            try:
-                msg = decode_message(event.payload)
-            except RemoteProtocolError:
-                self.totals.errors["undecodable"] += 1
-                continue
+        reader = self.reader
+        bad = reader.bad_messages
+        for msg in reader.feed(data):
+            reply = self.handshake.receive(msg)
+            if reply is not None:
+                self._write(encode(reply))  # PONG, or HELLO again after NOT_REGISTERED
             if isinstance(msg, Welcome):
-                if not self.welcome.done():
+                if self.handshake.welcomed and not self.welcome.done():
                     self.welcome.set_result(None)
             elif isinstance(msg, Pong):
                 self.totals.pongs += 1
-            elif isinstance(msg, Ping):
-                self._write(encode_frame(Pong(msg.seq).encode()))
             elif isinstance(msg, Error):
-                try:
-                    name = ErrorCode(msg.code).name
-                except ValueError:
-                    name = str(msg.code)
-                self.totals.errors[name] += 1
+                self.totals.errors[error_name(msg.code)] += 1
+        if reader.bad_messages != bad:
+            self.totals.errors["undecodable"] += reader.bad_messages - bad
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -119,8 +107,7 @@ class Device(asyncio.Protocol):
 
     def send_data(self) -> None:
         now = time.time_ns()
-        self.seq = (self.seq + 1) & 0xFF
-        if self._write(encode_frame(Data(self.seq, stamp.body(now)).encode())):
+        if self._write(encode_frame(Data(self._next_seq(), stamp.body(now)).encode())):
             totals = self.totals
             totals.sent += 1
             # Counted as the dashboards count it: at the stamp's 10 us resolution.
@@ -129,8 +116,7 @@ class Device(asyncio.Protocol):
                 totals.sent_in_window += 1
 
     def send_ping(self) -> None:
-        self.seq = (self.seq + 1) & 0xFF
-        if self._write(encode_frame(Ping(self.seq).encode())):
+        if self._write(encode_frame(Ping(self._next_seq()).encode())):
             self.totals.pings += 1
 
     def close(self) -> None:

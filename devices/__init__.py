@@ -1,12 +1,18 @@
 """Device links: TCP and serial transports and the session state machine behind them.
 
-Thin adapters move bytes between the OS and the sans-IO ``frames`` core; one
-``DeviceSession`` per link owns docs/protocol.md §4. The hub talks to this
-package through ``DeviceManager`` (commands) and ``DeviceEventSink`` (events).
+Thin adapters move bytes between the OS and sans-IO cores: ``frames`` for the
+codec, ``devices.core.SessionCore`` for docs/protocol.md §4 (with the
+differences between links in ``LinkPolicy``). One ``DeviceSession`` per link
+runs a core on the event loop. The hub talks to this package through
+``DeviceManager`` (commands, counters) and ``DeviceEventSink`` (events).
 """
 
+from .commands import CommandTracker
 from .config import DeviceAuth, SerialPortConfig, SessionConfig
+from .core import CloseLink, CommandDone, SessionCore, SessionEvent, SessionState
+from .counters import DeviceCounters, LinkCounters
 from .events import (
+    CloseReason,
     CommandHandle,
     CommandResult,
     CommandStatus,
@@ -20,15 +26,22 @@ from .events import (
     Transport,
 )
 from .manager import DeviceManager
+from .policy import LinkPolicy
+from .ports import LinkPort, ManagedSession, SessionHost
 from .serial_link import SerialLink
-from .session import DeviceSession, LinkCounters, SessionState
+from .session import DeviceSession
 from .tcp import DeviceServer
 
 __all__ = [
+    "CloseLink",
+    "CloseReason",
+    "CommandDone",
     "CommandHandle",
     "CommandResult",
     "CommandStatus",
+    "CommandTracker",
     "DeviceAuth",
+    "DeviceCounters",
     "DeviceEvent",
     "DeviceEventSink",
     "DeviceInfo",
@@ -40,9 +53,15 @@ __all__ = [
     "DeviceSession",
     "DeviceTelemetry",
     "LinkCounters",
+    "LinkPolicy",
+    "LinkPort",
+    "ManagedSession",
     "SerialLink",
     "SerialPortConfig",
     "SessionConfig",
+    "SessionCore",
+    "SessionEvent",
+    "SessionHost",
     "SessionState",
     "Transport",
 ]

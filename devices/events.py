@@ -51,12 +51,33 @@ class DeviceTelemetry:
     received: float  # loop.time() when the frame was decoded (for latency figures)
 
 
+class CloseReason(enum.StrEnum):
+    """Why a device link was closed or its session ended.
+
+    It is ``DeviceOffline.reason`` (the ``reason`` of a dashboard's presence,
+    docs/api.md §3) and the ``reason`` label of ``iot_device_links_closed_total``.
+    SILENT on a serial link and REHELLO end a session but keep the link open.
+    """
+
+    HELLO_TIMEOUT = "hello_timeout"  # no valid HELLO in time (TCP)
+    SILENT = "silent"  # nothing heard for misses x heartbeat
+    GARBAGE = "garbage"  # mostly garbage within the garbage window (TCP)
+    AUTH_FAILED = "auth_failed"  # a HELLO with the wrong token
+    REFUSED = "refused"  # a HELLO beyond max_devices
+    REPLACED = "replaced"  # a newer link said HELLO as the same client_id
+    NOT_READING = "not_reading"  # the device left max_write_buffer unread
+    CLOSED = "closed"  # the device closed the link
+    LOST = "lost"  # the link failed (reset, unplugged port)
+    SHUTDOWN = "shutdown"  # the gateway is stopping
+    REHELLO = "rehello"  # the link said HELLO as another client_id
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceOffline:
-    """A session ended. ``reason``: closed, lost, silent, replaced, auth_failed, garbage, ..."""
+    """A session ended, for ``reason``."""
 
     info: DeviceInfo
-    reason: str
+    reason: CloseReason
 
 
 DeviceEvent = DeviceOnline | DeviceTelemetry | DeviceOffline
@@ -70,7 +91,13 @@ class DeviceEventSink(Protocol):
 
 
 class CommandStatus(enum.StrEnum):
-    """The fate of one COMMAND sent to a device."""
+    """Every status a command can have, device side and hub side (docs/api.md §3).
+
+    The device side ends a command as ACKED, NACKED or TIMEOUT; the hub adds
+    SENT, QUEUED, EXPIRED and REJECTED. A link lost (or a serial device gone
+    silent) after the COMMAND was written and before its ACK is a TIMEOUT whose
+    ``error`` says why ("link lost", "device went silent"): nobody will answer.
+    """
 
     SENT = "sent"
     QUEUED = "queued"
@@ -79,12 +106,15 @@ class CommandStatus(enum.StrEnum):
     TIMEOUT = "timeout"
     EXPIRED = "expired"
     REJECTED = "rejected"
-    FAILED = "failed"  # the link was lost before the ACK came
 
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:
-    """Final status of a command; ``code`` is the device's status byte for NACKED."""
+    """Final status of a command.
+
+    ``code`` is the device's status byte for NACKED; ``error`` says why for a
+    TIMEOUT that no ACK can end any more ("link lost", "device went silent").
+    """
 
     status: CommandStatus
     code: int | None = None
@@ -93,7 +123,7 @@ class CommandResult:
 
 @dataclass(slots=True)
 class CommandHandle:
-    """A command written to a device; ``result`` resolves on ACK, NACK, timeout or loss."""
+    """A command written to a device; ``result`` resolves to ACKED, NACKED or TIMEOUT."""
 
     client_id: str
     seq: int

@@ -1,19 +1,22 @@
 """The device side's registry: which session speaks for which client_id.
 
 It enforces takeover (a second HELLO for an online client_id replaces the older
-session, as MQTT does) and the device limit, forwards events to the hub's sink,
-and is where the hub sends commands: ``send_command(client_id, body)``.
+session, as MQTT does, docs/protocol.md §4) and the device limit, forwards
+events to the hub's sink, keeps the counters ``/metrics`` reads, and is where
+the hub sends commands: ``send_command(client_id, body)``. Sessions reach it
+through the ``SessionHost`` interface, so it imports no session code.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
-from frames import Discarded, ErrorCode
+from frames import ErrorCode
 
 from .config import SessionConfig
+from .counters import DeviceCounters, LinkCounters
 from .events import (
+    CloseReason,
     CommandHandle,
     DeviceEvent,
     DeviceEventSink,
@@ -22,46 +25,44 @@ from .events import (
     DeviceOffline,
     DeviceOnline,
     DeviceTelemetry,
-    Transport,
 )
-from .session import DeviceSession, LinkCounters
+from .ports import ManagedSession
 
 log = logging.getLogger(__name__)
 
 
 class DeviceManager:
-    """All device sessions of one gateway, and the seam to the hub."""
+    """All device sessions of one gateway, and the seam to the hub (a ``SessionHost``)."""
 
     def __init__(self, sink: DeviceEventSink, config: SessionConfig | None = None) -> None:
         self.sink = sink
         self.config = config or SessionConfig()
-        self.online: dict[str, DeviceSession] = {}
-        self.links: set[DeviceSession] = set()
-        # Serial links keep one counter set across reopenings of their port.
-        self.serial_counters: dict[str, LinkCounters] = {}
-        # Gateway-wide counters by name (errors sent by code, limits hit, ...).
-        self.counters: Counter[str] = Counter()
-        # Totals of links already closed, so metrics stay monotonic.
+        self.online: dict[str, ManagedSession] = {}
+        self.links: set[ManagedSession] = set()
+        self.counters = DeviceCounters()
+        # Traffic of links already closed, so that totals stay monotonic.
         self.closed_totals = LinkCounters()
+        # Counters that outlive a link: one set per serial port, across reopenings.
+        self._port_counters: dict[str, LinkCounters] = {}
 
-    # ---- called by sessions -----------------------------------------------------------------
+    def port_counters(self, port: str) -> LinkCounters:
+        """The counters of ``port`` (a serial URL), the same set every time it reopens."""
+        return self._port_counters.setdefault(port, LinkCounters())
 
-    def link_opened(self, session: DeviceSession) -> None:
+    # ---- called by sessions (SessionHost) -----------------------------------------------------
+
+    def link_opened(self, session: ManagedSession) -> None:
         """A link (TCP connection, serial port) has a new session."""
         self.links.add(session)
 
-    def link_closed(self, session: DeviceSession) -> None:
-        """A session's link is closed for good; fold its counters into the totals."""
+    def link_closed(self, session: ManagedSession) -> None:
+        """A session's link is closed for good; keep its traffic in the totals."""
         if session in self.links:
             self.links.discard(session)
-            if session.link.kind is not Transport.TCP:
-                return  # counted through serial_counters
-            totals, c = self.closed_totals, session.counters
-            for name in LinkCounters.__dataclass_fields__:
-                if name != "reconnects":
-                    setattr(totals, name, getattr(totals, name) + getattr(c, name))
+            if session.owns_counters:
+                self.closed_totals.add(session.counters)
 
-    def admit(self, session: DeviceSession, info: DeviceInfo) -> str | None:
+    def admit(self, session: ManagedSession, info: DeviceInfo) -> str | None:
         """May this session go online? Replaces an older session of the same client_id.
 
         Returns None to admit, or the reason for refusing.
@@ -74,46 +75,43 @@ class DeviceManager:
                 client_id,
                 session.link.peer,
             )
-            self.counters["replaced"] += 1
-            older.close("replaced", ErrorCode.REPLACED, "another link logged in as this device")
-        elif len(self.online) >= self.config.max_devices:
-            self.counters["refused_max_devices"] += 1
-            log.warning(
-                "refusing device %s: %d devices online (max_devices)", client_id, len(self.online)
+            self.counters.replaced += 1
+            older.close(
+                CloseReason.REPLACED, ErrorCode.REPLACED, "another link logged in as this device"
             )
+            return None
+        # A link saying HELLO as another client_id gives up the one it had.
+        own = session.info
+        present = len(self.online) - (own is not None and self.online.get(own.client_id) is session)
+        if present >= self.config.max_devices:
+            self.counters.refused_max_devices += 1
+            log.warning("refusing device %s: %d devices online (max_devices)", client_id, present)
             return f"gateway full: max_devices={self.config.max_devices}"
         return None
 
-    def session_started(self, session: DeviceSession) -> None:
+    def session_started(self, session: ManagedSession, event: DeviceOnline) -> None:
         """The session is online; tell the hub."""
-        assert session.info is not None
-        self.online[session.info.client_id] = session
+        info = event.info
+        self.online[info.client_id] = session
         log.info(
-            "device %s online (%s, %s %s)",
-            session.info.client_id,
-            session.info.protocol,
-            session.info.transport,
-            session.info.peer,
+            "device %s online (%s, %s %s)", info.client_id, info.protocol, info.transport, info.peer
         )
-        self._emit(DeviceOnline(session.info))
+        self._emit(event)
 
-    def session_ended(self, session: DeviceSession, reason: str) -> None:
+    def session_ended(self, session: ManagedSession, event: DeviceOffline) -> None:
         """The session is no longer online; tell the hub."""
-        info = session.info
-        if info is None:
-            return
-        if self.online.get(info.client_id) is session:
-            del self.online[info.client_id]
-        log.info("device %s offline (%s)", info.client_id, reason)
-        self._emit(DeviceOffline(info, reason))
+        client_id = event.info.client_id
+        if self.online.get(client_id) is session:
+            del self.online[client_id]
+        log.info("device %s offline (%s)", client_id, event.reason)
+        self._emit(event)
 
     def telemetry(self, event: DeviceTelemetry) -> None:
         """A DATA message was decoded."""
-        self._emit(event)
-
-    def count_discard(self, event: Discarded) -> None:
-        """Gateway-wide discard counters (per-link ones live on the session)."""
-        self.counters[f"discarded_{event.reason}"] += event.nbytes
+        try:
+            self.sink.device_event(event)
+        except Exception:
+            log.exception("hub failed on %s", type(event).__name__)
 
     def _emit(self, event: DeviceEvent) -> None:
         try:
@@ -131,7 +129,8 @@ class DeviceManager:
     async def send_command(self, client_id: str, body: bytes) -> CommandHandle:
         """Send a COMMAND body to an online device; await room on its link.
 
-        The handle's ``result`` future resolves to acked, nacked, timeout or failed.
+        The handle's ``result`` future resolves to acked, nacked or timeout
+        (with ``error`` "link lost" when the link went before the ACK).
         Raises ``DeviceNotOnline`` when the device has no live session.
         """
         session = self.online.get(client_id)
@@ -140,20 +139,12 @@ class DeviceManager:
         return await session.send_command(body)
 
     def totals(self) -> LinkCounters:
-        """Counters summed over every link, open and closed."""
-        out = LinkCounters(
-            **{
-                name: getattr(self.closed_totals, name)
-                for name in LinkCounters.__dataclass_fields__
-            }
-        )
-        live = [s.counters for s in self.links if s.link.kind is Transport.TCP]
-        for c in [*live, *self.serial_counters.values()]:
-            for name in LinkCounters.__dataclass_fields__:
-                setattr(out, name, getattr(out, name) + getattr(c, name))
+        """Traffic counters summed over every link, open and closed."""
+        out = LinkCounters()
+        out.add(self.closed_totals)
+        for session in self.links:
+            if session.owns_counters:
+                out.add(session.counters)
+        for counters in self._port_counters.values():
+            out.add(counters)
         return out
-
-    def close_all(self, reason: str = "shutdown") -> None:
-        """Close every link (gateway shutdown)."""
-        for session in list(self.links):
-            session.close(reason)

@@ -26,9 +26,10 @@ import serial_asyncio
 from frames.backoff import Backoff
 
 from .config import SerialPortConfig
-from .events import Transport
+from .events import CloseReason, Transport
 from .manager import DeviceManager
-from .session import DeviceSession, LinkCounters
+from .policy import LinkPolicy
+from .session import DeviceSession
 from .writer import LinkWriter
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class SerialLink(LinkWriter):
         self.manager = manager
         self.config = config
         self.peer = config.url
-        self.counters = manager.serial_counters.setdefault(config.url, LinkCounters())
+        self.counters = manager.port_counters(config.url)
+        self.policy = LinkPolicy.serial(manager.config, config)
         self.session: DeviceSession | None = None
         self.state = "closed"  # closed -> open -> lost/failed -> open ...
         self.last_error: str | None = None
@@ -143,24 +145,11 @@ class SerialLink(LinkWriter):
     async def _serve(self, transport: Any, protocol: _SerialProtocol) -> None:
         self.transport = transport
         identity = _node_identity(self.config.url)
-        fixed = (
-            (self.config.client_id, self.config.protocol)
-            if self.config.client_id is not None and self.config.protocol is not None
-            else None
-        )
-        self.session = DeviceSession(
-            self.manager,
-            self,
-            frame_options=self.config.frame,
-            frame_timeout=self.config.frame_timeout,
-            fixed_identity=fixed,
-            counters=self.counters,
-        )
+        self.session = DeviceSession(self.manager, self, policy=self.policy, counters=self.counters)
         self.session.start()
         self._backoff.reset()
         self._set_state("open")
         self.opened.set()
-        reason = "lost"
         try:
             while True:
                 done, _ = await asyncio.wait({protocol.lost}, timeout=self.config.health_interval)
@@ -177,7 +166,7 @@ class SerialLink(LinkWriter):
             self.opened.clear()
             session, self.session = self.session, None
             if session is not None:
-                session.link_lost("shutdown" if self._stopping else reason)
+                session.link_lost(CloseReason.SHUTDOWN if self._stopping else CloseReason.LOST)
             await self._close_port(protocol)
             self.resume()
 

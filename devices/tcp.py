@@ -13,8 +13,9 @@ from typing import Any, cast
 
 from frames import FrameOptions
 
-from .events import Transport
+from .events import CloseReason, Transport
 from .manager import DeviceManager
+from .policy import LinkPolicy
 from .session import DeviceSession
 from .writer import LinkWriter
 
@@ -37,14 +38,14 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         self.transport = cast(asyncio.Transport, transport)
         peer: Any = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self.server.manager.links) >= self.server.max_connections:
-            self.server.manager.counters["refused_connections"] += 1
-            log.debug("refusing %s: %d device connections", self.peer, self.server.max_connections)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            server.manager.counters.refused_connections += 1
+            log.debug("refusing %s: %d device connections", self.peer, server.max_connections)
             self.transport.abort()
             return
-        self._session = DeviceSession(
-            self.server.manager, self, frame_options=self.server.frame_options
-        )
+        server.connections.add(self)
+        self._session = DeviceSession(server.manager, self, policy=server.policy)
         self._session.start()
 
     def data_received(self, data: bytes) -> None:
@@ -56,9 +57,15 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.resume(exc)
+        self.server.connections.discard(self)
         if self._session is not None:
-            self._session.link_lost("closed" if exc is None else "lost")
+            self._session.link_lost(CloseReason.CLOSED if exc is None else CloseReason.LOST)
         self.transport = None
+
+    def shut_down(self) -> None:
+        """Close the connection because the gateway is stopping."""
+        if self._session is not None:
+            self._session.close(CloseReason.SHUTDOWN)
 
     def pause_writing(self) -> None:
         self.pause()
@@ -84,8 +91,11 @@ class DeviceServer:
         self.host = host
         self.port = port
         self.frame_options = frame_options or FrameOptions()
+        self.policy = LinkPolicy.tcp(manager.config, self.frame_options)
         self.max_connections = max_connections
         self.backlog = backlog
+        # This port's open connections: what max_connections bounds and close() ends.
+        self.connections: set[_DeviceConnection] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -111,9 +121,8 @@ class DeviceServer:
     async def close(self) -> None:
         """Stop accepting and close every device connection."""
         await self.stop_accepting()
-        for session in list(self.manager.links):
-            if session.link.kind is Transport.TCP:
-                session.close("shutdown")
+        for connection in list(self.connections):
+            connection.shut_down()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

@@ -26,9 +26,10 @@ from collections.abc import Awaitable, Sequence
 from contextlib import suppress
 from typing import Any, Final, TypeVar
 
-from frames import Frame, FrameDecoder, Message, RemoteProtocolError, decode_message
+from frames import FrameDecoder, Message
 from frames.backoff import Backoff, BackoffPolicy
 
+from .handshake import MessageReader
 from .spec import DeviceSpec
 
 CONNECT_TIMEOUT: Final = 5.0  # a gateway that accepts nothing in 5 s counts as down
@@ -73,9 +74,18 @@ class DeviceDriver:
         self.link_up = False
         self.links = 0  # links brought up
         self.connect_failures = 0
-        self.bad_messages = 0  # frames from the gateway that were not valid messages
         self.last_failure: str | None = None
-        self.decoder: FrameDecoder | None = None  # the current link's, for its counters
+        self.reader = MessageReader()  # the gateway's messages, on the current link
+
+    @property
+    def bad_messages(self) -> int:
+        """Frames from the gateway that were not valid messages."""
+        return self.reader.bad_messages
+
+    @property
+    def decoder(self) -> FrameDecoder:
+        """The current link's frame decoder, for its counters."""
+        return self.reader.decoder
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the device until ``stop`` is set or it gets a fatal ERROR."""
@@ -84,7 +94,8 @@ class DeviceDriver:
     async def _session(self, link: _Link, stop: asyncio.Event) -> LinkEnd:
         """Run the model over ``link`` until the link ends, the caller stops, or a fatal ERROR."""
         loop = asyncio.get_running_loop()
-        decoder = self.decoder = FrameDecoder()
+        reader = self.reader
+        reader.new_link()
         self.link_up = True
         self.links += 1
         now = loop.time()
@@ -116,14 +127,7 @@ class DeviceDriver:
                 if not data:
                     return LinkEnd.EOF
                 now = loop.time()
-                for event in decoder.feed(data, now):
-                    if not isinstance(event, Frame):
-                        continue  # the decoder counts what it discards
-                    try:
-                        msg = decode_message(event.payload)
-                    except RemoteProtocolError:
-                        self.bad_messages += 1
-                        continue
+                for msg in reader.feed(data, now):
                     await self._send(link, self.model.on_message(msg, now), now)
                 if self.model.stopped:
                     return LinkEnd.FATAL

@@ -13,6 +13,9 @@ What a model does (docs/protocol.md §4):
   at its rate, and a PING whenever it has sent nothing for a heartbeat interval;
 - it answers PING with PONG and COMMAND with ACK (status 0, or its own error
   code); a fatal ERROR (AUTH_FAILED, REPLACED) stops it for good.
+
+The handshake itself (HELLO, WELCOME, PING, ERROR) is ``simulators.handshake``,
+shared with the load generator and the tests' raw devices.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from frames import (
     Command,
     Data,
     Error,
-    ErrorCode,
     Hello,
     Message,
     Ping,
@@ -41,6 +43,8 @@ from frames import (
     get_protocol,
     valid_client_id,
 )
+
+from .handshake import DeviceHandshake
 
 M = TypeVar("M", bound=Message)
 
@@ -128,9 +132,8 @@ class DeviceModel(abc.ABC):
         self.state = ModelState.OFFLINE
         self.interval = 1.0 / rate  # seconds between DATA; set_interval changes it
         self.heartbeat = DEFAULT_HEARTBEAT
-        self.session_id: uuid.UUID | None = None
-        self.last_error: Error | None = None
         self._seq = 0
+        self.handshake = DeviceHandshake(client_id, self.protocol, token, next_seq=self._next_seq)
         self._connected_before = False
         self._next_data: float | None = None
         self._last_sent: float | None = None
@@ -150,6 +153,16 @@ class DeviceModel(abc.ABC):
         """True once a fatal ERROR ended the device; drivers stop reconnecting it."""
         return self.state is ModelState.STOPPED
 
+    @property
+    def session_id(self) -> uuid.UUID | None:
+        """The session id of the latest WELCOME on this link."""
+        return self.handshake.session_id
+
+    @property
+    def last_error(self) -> Error | None:
+        """The latest ERROR the gateway sent, on any link."""
+        return self.handshake.error
+
     def connect(self, now: float) -> list[Message]:
         """A link came up: return the HELLO (nothing for a fixed serial device)."""
         if self.stopped:
@@ -167,7 +180,7 @@ class DeviceModel(abc.ABC):
         """The link is gone; the next ``connect`` starts a new session."""
         if not self.stopped:
             self.state = ModelState.OFFLINE
-        self.session_id = None
+        self.handshake.reset()
         self._next_data = None
         self._hello_at = None
         self._reboot_until = None
@@ -181,27 +194,31 @@ class DeviceModel(abc.ABC):
         """React to a message from the gateway; return what to send back."""
         if self.stopped:
             return []
+        if self.state is ModelState.REBOOTING and not isinstance(msg, Error):
+            return []  # a rebooting device hears nothing but ERRORs
+        if isinstance(msg, Command):
+            return self._on_command(msg, now)
+        hello_sent = self.state is ModelState.HELLO_SENT
+        reply = self.handshake.receive(msg)
         if isinstance(msg, Error):
-            return self._on_error(msg, now)
-        if self.state is ModelState.REBOOTING:
-            return []  # a rebooting device hears nothing
-        match msg:
-            case Welcome():
-                if self.state in (ModelState.HELLO_SENT, ModelState.ONLINE):
-                    self.session_id = msg.session_id
-                    self.heartbeat = float(msg.heartbeat)
-                    if self.state is ModelState.HELLO_SENT:
-                        self._go_online(now)
+            self.counters.errors_received += 1
+            if self.handshake.refused:
+                self.state = ModelState.STOPPED
                 return []
-            case Ping():
-                self.counters.pongs_sent += 1
-                return [self._sent(Pong(msg.seq), now)]
-            case Command():
-                return self._on_command(msg, now)
-            case _:
-                # PONG answers our PING; HELLO, DATA and ACK never come from a
-                # gateway. Either way there is nothing to say.
-                return []
+        elif isinstance(msg, Welcome) and self.handshake.welcomed:
+            self.heartbeat = float(msg.heartbeat)
+            if hello_sent:
+                self._go_online(now)
+        # PONG answers our PING; HELLO, DATA and ACK never come from a gateway.
+        if isinstance(reply, Pong):
+            self.counters.pongs_sent += 1
+            return [self._sent(reply, now)]
+        if isinstance(reply, Hello) and self.online:
+            # NOT_REGISTERED on a live session: the HELLO again is the reply.
+            self.state = ModelState.HELLO_SENT
+            self._next_data = None
+            return [self._sent_hello(reply, now)]
+        return []
 
     def tick(self, now: float) -> list[Message]:
         """Let time pass: return the DATA, PING or HELLO retry that is due by ``now``."""
@@ -281,9 +298,12 @@ class DeviceModel(abc.ABC):
         return msg
 
     def _hello_message(self, now: float) -> Hello:
+        return self._sent_hello(self.handshake.hello(), now)
+
+    def _sent_hello(self, hello: Hello, now: float) -> Hello:
         self.counters.hellos_sent += 1
         self._hello_at = now
-        return self._sent(Hello(self._next_seq(), self.client_id, self.protocol, self.token), now)
+        return self._sent(hello, now)
 
     def _go_online(self, now: float) -> None:
         self.state = ModelState.ONLINE
@@ -302,20 +322,6 @@ class DeviceModel(abc.ABC):
         self._reboot_until = None
         self.state = ModelState.ONLINE
         self._next_data = now
-
-    def _on_error(self, msg: Error, now: float) -> list[Message]:
-        self.counters.errors_received += 1
-        self.last_error = msg
-        if msg.code in (ErrorCode.AUTH_FAILED, ErrorCode.REPLACED):
-            self.state = ModelState.STOPPED
-            return []
-        if msg.code == ErrorCode.NOT_REGISTERED and self.hello and self.online:
-            # The gateway lost our session (it restarted, or its serial link
-            # did): introduce ourselves again rather than talk into the void.
-            self.state = ModelState.HELLO_SENT
-            self._next_data = None
-            return [self._hello_message(now)]
-        return []
 
     def _on_command(self, cmd: Command, now: float) -> list[Message]:
         try:

@@ -12,11 +12,11 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from frames import ErrorCode
 from frames.backoff import BackoffPolicy
 
 from .drivers import DeviceDriver, PtyDevice, TcpDevice
 from .faults import FaultCounters
+from .handshake import error_name
 from .spec import DeviceSpec
 
 
@@ -72,13 +72,6 @@ class SimulationStats:
         if self.last_failure:
             lines.append(f"last failure: {self.last_failure}")
         return "\n".join(lines)
-
-
-def _error_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return f"code {code}"
 
 
 class Simulation:
@@ -138,7 +131,7 @@ class Simulation:
                 s.last_failure = f"{d.spec.client_id}: {d.last_failure}"
             err = d.model.last_error
             if err is not None:
-                s.last_error = f"{d.spec.client_id}: {_error_name(err.code)} {err.reason!r}"
+                s.last_error = f"{d.spec.client_id}: {error_name(err.code)} {err.reason!r}"
         return s
 
     async def run(self, stop: asyncio.Event) -> SimulationStats:

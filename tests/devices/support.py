@@ -1,9 +1,13 @@
-"""Helpers for device-link tests: an event recorder, a raw TCP device client."""
+"""Helpers for device tests: a fake clock and fake links for the sans-IO layers, and an
+event recorder and a raw TCP device (on the shared device-side handshake) for the
+end-to-end layer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +20,83 @@ from devices import (
     DeviceOnline,
     DeviceServer,
     DeviceTelemetry,
+    Transport,
 )
+from simulators.handshake import DeviceHandshake, MessageReader, encode, error_name
+
+ENV_DATA = bytes.fromhex("085911c661")  # env-sensor: 21.37 degC, 45.5 %, 97 % battery
+ENV_VALUES = {"temperature_c": 21.37, "humidity_pct": 45.5, "battery_pct": 97}
+
+# ---- the sans-IO layers -------------------------------------------------------------------
+
+
+class FakeClock:
+    """Monotonic seconds and unix milliseconds that move only when a test says so."""
+
+    def __init__(self, now: float = 100.0, wall_ms: int = 1_700_000_000_000) -> None:
+        self.now = now
+        self._wall_base = wall_ms
+        self._start = now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+    def wall_ms(self) -> int:
+        return self._wall_base + round((self.now - self._start) * 1000)
+
+
+def session_ids() -> Callable[[], uuid.UUID]:
+    """A session-id factory giving UUIDv4s in a known order: ...0001, ...0002, ..."""
+    counter = itertools.count(1)
+    return lambda: uuid.UUID(int=next(counter), version=4)
+
+
+def wire(*messages: frames.Message) -> bytes:
+    """The bytes of one frame per message, back to back."""
+    return b"".join(encode(m) for m in messages)
+
+
+def parse(data: bytes) -> list[frames.Message]:
+    """The messages in bytes a gateway wrote (every frame must be a valid message)."""
+    return MessageReader(strict=True).feed(data)
+
+
+class FakeLink:
+    """A LinkPort that keeps what is written and says when it was closed."""
+
+    def __init__(self, peer: str = "fake:1", kind: Transport = Transport.TCP) -> None:
+        self.kind = kind
+        self.peer = peer
+        self.written = bytearray()
+        self.closed = False
+        self.gone = asyncio.Event()  # set by close(), for tests that await it
+        self.buffered = 0  # what write_buffer_size reports
+        self.room = asyncio.Event()  # cleared: drain() waits, as for a full socket
+        self.room.set()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.written += data
+
+    async def drain(self) -> None:
+        await self.room.wait()
+
+    def write_buffer_size(self) -> int:
+        return self.buffered
+
+    def close(self) -> None:
+        self.closed = True
+        self.gone.set()
+
+    def take(self) -> list[frames.Message]:
+        """The messages written since the last call."""
+        out = parse(bytes(self.written))
+        self.written.clear()
+        return out
+
+
+# ---- the end-to-end layer -----------------------------------------------------------------
 
 
 class Recorder:
@@ -66,13 +146,6 @@ class Recorder:
         ]
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition that has no event of its own (counters, states)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 @dataclass
 class Gateway:
     manager: DeviceManager
@@ -90,17 +163,22 @@ class Gateway:
 
 
 class Client:
-    """A raw TCP device built from the project's own encoder."""
+    """A raw TCP device: the project's encoder and the shared device-side handshake.
+
+    Every message the gateway sends is kept for the test (``recv``, ``expect``);
+    nothing is answered behind its back.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.decoder = frames.FrameDecoder()
+        self.messages = MessageReader(strict=True)
         self.inbox: list[frames.Message] = []
         self.seq = 0
+        self.handshake: DeviceHandshake | None = None
 
     def send(self, message: frames.Message) -> None:
-        self.writer.write(frames.encode_frame(message.encode()))
+        self.writer.write(encode(message))
 
     def send_raw(self, data: bytes) -> None:
         self.writer.write(data)
@@ -116,9 +194,7 @@ class Client:
                 data = await self.reader.read(4096)
                 if not data:
                     raise EOFError("gateway closed the link")
-                for ev in self.decoder.feed(data):
-                    if isinstance(ev, frames.Frame):
-                        self.inbox.append(frames.decode_message(ev.payload))
+                self.inbox.extend(self.messages.feed(data))
         return self.inbox.pop(0)
 
     async def expect(self, kind: type[Any], timeout: float = 10.0) -> Any:
@@ -138,9 +214,17 @@ class Client:
     async def hello(
         self, client_id: str, protocol: str = "env-sensor", token: str = ""
     ) -> frames.Welcome:
-        self.send(frames.Hello(self.next_seq(), client_id, protocol, token))
-        welcome: frames.Welcome = await self.expect(frames.Welcome)
-        return welcome
+        """Say HELLO; the gateway's next message must be the WELCOME."""
+        handshake = DeviceHandshake(client_id, protocol, token, next_seq=self.next_seq)
+        self.handshake = handshake
+        self.send(handshake.hello())
+        answer = await self.recv()
+        handshake.receive(answer)
+        if isinstance(answer, frames.Error):
+            raise AssertionError(f"HELLO refused: {error_name(answer.code)} {answer.reason!r}")
+        assert isinstance(answer, frames.Welcome), answer
+        assert handshake.welcomed
+        return answer
 
     async def aclose(self) -> None:
         self.writer.close()

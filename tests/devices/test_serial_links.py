@@ -16,6 +16,8 @@ import serial_asyncio
 
 import frames
 from devices import (
+    CloseReason,
+    CommandResult,
     CommandStatus,
     DeviceManager,
     DeviceTelemetry,
@@ -25,9 +27,10 @@ from devices import (
     Transport,
 )
 from frames.backoff import BackoffPolicy
-from tests.devices.support import Recorder, wait_until
+from simulators.handshake import MessageReader, encode
+from tests.devices.support import ENV_DATA, Recorder
+from tests.support.wait import wait_until
 
-ENV_DATA = bytes.fromhex("085911c661")
 FAST = BackoffPolicy(base=0.05, cap=0.2)
 
 
@@ -38,14 +41,14 @@ class Pty:
         self.master, self.slave = os.openpty()
         tty.setraw(self.master)
         self.path = os.ttyname(self.slave)
-        self.decoder = frames.FrameDecoder()
+        self.reader = MessageReader(strict=True)
         os.set_blocking(self.master, False)
 
     def write(self, data: bytes) -> None:
         os.write(self.master, data)
 
     def send(self, message: frames.Message) -> None:
-        self.write(frames.encode_frame(message.encode()))
+        self.write(encode(message))
 
     async def recv(self) -> frames.Message:
         loop = asyncio.get_running_loop()
@@ -56,9 +59,8 @@ class Pty:
                 data = os.read(self.master, 4096)
             except (BlockingIOError, OSError):
                 return
-            for ev in self.decoder.feed(data):
-                if isinstance(ev, frames.Frame):
-                    got.put_nowait(frames.decode_message(ev.payload))
+            for message in self.reader.feed(data):
+                got.put_nowait(message)
 
         loop.add_reader(self.master, readable)
         try:
@@ -151,6 +153,29 @@ async def test_command_over_serial(ptys: list[Pty]) -> None:
         await link.stop()
 
 
+async def test_silent_serial_device_goes_offline_and_the_port_stays_open(ptys: list[Pty]) -> None:
+    pty = new_pty(ptys)
+    cfg = SerialPortConfig(pty.path, client_id="quiet", protocol="env-sensor", backoff=FAST)
+    link, sink = await start_link(cfg, heartbeat=1, misses=1, ack_timeout=30.0)
+    try:
+        await asyncio.wait_for(link.opened.wait(), 10)
+        pty.send(frames.Data(1, ENV_DATA))
+        first = await sink.online("quiet")
+        handle = await link.manager.send_command("quiet", b"\x02")
+        assert isinstance(await pty.recv(), frames.Command)
+        off = await sink.offline("quiet")  # no ACK, no frame: silent after 1 s
+        assert off.reason is CloseReason.SILENT
+        result = await asyncio.wait_for(handle.result, 10)
+        assert result == CommandResult(CommandStatus.TIMEOUT, error="device went silent")
+        assert link.state == "open"
+        pty.send(frames.Data(2, ENV_DATA))  # it speaks again: a new session
+        await sink.wait_for(lambda e: len(sink.telemetry()) == 2)
+        assert link.manager.online["quiet"].info is not None
+        assert link.manager.online["quiet"].info.session != first.info.session
+    finally:
+        await link.stop()
+
+
 async def test_unplug_offline_then_replug_online(ptys: list[Pty], tmp_path: Path) -> None:
     first = new_pty(ptys)
     port = tmp_path / "ttyDEVICE"  # a stable name, like /dev/serial/by-id/...
@@ -165,7 +190,7 @@ async def test_unplug_offline_then_replug_online(ptys: list[Pty], tmp_path: Path
         port.unlink()
         first.unplug()
         off = await sink.offline("plug")
-        assert off.reason == "lost"
+        assert off.reason is CloseReason.LOST
         assert not link.manager.is_online("plug")
         # Replug: a new pty behind the same name. Online again within the backoff bound.
         second = new_pty(ptys)
@@ -216,7 +241,7 @@ async def test_connection_lost_never_called_is_caught_by_health_check(
         port.unlink()
         first.unplug()
         off = await sink.offline("ghost")
-        assert off.reason == "lost"
+        assert off.reason is CloseReason.LOST
         second = new_pty(ptys)
         port.symlink_to(second.path)
         await asyncio.wait_for(link.opened.wait(), 10)
@@ -239,7 +264,7 @@ async def test_port_closed_before_reopen(ptys: list[Pty], tmp_path: Path) -> Non
         old_serial = link.transport.serial
         port.unlink()
         first.unplug()
-        await wait_until(lambda: link.state != "open")
+        await wait_until(lambda: link.state != "open", "the link to notice the unplug")
         assert not old_serial.is_open
         second = new_pty(ptys)
         port.symlink_to(second.path)
@@ -293,7 +318,7 @@ async def test_missing_port_keeps_retrying_and_says_why_once(
     cfg = SerialPortConfig(str(missing), client_id="m", protocol="env-sensor", backoff=FAST)
     link, _ = await start_link(cfg)
     try:
-        await wait_until(lambda: link._backoff.attempt >= 5)
+        await wait_until(lambda: link._backoff.attempt >= 5, "five failed opens")
         assert link.state == "failed"
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
@@ -345,7 +370,7 @@ async def test_socket_url_serial_device_server() -> None:
         await sink.wait_for(lambda e: isinstance(e, DeviceTelemetry))
         # The device server goes away: offline, then back when it returns.
         writer.close()
-        assert (await sink.offline("remote")).reason == "lost"
+        assert (await sink.offline("remote")).reason is CloseReason.LOST
         writer = await asyncio.wait_for(connected.get(), 10)
         writer.write(frames.encode_frame(frames.Data(5, ENV_DATA).encode()))
         await sink.wait_for(lambda e: len(sink.telemetry()) == 2)
