@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness, stamp
-from devices import DeviceManager, DeviceSession, DeviceTelemetry, SessionConfig, Transport
+from devices import (
+    CloseReason,
+    DeviceManager,
+    DeviceSession,
+    DeviceTelemetry,
+    SessionConfig,
+    Transport,
+)
 from frames import Data, FrameDecoder, Hello, decode_message, encode_frame, get_protocol
 from gateway.hub import Hub, HubConfig, LocalEngine, Role, dumps, telemetry_message, telemetry_text
 from gateway.metrics import Metrics
@@ -116,7 +123,7 @@ async def pipeline(
     proc_s = time.process_time() - t_proc
     wall_s = time.perf_counter() - t_wall
     for s in sessions:
-        s.close("bench")
+        s.close(CloseReason.SHUTDOWN)
     await hub.stop()
     await storage.close()
     if delivered != count:

@@ -8,7 +8,6 @@ the CLI are the only modules that import every layer (docs/architecture.md).
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +74,6 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
     )
     metrics.add_snapshot(lambda: _link_metrics(rt))
     return rt
-
-
-def _prefixed(c: Counter[str], prefix: str) -> dict[str, float]:
-    return {k.removeprefix(prefix): v for k, v in sorted(c.items()) if k.startswith(prefix)}
 
 
 def _link_metrics(rt: Runtime) -> list[Any]:

@@ -24,7 +24,7 @@ def test_never_saves_more_than_the_burst() -> None:
 
 @pytest.mark.parametrize(("rate", "burst"), [(0.0, 1.0), (-1.0, 1.0), (1.0, 0.5)])
 def test_rejects_settings_that_cannot_work(rate: float, burst: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be"):
         TokenBucket(rate, burst, 0.0)
 
 

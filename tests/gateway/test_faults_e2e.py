@@ -126,5 +126,5 @@ async def test_bad_token_is_refused_then_the_device_logs_in(make_app: AppFactory
     rt = runtime_of(client)
     dev = await run_device(rt, Faults(badtoken=True), frames=5, token="right")
     assert dev.injector.counters.bad_tokens == 1
-    assert rt.manager.counters["auth_failed"] == 1
+    assert rt.manager.counters.auth_failed == 1
     assert telemetry_count(rt) == dev.model.counters.data_sent

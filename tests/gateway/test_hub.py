@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devices import DeviceInfo, DeviceOffline, DeviceOnline, DeviceTelemetry, Transport
+from devices import (
+    CloseReason,
+    DeviceInfo,
+    DeviceOffline,
+    DeviceOnline,
+    DeviceTelemetry,
+    Transport,
+)
 from gateway.hub import (
     Dashboard,
     Hub,
@@ -58,7 +65,7 @@ async def test_full_queue_drops_oldest_telemetry_never_control(hub: Hub) -> None
     hub.device_event(DeviceOnline(info("a")))
     for i in range(20):
         hub.device_event(telemetry("a", i))
-    hub.device_event(DeviceOffline(info("a"), "silent"))
+    hub.device_event(DeviceOffline(info("a"), CloseReason.SILENT))
     got = drain(d)
     ops = [m["op"] for m in got]
     # The lagged notice comes first, where the gap is; control messages all stay.
@@ -115,7 +122,7 @@ async def test_takeover_offline_of_old_session_is_ignored(hub: Hub) -> None:
     await hub.handle(d, {"op": "subscribe", "all": True})
     hub.device_event(DeviceOnline(info("a", session="old")))
     hub.device_event(DeviceOnline(info("a", session="new")))
-    hub.device_event(DeviceOffline(info("a", session="old"), "replaced"))
+    hub.device_event(DeviceOffline(info("a", session="old"), CloseReason.REPLACED))
     assert hub.devices["a"].online
     assert hub.devices["a"].session == "new"
     presence = [m for m in drain(d) if m["op"] == "presence"]
