@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from frames import FrameOptions, valid_client_id, valid_protocol_name
 from frames.backoff import BackoffPolicy
@@ -29,6 +30,11 @@ class DeviceAuth:
         return hmac.compare_digest(expected.encode(), token.encode())
 
 
+# Defaults that more than one part takes: written once here.
+BAUD: Final = 115200
+MAX_CONNECTIONS: Final = 20_000  # TCP device connections at once
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Timers and limits of every device session (docs/protocol.md §4)."""
@@ -44,10 +50,11 @@ class SessionConfig:
     garbage_crc_errors: int = 100  # ... or this many CRC errors ...
     garbage_window: float = 60.0  # ... within this window is closed
     max_write_buffer: int = 1 << 20  # a device that never reads is closed past this
-    tcp_frame_timeout: float = 1.0
+    frame_timeout: float = 1.0  # a partial frame's wait on TCP (docs/protocol.md §2)
     serial_frame_timeout: float = 0.2
     max_devices: int = 100_000
-    auth: DeviceAuth = field(default_factory=DeviceAuth)
+    token: str | None = None  # one device token for every device
+    tokens: dict[str, str] = field(default_factory=dict)  # per client_id; wins over token
 
     def __post_init__(self) -> None:
         positive = {
@@ -55,7 +62,7 @@ class SessionConfig:
             "ack_timeout": self.ack_timeout,
             "max_frames_per_second": self.max_frames_per_second,
             "garbage_window": self.garbage_window,
-            "tcp_frame_timeout": self.tcp_frame_timeout,
+            "frame_timeout": self.frame_timeout,
             "serial_frame_timeout": self.serial_frame_timeout,
         }
         for name, value in positive.items():
@@ -69,6 +76,7 @@ class SessionConfig:
             "max_devices": self.max_devices,
             "garbage_bytes": self.garbage_bytes,
             "garbage_crc_errors": self.garbage_crc_errors,
+            "max_write_buffer": self.max_write_buffer,
         }.items():
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, not {count}")
@@ -76,6 +84,11 @@ class SessionConfig:
             raise ValueError("max_inflight_commands must be <= 255 (one seq byte)")
         if self.rate_burst < 1:
             raise ValueError(f"rate_burst must be >= 1, not {self.rate_burst}")
+
+    @property
+    def auth(self) -> DeviceAuth:
+        """The device tokens, as the HELLO check takes them."""
+        return DeviceAuth(self.token, self.tokens)
 
     @property
     def silence_limit(self) -> float:
@@ -88,7 +101,7 @@ class SerialPortConfig:
     """One serial link: a pyserial URL, its speed, framing, and an optional fixed identity."""
 
     url: str
-    baudrate: int = 115200
+    baud: int = BAUD
     client_id: str | None = None
     protocol: str | None = None
     frame: FrameOptions = field(default_factory=FrameOptions)
@@ -99,8 +112,8 @@ class SerialPortConfig:
     def __post_init__(self) -> None:
         if not self.url:
             raise ValueError("a serial port needs a URL or device path")
-        if self.baudrate <= 0:
-            raise ValueError(f"baud must be a positive integer, not {self.baudrate}")
+        if self.baud <= 0:
+            raise ValueError(f"baud must be a positive integer, not {self.baud}")
         if (self.client_id is None) != (self.protocol is None):
             raise ValueError(
                 f"serial {self.url}: give both client_id and protocol for a fixed identity, "
@@ -137,7 +150,7 @@ class SerialPortConfig:
                     f"--serial {spec!r}: unknown key {key!r} (client_id, protocol, baud)"
                 )
             values[key] = value.strip()
-        baud = 115200
+        baud = BAUD
         if "baud" in values:
             try:
                 baud = int(values["baud"])
@@ -145,7 +158,7 @@ class SerialPortConfig:
                 raise ValueError(f"--serial {spec!r}: baud must be an integer") from None
         return cls(
             url=url.strip(),
-            baudrate=baud,
+            baud=baud,
             client_id=values.get("client_id"),
             protocol=values.get("protocol"),
         )

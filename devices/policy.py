@@ -36,7 +36,7 @@ class LinkPolicy:
         """A TCP connection: HELLO in time, closed for garbage and for silence."""
         return cls(
             transport=Transport.TCP,
-            frame_timeout=config.tcp_frame_timeout,
+            frame_timeout=config.frame_timeout,
             hello_deadline=True,
             garbage_closes=True,
             silence_closes=True,

@@ -128,7 +128,7 @@ class SerialLink(LinkWriter):
                         loop,
                         lambda p=protocol: p,
                         self.config.url,
-                        baudrate=self.config.baudrate,
+                        baudrate=self.config.baud,
                     )
                 except (serial.SerialException, OSError, ValueError) as e:
                     self._set_state("failed", _short(e))

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from frames import FrameOptions
 
+from .config import MAX_CONNECTIONS
 from .events import CloseReason, Transport
 from .manager import DeviceManager
 from .policy import LinkPolicy
@@ -84,7 +85,7 @@ class DeviceServer:
         port: int = 7000,
         *,
         frame_options: FrameOptions | None = None,
-        max_connections: int = 20_000,
+        max_connections: int = MAX_CONNECTIONS,
         backlog: int = 1024,
     ) -> None:
         self.manager = manager

@@ -136,7 +136,7 @@ def config_from_args(
         ports = [SerialPortConfig.parse(spec) for spec in args.serial]
         serial = list(table.get("serial", []))
         for p in ports:
-            entry: dict[str, Any] = {"url": p.url, "baud": p.baudrate}
+            entry: dict[str, Any] = {"url": p.url, "baud": p.baud}
             if p.client_id is not None:
                 entry["client_id"] = p.client_id
                 entry["protocol"] = p.protocol

@@ -8,17 +8,16 @@ wrong type is an error that names the key and the file, never a silent default.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devices import DeviceAuth, SerialPortConfig, SessionConfig
+from devices import SerialPortConfig, SessionConfig
+from devices.config import MAX_CONNECTIONS
 from frames import FrameOptions
 from frames.backoff import BackoffPolicy
 
@@ -39,45 +38,53 @@ class AuthSection:
     allowed_origins: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class DevicesSection:
-    """The device port and device sessions (docs/protocol.md §4)."""
+def _default(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls``: each default is written once."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")  # pragma: no cover
 
-    hello_timeout: float = 5.0
-    heartbeat: int = 30
-    misses: int = 3
-    ack_timeout: float = 10.0
-    max_frames_per_second: float = 100.0
-    rate_burst: float = 200.0
-    max_devices: int = 100_000
-    max_connections: int = 20_000
-    max_inflight_commands: int = 64
-    garbage_bytes: int = 64 * 1024
-    garbage_crc_errors: int = 100
-    garbage_window: float = 60.0
-    frame_timeout: float = 1.0  # TCP
-    serial_frame_timeout: float = 0.2
-    token: str | None = None  # one device token for all; env IOT_GATEWAY_DEVICE_TOKEN
-    tokens: dict[str, str] = field(default_factory=dict)  # per client_id
-    crc: str = "modbus"
-    crc_byteorder: str = "little"
-    crc_covers_header: bool = False
+
+@dataclass(frozen=True, slots=True)
+class DevicesSection(SessionConfig):
+    """The device port (its framing and connection cap) and the sessions' ``SessionConfig``.
+
+    docs/protocol.md §4 gives the session defaults; ``token`` comes from
+    ``IOT_GATEWAY_DEVICE_TOKEN`` too.
+    """
+
+    max_connections: int = MAX_CONNECTIONS
+    crc: str = _default(FrameOptions, "crc")
+    crc_byteorder: str = _default(FrameOptions, "crc_byteorder")
+    crc_covers_header: bool = _default(FrameOptions, "crc_covers_header")
+
+    def __post_init__(self) -> None:
+        # Zero-argument super() fails in a slotted dataclass before Python 3.14.
+        SessionConfig.__post_init__(self)
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {self.max_connections}")
+        self.frame_options()  # an unknown CRC is refused now, not at the first frame
+
+    def frame_options(self) -> FrameOptions:
+        """Framing of the TCP device port."""
+        return FrameOptions(self.crc, self.crc_byteorder, self.crc_covers_header)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
 class SerialSection:
-    """One ``[[serial]]`` port."""
+    """One ``[[serial]]`` port: a ``SerialPortConfig`` as the file spells it (flat)."""
 
     url: str = ""
-    baud: int = 115200
+    baud: int = _default(SerialPortConfig, "baud")
     client_id: str | None = None
     protocol: str | None = None
     frame_timeout: float | None = None
-    crc: str = "modbus"
-    crc_byteorder: str = "little"
-    crc_covers_header: bool = False
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
+    crc: str = _default(FrameOptions, "crc")
+    crc_byteorder: str = _default(FrameOptions, "crc_byteorder")
+    crc_covers_header: bool = _default(FrameOptions, "crc_covers_header")
+    backoff_base: float = _default(BackoffPolicy, "base")
+    backoff_cap: float = _default(BackoffPolicy, "cap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,29 +140,12 @@ class GatewayConfig:
     # ---- what the other layers take ------------------------------------------------------------
 
     def session_config(self) -> SessionConfig:
-        """The device side's settings."""
-        d = self.devices
-        return SessionConfig(
-            hello_timeout=d.hello_timeout,
-            heartbeat=d.heartbeat,
-            misses=d.misses,
-            ack_timeout=d.ack_timeout,
-            max_frames_per_second=d.max_frames_per_second,
-            rate_burst=d.rate_burst,
-            max_inflight_commands=d.max_inflight_commands,
-            garbage_bytes=d.garbage_bytes,
-            garbage_crc_errors=d.garbage_crc_errors,
-            garbage_window=d.garbage_window,
-            tcp_frame_timeout=d.frame_timeout,
-            serial_frame_timeout=d.serial_frame_timeout,
-            max_devices=d.max_devices,
-            auth=DeviceAuth(token=d.token, per_client=dict(d.tokens)),
-        )
+        """The device side's settings: the ``[devices]`` section is one."""
+        return self.devices
 
     def frame_options(self) -> FrameOptions:
         """Framing of the TCP device port."""
-        d = self.devices
-        return FrameOptions(d.crc, d.crc_byteorder, d.crc_covers_header)  # type: ignore[arg-type]
+        return self.devices.frame_options()
 
     def serial_ports(self) -> list[SerialPortConfig]:
         """The configured serial links."""
@@ -325,8 +315,6 @@ def _check(config: GatewayConfig, source: str) -> None:
             raise bad(f"{key} must not be empty (leave it out to have one generated)")
     if a.token and a.token == a.viewer_token:
         raise bad("auth.token and auth.viewer_token must differ")
-    if config.devices.max_connections < 1:
-        raise bad(f"devices.max_connections must be >= 1, not {config.devices.max_connections}")
     for i, port in enumerate(config.serial):
         if not port.url:
             raise bad(f"serial[{i}].url is required")
@@ -343,23 +331,18 @@ def _check(config: GatewayConfig, source: str) -> None:
         )
     if not h.idle_timeout > 0:
         raise bad(f"http.idle_timeout must be > 0, not {h.idle_timeout}")
-    builders: list[tuple[str, Callable[[], object]]] = [
-        ("devices", config.session_config),
-        ("devices", config.frame_options),
-    ]
+    # A serial port's own checks run by building what the device side will take.
     for i, port in enumerate(config.serial):
-        builders.append((f"serial[{i}]", functools.partial(_serial_port, port)))
-    for section, build in builders:
         try:
-            build()
+            _serial_port(port)
         except ValueError as e:  # LocalProtocolError (e.g. an unknown CRC) is one too
-            raise bad(f"{section}: {e}") from None
+            raise bad(f"serial[{i}]: {e}") from None
 
 
 def _serial_port(s: SerialSection) -> SerialPortConfig:
     return SerialPortConfig(
         url=s.url,
-        baudrate=s.baud,
+        baud=s.baud,
         client_id=s.client_id,
         protocol=s.protocol,
         frame=FrameOptions(s.crc, s.crc_byteorder, s.crc_covers_header),  # type: ignore[arg-type]

@@ -19,7 +19,6 @@ export const FINAL_STATUSES = new Set([
   'timeout',
   'expired',
   'rejected',
-  'failed',
   'error',
 ]);
 

@@ -14,7 +14,6 @@ import frames
 from devices import (
     CloseLink,
     CloseReason,
-    DeviceAuth,
     DeviceOffline,
     DeviceOnline,
     DeviceTelemetry,
@@ -172,7 +171,7 @@ def test_ping_is_answered_with_pong_of_the_same_seq_before_and_after_hello() -> 
 
 
 def test_wrong_token_is_auth_failed_and_closed() -> None:
-    b = Bench(auth=DeviceAuth(token="s3cret"))
+    b = Bench(token="s3cret")
     events = b.feed(frames.Hello(1, "intruder", "env-sensor", "wrong"))
     assert events == [CloseLink(CloseReason.AUTH_FAILED)]
     assert b.errors() == [ErrorCode.AUTH_FAILED]
@@ -182,12 +181,12 @@ def test_wrong_token_is_auth_failed_and_closed() -> None:
 
 
 def test_per_client_token_wins_over_the_shared_one() -> None:
-    auth = DeviceAuth(token="all", per_client={"special": "mine"})
-    refused = Bench(auth=auth)
+    tokens: dict[str, Any] = {"token": "all", "tokens": {"special": "mine"}}
+    refused = Bench(**tokens)
     refused.feed(frames.Hello(1, "special", "env-sensor", "all"))
     assert refused.errors() == [ErrorCode.AUTH_FAILED]
-    Bench(auth=auth).hello("special", token="mine")
-    Bench(auth=auth).hello("other", token="all")
+    Bench(**tokens).hello("special", token="mine")
+    Bench(**tokens).hello("other", token="all")
 
 
 def test_anything_but_hello_or_ping_before_hello_is_not_registered() -> None:
@@ -340,7 +339,7 @@ def test_fixed_identity_ping_brings_it_online_too() -> None:
 
 
 def test_fixed_identity_hello_is_welcomed_as_the_configured_device() -> None:
-    b = fixed_bench(auth=DeviceAuth(token="s3cret"))
+    b = fixed_bench(token="s3cret")
     events = b.feed(frames.Hello(2, "someone-else", "relay-4", "no-token"))  # trusted as wired
     assert (info_of(events).client_id, info_of(events).protocol) == ("boiler-1", "env-sensor")
     [welcome] = b.out()

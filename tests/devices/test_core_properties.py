@@ -18,7 +18,6 @@ import frames
 from devices import (
     CloseLink,
     CommandDone,
-    DeviceAuth,
     DeviceOffline,
     DeviceOnline,
     DeviceTelemetry,
@@ -80,7 +79,7 @@ def bench_for(kind: str) -> Bench:
         "max_inflight_commands": 3,
         "garbage_bytes": 600,
         "garbage_crc_errors": 5,
-        "auth": DeviceAuth(per_client={"dev-2": "s3cret"}),
+        "tokens": {"dev-2": "s3cret"},
     }
     if kind == "fixed":
         port = SerialPortConfig("/dev/ttyX", client_id="dev-9", protocol="env-sensor")

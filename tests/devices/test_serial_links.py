@@ -330,7 +330,7 @@ async def test_missing_port_keeps_retrying_and_says_why_once(
 
 def test_serial_spec_parsing() -> None:
     cfg = SerialPortConfig.parse("/dev/ttyUSB0,client_id=pump-1,protocol=relay-4,baud=9600")
-    assert (cfg.url, cfg.client_id, cfg.protocol, cfg.baudrate) == (
+    assert (cfg.url, cfg.client_id, cfg.protocol, cfg.baud) == (
         "/dev/ttyUSB0",
         "pump-1",
         "relay-4",

@@ -17,7 +17,6 @@ from devices import (
     CloseReason,
     CommandResult,
     CommandStatus,
-    DeviceAuth,
     DeviceManager,
     DeviceNotOnline,
     DeviceOnline,
@@ -93,7 +92,7 @@ async def test_bad_hello_is_answered_and_link_kept(gateway: Gateway) -> None:
 
 
 async def test_global_token_auth_failed_is_fatal(make_gateway: GatewayFactory) -> None:
-    gw: Gateway = await make_gateway(auth=DeviceAuth(token="s3cret"))
+    gw: Gateway = await make_gateway(token="s3cret")
     dev = await gw.connect()
     dev.send(frames.Hello(1, "intruder", "env-sensor", "wrong"))
     got = await dev.closed()
@@ -106,8 +105,7 @@ async def test_global_token_auth_failed_is_fatal(make_gateway: GatewayFactory) -
 
 
 async def test_per_client_token_wins(make_gateway: GatewayFactory) -> None:
-    auth = DeviceAuth(token="all", per_client={"special": "mine"})
-    gw: Gateway = await make_gateway(auth=auth)
+    gw: Gateway = await make_gateway(token="all", tokens={"special": "mine"})
     a = await gw.connect()
     a.send(frames.Hello(1, "special", "env-sensor", "all"))
     assert (await a.expect(frames.Error)).code == ErrorCode.AUTH_FAILED

@@ -317,10 +317,10 @@ def test_serial_flags_add_to_the_files_ports(tmp_path: Path) -> None:
         "socket://127.0.0.1:4000",
     ]
     first, fixed, plain = config.serial_ports()
-    assert (first.baudrate, first.frame.crc) == (9600, "crc-16")
-    assert (fixed.client_id, fixed.protocol, fixed.baudrate) == ("meter-1", "env-sensor", 19200)
+    assert (first.baud, first.frame.crc) == (9600, "crc-16")
+    assert (fixed.client_id, fixed.protocol, fixed.baud) == ("meter-1", "env-sensor", 19200)
     assert fixed.fixed
-    assert (plain.client_id, plain.baudrate) == (None, 115200)
+    assert (plain.client_id, plain.baud) == (None, 115200)
 
 
 # ---- defaults ----------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def test_defaults_are_those_of_the_protocol() -> None:
     assert session.silence_limit == 90.0
     assert session.ack_timeout == 10.0  # docs/api.md §3: timeout, no ACK in 10 s
     assert session.serial_frame_timeout == 0.2  # docs/protocol.md §2: 200 ms on serial
-    assert session.tcp_frame_timeout == 1.0  # docs/protocol.md §2: 1 s on TCP
+    assert session.frame_timeout == 1.0  # docs/protocol.md §2: 1 s on TCP
     assert session.auth.token is None  # no device token unless configured
     hub = config.hub_config()
     assert hub.queue_size == 1024  # issue 4: per-dashboard queue
@@ -360,7 +360,7 @@ def test_defaults_are_those_of_the_protocol() -> None:
 def test_a_serial_port_defaults_to_the_protocols_framing() -> None:
     config = build_config({"serial": [{"url": "/dev/ttyUSB0"}]}, environ={})
     (port,) = config.serial_ports()
-    assert port.baudrate == 115200
+    assert port.baud == 115200
     assert port.frame_timeout is None  # falls back to devices.serial_frame_timeout
     assert (port.frame.crc, port.frame.crc_byteorder) == ("modbus", "little")
     assert not port.fixed
