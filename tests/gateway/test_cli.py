@@ -23,8 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from frames import Data, Frame, FrameDecoder, Hello, Welcome, decode_message, encode_frame
+from frames import Data
 from gateway.cli import GC_GEN0_THRESHOLD, main, tune_gc
+from simulators.handshake import DeviceHandshake, MessageReader, encode
 from tests.support.gateway import GatewayProcess
 
 READY = re.compile(r"ready http=127\.0\.0\.1:(\d+) devices=127\.0\.0\.1:(\d+)\n")
@@ -163,19 +164,17 @@ async def device_sends(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A raw TCP device: HELLO, wait for WELCOME, send one DATA."""
     reader, writer = await asyncio.open_connection(*address)
-    writer.write(encode_frame(Hello(1, client_id, "env-sensor").encode()))
-    decoder = FrameDecoder()
+    handshake = DeviceHandshake(client_id, "env-sensor")
+    messages = MessageReader(strict=True)
+    writer.write(encode(handshake.hello()))
     async with asyncio.timeout(5):
-        welcome = None
-        while welcome is None:
+        while not handshake.welcomed:
             data = await reader.read(4096)
             assert data, "the gateway closed the device link"
-            for event in decoder.feed(data):
-                if isinstance(event, Frame):
-                    message = decode_message(event.payload)
-                    if isinstance(message, Welcome):
-                        welcome = message
-    writer.write(encode_frame(Data(2, body).encode()))
+            for message in messages.feed(data):
+                handshake.receive(message)
+                assert not handshake.refused, handshake.error
+    writer.write(encode(Data(2, body)))
     await writer.drain()
     return reader, writer
 
