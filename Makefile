@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench clean
+.PHONY: test test-deps lint demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The Debian packages the tests need (Chromium for the page), before anything else.
+test-deps:
+	scripts/test-deps.sh
+
+test: test-deps lint
 	$(BIN)/pytest
 
 demo: $(STAMP)
