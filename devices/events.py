@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class Transport(enum.StrEnum):
@@ -88,6 +88,20 @@ class DeviceEventSink(Protocol):
 
     def device_event(self, event: DeviceEvent) -> None:
         """Handle one event. Exceptions are logged by the caller and do not close the link."""
+
+
+@runtime_checkable
+class DeviceAdmission(Protocol):
+    """A sink that also bounds which devices may come online (the hub: known devices).
+
+    Optional: the manager asks a sink that has ``admit_device``; any other admits all.
+    """
+
+    def admit_device(self, client_id: str) -> str | None:
+        """May a HELLO bring ``client_id`` online? None admits; a string is the refusal.
+
+        A refused device gets ERROR RATE_LIMITED and its link is closed.
+        """
 
 
 class CommandStatus(enum.StrEnum):

@@ -18,6 +18,7 @@ from .counters import DeviceCounters, LinkCounters
 from .events import (
     CloseReason,
     CommandHandle,
+    DeviceAdmission,
     DeviceEvent,
     DeviceEventSink,
     DeviceInfo,
@@ -87,6 +88,9 @@ class DeviceManager:
             self.counters.refused_max_devices += 1
             log.warning("refusing device %s: %d devices online (max_devices)", client_id, present)
             return f"gateway full: max_devices={self.config.max_devices}"
+        # The hub's say (it bounds the devices it knows); a sink without one admits all.
+        if isinstance(self.sink, DeviceAdmission):
+            return self.sink.admit_device(client_id)
         return None
 
     def session_started(self, session: ManagedSession, event: DeviceOnline) -> None:
