@@ -73,7 +73,26 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         device_server=server,
     )
     metrics.add_snapshot(lambda: _link_metrics(rt))
+    metrics.add_snapshot(lambda: _hub_metrics(rt))
     return rt
+
+
+def _hub_metrics(rt: Runtime) -> list[Any]:
+    c = rt.hub.counters
+    return [
+        gauge("iot_devices_known", "Devices the gateway knows, online or not", len(rt.hub.devices)),
+        counter(
+            "iot_devices_forgotten",
+            "Offline devices forgotten after dashboards.forget_after",
+            c.forgotten,
+        ),
+        counters(
+            "iot_dashboards_closed",
+            "Dashboards the hub disconnected, by reason (control_queue)",
+            "reason",
+            dict(sorted(c.dashboards_closed.items())),
+        ),
+    ]
 
 
 def _link_metrics(rt: Runtime) -> list[Any]:
@@ -104,6 +123,7 @@ def _link_metrics(rt: Runtime) -> list[Any]:
             {
                 "max_connections": c.refused_connections,
                 "max_devices": c.refused_max_devices,
+                "max_known_devices": rt.hub.counters.refused_known_devices,
             },
         ),
         counters(

@@ -5,14 +5,19 @@ It composes the parts, each with one job: the ``Registry`` of devices, the
 ``messages``; what is kept and shared with other nodes is behind the
 ``Engine``. It implements the device side's ``DeviceEventSink`` and the
 engine's ``EngineSink``. It never awaits a dashboard: fan-out only appends to
-each dashboard's bounded queue.
+each dashboard's bounded queue, and a dashboard's command requests run as
+tasks of their own, so a slow device never holds up its other requests.
+
+Everything a peer can make it hold is bounded by a ``HubConfig`` key: known
+devices, subscriptions and control messages per dashboard, command requests
+in progress per dashboard, the size of a ``devices`` reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from devices import (
@@ -26,7 +31,7 @@ from frames.ratelimit import TokenBucket
 
 from ..metrics import Metrics
 from .commands import CommandRouter, CommandSettings, DeviceLinks
-from .dashboard import Dashboard, Refused, Role
+from .dashboard import CONTROL_QUEUE, Dashboard, Refused, Role
 from .engine import Engine, Presence, StatusCallback
 from .messages import (
     ClientError,
@@ -50,10 +55,14 @@ from .subscriptions import SubscriptionIndex
 
 log = logging.getLogger(__name__)
 
+# A refusal at max_known_devices is logged at most this often (seconds): one
+# line per refused HELLO would let a registration flood fill the log.
+REFUSAL_LOG_INTERVAL = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
-    """Limits of the routing core."""
+    """Limits of the routing core (the ``[dashboards]`` keys of docs/configuration.md)."""
 
     queue_size: int = 1024  # per-dashboard outbound queue (telemetry is dropped beyond)
     max_dashboards: int = 1000
@@ -61,6 +70,19 @@ class HubConfig:
     command_ttl: float = 3600.0  # seconds a queued command waits for its device
     batch_max_items: int = 256  # objects per WebSocket frame when batching
     expiry_interval: float = 1.0
+    # Devices known at once, online or not; a HELLO of a new client_id beyond is refused.
+    max_known_devices: int = 100_000
+    # Seconds an offline device stays known after it was last seen; 0 keeps it for ever.
+    forget_after: float = 0.0
+    # Most entries in one ``devices`` reply (a page; docs/api.md §3.2).
+    devices_page_size: int = 1000
+    # Targets one dashboard may subscribe to.
+    max_subscriptions: int = 1000
+    # Characters of replies, presence and statuses waiting for one dashboard before
+    # it is disconnected (control messages are never dropped: docs/api.md §3.1).
+    control_queue_bytes: int = 1 << 20
+    # Command requests of one dashboard still being routed (waiting for a device's link).
+    max_pending_commands: int = 100
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -73,10 +95,36 @@ class HubConfig:
             raise ValueError("command_ttl must be > 0")
         if not self.expiry_interval > 0:
             raise ValueError("expiry_interval must be > 0")
+        if self.max_known_devices < 1:
+            raise ValueError(f"max_known_devices must be >= 1, not {self.max_known_devices}")
+        if not self.forget_after >= 0:
+            raise ValueError(f"forget_after must be >= 0 (0: never), not {self.forget_after}")
+        if self.devices_page_size < 1:
+            raise ValueError(f"devices_page_size must be >= 1, not {self.devices_page_size}")
+        if self.max_subscriptions < 1:
+            raise ValueError(f"max_subscriptions must be >= 1, not {self.max_subscriptions}")
+        if self.control_queue_bytes < 1024:
+            raise ValueError(f"control_queue_bytes must be >= 1024, not {self.control_queue_bytes}")
+        if self.max_pending_commands < 1:
+            raise ValueError(f"max_pending_commands must be >= 1, not {self.max_pending_commands}")
 
     def command_settings(self) -> CommandSettings:
         """What command routing takes of these."""
         return CommandSettings(self.command_ttl, self.expiry_interval)
+
+    def forget_interval(self) -> float:
+        """How often devices unseen for ``forget_after`` are looked for (seconds)."""
+        return min(60.0, self.forget_after / 4)
+
+
+@dataclass(slots=True)
+class HubCounters:
+    """What the hub counts for ``/metrics`` (read at scrape time, like the device side's)."""
+
+    refused_known_devices: int = 0  # HELLOs of a new client_id refused at max_known_devices
+    forgotten: int = 0  # devices forgotten after forget_after
+    # Dashboards the hub disconnected, by reason (``control_queue``).
+    dashboards_closed: dict[str, int] = field(default_factory=lambda: {CONTROL_QUEUE: 0})
 
 
 class Hub:
@@ -98,6 +146,12 @@ class Hub:
         )
         self.dashboards: dict[int, Dashboard] = {}
         self._next_dashboard = 1
+        self.counters = HubCounters()
+        # New client_ids admitted whose DeviceOnline has not arrived yet: the device
+        # side admits every HELLO of a read before it hands over their events.
+        self._admitting: set[str] = set()
+        self._refusal_logged = float("-inf")
+        self._forget: asyncio.Task[None] | None = None
 
     # ---- life cycle -----------------------------------------------------------------------------
 
@@ -108,12 +162,24 @@ class Hub:
     async def start(self) -> None:
         """Load the registry and latest values, start delivery and command expiry."""
         self.registry.load(await self.engine.known_devices(), await self.engine.latest())
+        # The engine still has the rows of devices forgotten before a restart.
+        self.forget_stale(now_ms())
         self.metrics.devices_online.set(self.registry.online_count())
         await self.engine.open(self)
         self.commands.start()
+        if self.config.forget_after > 0:
+            self._forget = asyncio.create_task(self._forget_loop(), name="forget devices")
 
     async def stop(self) -> None:
         """Stop background work and close every dashboard's queue."""
+        tasks = [t for d in self.dashboards.values() for t in d.tasks]
+        if self._forget is not None:
+            tasks.append(self._forget)
+            self._forget = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.commands.stop()
         # Remember when each online device was last seen before storage closes.
         now = now_ms()
@@ -126,12 +192,41 @@ class Hub:
 
     # ---- device events (DeviceEventSink) --------------------------------------------------------
 
+    def admit_device(self, client_id: str) -> str | None:
+        """May a HELLO bring ``client_id`` online? None admits; a string is why not.
+
+        A known device is always admitted; a new one only while fewer than
+        ``max_known_devices`` are known (docs/protocol.md §4: the device gets
+        ERROR RATE_LIMITED and its link is closed).
+        """
+        if client_id in self.registry or client_id in self._admitting:
+            return None
+        limit = self.config.max_known_devices
+        if len(self.registry) + len(self._admitting) < limit:
+            if not self._admitting:
+                # Its DeviceOnline comes in the same call of the device side.
+                asyncio.get_running_loop().call_soon(self._admitting.clear)
+            self._admitting.add(client_id)
+            return None
+        self.counters.refused_known_devices += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+            self._refusal_logged = now
+            log.warning(
+                "refusing new device %s: %d devices known (max_known_devices); %d refused so far",
+                client_id,
+                len(self.registry),
+                self.counters.refused_known_devices,
+            )
+        return f"gateway full: max_known_devices={limit}"
+
     def device_event(self, event: DeviceEvent) -> None:
         """Called by the device side, on the loop, for every device event."""
         if isinstance(event, DeviceTelemetry):
             self.engine.publish_telemetry(event)
         elif isinstance(event, DeviceOnline):
             info = event.info
+            self._admitting.discard(info.client_id)
             ts = now_ms()
             state = self.registry.online(info, ts)
             self.metrics.devices_online.set(self.registry.online_count())
@@ -175,8 +270,27 @@ class Hub:
             text = presence_text(
                 presence.device, presence.protocol, presence.online, presence.ts, presence.reason
             )
-            for d in subscribers:
+            # A copy: a dashboard whose control queue overflows leaves the index now.
+            for d in tuple(subscribers):
                 d.push_control(text)
+
+    # ---- forgetting devices ---------------------------------------------------------------------
+
+    def forget_stale(self, now: int) -> list[str]:
+        """Forget the offline devices last seen more than ``forget_after`` before ``now`` (ms)."""
+        after = self.config.forget_after
+        if not after > 0:
+            return []
+        gone = [d for d in self.registry.stale(now - int(after * 1000)) if self.registry.forget(d)]
+        if gone:
+            self.counters.forgotten += len(gone)
+            log.info("forgot %d devices unseen for %g s (forget_after)", len(gone), after)
+        return gone
+
+    async def _forget_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.forget_interval())
+            self.forget_stale(now_ms())
 
     # ---- dashboards -----------------------------------------------------------------------------
 
@@ -189,7 +303,13 @@ class Hub:
         rate = cfg.commands_per_second
         loop_now = asyncio.get_running_loop().time()
         d = Dashboard(
-            self._next_dashboard, role, session, cfg.queue_size, TokenBucket(rate, rate, loop_now)
+            self._next_dashboard,
+            role,
+            session,
+            cfg.queue_size,
+            TokenBucket(rate, rate, loop_now),
+            control_limit=cfg.control_queue_bytes,
+            on_overflow=self._overflowed,
         )
         self._next_dashboard += 1
         self.dashboards[d.id] = d
@@ -197,14 +317,36 @@ class Hub:
         return d
 
     def disconnect_dashboard(self, d: Dashboard) -> None:
-        """Forget a dashboard and its subscriptions."""
+        """Forget a dashboard: its subscriptions, queue and command requests in progress."""
         d.close()
+        d.discard()
         self.subscriptions.remove(d)
+        for task in d.tasks:
+            task.cancel()
         self.dashboards.pop(d.id, None)
         self.metrics.dashboards.set(len(self.dashboards))
 
+    def _overflowed(self, d: Dashboard) -> None:
+        """``d`` let more than ``control_queue_bytes`` of control messages wait: let it go."""
+        reason = d.close_reason or CONTROL_QUEUE
+        closed = self.counters.dashboards_closed
+        closed[reason] = closed.get(reason, 0) + 1
+        log.warning(
+            "closing dashboard %d: over %d characters of replies, presence and statuses "
+            "waiting (control_queue_bytes)",
+            d.id,
+            self.config.control_queue_bytes,
+        )
+        self.disconnect_dashboard(d)
+
     async def handle(self, d: Dashboard, msg: Any) -> None:
-        """One request from a dashboard (already parsed JSON); errors go back as ``error``."""
+        """One request from a dashboard (already parsed JSON); errors go back as ``error``.
+
+        A ``command`` is routed by a task of its own, so this returns before
+        its first status; everything else is answered, in order, before it returns.
+        """
+        if d.closed:
+            return  # disconnected by a bound; the web layer is closing it
         request_id = request_id_of(msg)
         try:
             if not isinstance(msg, dict):
@@ -217,19 +359,13 @@ class Hub:
                 self.subscriptions.unsubscribe(d, target)
                 d.push_control(dumps(reply("unsubscribed", request_id, target.echo())))
             elif op == "devices":
+                after, limit = self._page_request(msg)
+                devices, following = self.registry.page(after, limit)
                 d.push_control(
-                    dumps(reply("devices", request_id, {"devices": self.registry.listing()}))
+                    dumps(reply("devices", request_id, {"devices": devices, "next": following}))
                 )
             elif op == "command":
-                if d.role is not Role.OPERATOR:
-                    raise ClientError(ErrorCode.FORBIDDEN, "commands need an operator token")
-                if not d.commands.take(asyncio.get_running_loop().time()):
-                    self.metrics.refused.labels("command_rate").inc()
-                    raise ClientError(
-                        ErrorCode.RATE_LIMITED,
-                        f"over {self.config.commands_per_second:g} commands per second",
-                    )
-                await self.submit_command(parse_command(msg), d.push_control_json)
+                self._command(d, msg)
             elif isinstance(op, str):
                 raise ClientError(ErrorCode.BAD_REQUEST, f"unknown op {op[:40]!r}")
             else:
@@ -237,9 +373,70 @@ class Hub:
         except ClientError as e:
             d.push_control(dumps(error_message(request_id, e.code, e.message)))
 
+    def _page_request(self, msg: dict[str, Any]) -> tuple[str | None, int]:
+        """``after`` and ``limit`` of a ``devices`` request (docs/api.md §3.2)."""
+        page = self.config.devices_page_size
+        after = msg.get("after")
+        if after is not None and not isinstance(after, str):
+            raise ClientError(ErrorCode.BAD_REQUEST, "'after' must be a device id (a string)")
+        limit = msg.get("limit", page)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ClientError(ErrorCode.BAD_REQUEST, "'limit' must be a positive integer")
+        return after, min(limit, page)
+
+    def _command(self, d: Dashboard, msg: dict[str, Any]) -> None:
+        """Check a command request, then route it in a task of its own."""
+        if d.role is not Role.OPERATOR:
+            raise ClientError(ErrorCode.FORBIDDEN, "commands need an operator token")
+        request = parse_command(msg)
+        cfg = self.config
+        if len(d.tasks) >= cfg.max_pending_commands:
+            self.metrics.refused.labels("max_pending_commands").inc()
+            raise ClientError(
+                ErrorCode.RATE_LIMITED,
+                f"{cfg.max_pending_commands} commands of this dashboard are still waiting "
+                "for their devices (max_pending_commands)",
+            )
+        if not d.commands.take(asyncio.get_running_loop().time()):
+            self.metrics.refused.labels("command_rate").inc()
+            raise ClientError(
+                ErrorCode.RATE_LIMITED, f"over {cfg.commands_per_second:g} commands per second"
+            )
+        task = asyncio.create_task(self._route(d, request), name=f"command of dashboard {d.id}")
+        d.tasks.add(task)
+        task.add_done_callback(d.tasks.discard)
+
+    async def _route(self, d: Dashboard, request: CommandRequest) -> None:
+        """Route one command request; its statuses, or an ``error``, go to ``d``."""
+        try:
+            await self.submit_command(request, d.push_control_json)
+        except ClientError as e:
+            d.push_control(dumps(error_message(request.request_id, e.code, e.message)))
+        except Exception:
+            # Whatever went wrong (storage failing, a link reset), the dashboard
+            # gets an answer and stays connected.
+            log.exception("command of dashboard %d failed", d.id)
+            d.push_control(
+                dumps(
+                    error_message(
+                        request.request_id,
+                        ErrorCode.UNAVAILABLE,
+                        "the gateway could not carry out the command; try again later",
+                    )
+                )
+            )
+
     async def _subscribe(self, d: Dashboard, msg: dict[str, Any], request_id: Any) -> None:
         target = parse_target(msg)
         since = parse_since(msg)
+        limit = self.config.max_subscriptions
+        if target not in d.subscriptions and len(d.subscriptions) >= limit:
+            self.metrics.refused.labels("max_subscriptions").inc()
+            raise ClientError(
+                ErrorCode.TOO_LARGE,
+                f"this dashboard holds {limit} subscriptions (max_subscriptions): "
+                "unsubscribe first, or subscribe to a protocol or to all",
+            )
         if since is None:
             self.subscriptions.subscribe(d, target)
             d.push_control(dumps(reply("subscribed", request_id, target.echo())))
@@ -265,8 +462,19 @@ class Hub:
         return self.registry.devices
 
     def devices_listing(self) -> list[dict[str, Any]]:
-        """Every known device, by id."""
+        """Every known device, by id (``GET /api/devices``; see ``devices_page``)."""
         return self.registry.listing()
+
+    def devices_page(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` (at most ``devices_page_size``) devices with ids above ``after``.
+
+        Returns the entries, by id, and the id to pass as ``after`` for the
+        next page, None after the last one (docs/api.md §3.2 ``devices``).
+        """
+        page = self.config.devices_page_size
+        return self.registry.page(after, page if limit is None else max(1, min(limit, page)))
 
     def online_count(self) -> int:
         """Devices online now."""

@@ -4,7 +4,9 @@ The hub never awaits a dashboard: fan-out only appends here, and the web
 layer's writer drains the queue at the pace of the socket (``wait`` and
 ``take``). Telemetry is what gets dropped when the queue is full, never
 replies, presence or command statuses (docs/api.md §3.1); the dashboard is
-told with a ``lagged`` notice where to resume.
+told with a ``lagged`` notice where to resume. Those control messages are
+bounded too, in characters of JSON: a dashboard that lets more than
+``control_limit`` of them wait is closed, never allowed to grow (docs/api.md §3).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from frames.ratelimit import TokenBucket
 
@@ -38,7 +42,13 @@ class Kind(enum.IntEnum):
     CONTROL = 1
 
 
-@dataclass(slots=True, eq=False)  # eq=False: hashed by identity, kept in sets
+# What a dashboard whose control messages passed ``control_limit`` is closed for.
+CONTROL_QUEUE = "control_queue"
+
+
+# eq=False: hashed by identity, kept in sets; weakref_slot: tests prove nothing keeps a
+# disconnected dashboard alive.
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Dashboard:
     """One dashboard's outbound side. The writer awaits ``wait()`` and sends ``take()``."""
 
@@ -47,14 +57,23 @@ class Dashboard:
     session: str
     limit: int
     commands: TokenBucket  # commands per second (docs/api.md §3.2)
+    # Characters of control messages (replies, presence, statuses) that may wait.
+    control_limit: int = 1 << 20
+    # Called once when ``control_limit`` is passed; the hub disconnects the dashboard.
+    on_overflow: Callable[[Dashboard], None] | None = None
     subscriptions: set[Target] = field(default_factory=set)
     # (kind, offset, text, loop time the device frame arrived; 0 when unknown)
     queue: deque[tuple[Kind, int, str, float]] = field(default_factory=deque)
     telemetry_queued: int = 0
+    control_queued: int = 0  # characters of the control messages in ``queue``
     dropped: int = 0  # telemetry dropped since the last lagged notice
     resume_from: int | None = None
     dropped_total: int = 0
     closed: bool = False
+    # Why the hub closed it (``CONTROL_QUEUE``); None while open or closed by the web layer.
+    close_reason: str | None = None
+    # Command requests being routed for this dashboard (docs/api.md §3.2 ``command``).
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     # When the oldest telemetry of the last batch ``take()`` returned arrived.
     batch_received: float = 0.0
     held: HeldLive = field(init=False)
@@ -65,9 +84,19 @@ class Dashboard:
         self.held = HeldLive(self.limit)
 
     def push_control(self, text: str) -> None:
-        """Queue a reply, presence or command_status: never dropped."""
+        """Queue a reply, presence or command_status: never dropped.
+
+        Past ``control_limit`` characters waiting, the dashboard is closed
+        instead: one message is always taken into an empty queue, so a reply
+        bigger than the limit (a ``devices`` page) still reaches a reader.
+        """
         if self.closed:
             return
+        size = len(text)
+        if self.control_queued and self.control_queued + size > self.control_limit:
+            self.overflow()
+            return
+        self.control_queued += size
         self.queue.append((Kind.CONTROL, 0, text, 0.0))
         self._ready.set()
 
@@ -143,6 +172,8 @@ class Dashboard:
                 self.telemetry_queued -= 1
                 if received and not self.batch_received:
                     self.batch_received = received
+            else:
+                self.control_queued -= len(text)
             out.append(text)
         if self.telemetry_queued < self._half:
             self._room.set()
@@ -164,3 +195,22 @@ class Dashboard:
         self.closed = True
         self._ready.set()
         self._room.set()
+
+    def overflow(self) -> None:
+        """Control messages passed ``control_limit``: close, let go of the queue, tell the hub."""
+        if self.closed:
+            return
+        self.close_reason = CONTROL_QUEUE
+        self.close()
+        self.discard()
+        if self.on_overflow is not None:
+            self.on_overflow(self)
+
+    def discard(self) -> None:
+        """Let go of everything queued or held: nobody will read it (call after ``close``)."""
+        self.queue.clear()
+        self.telemetry_queued = 0
+        self.control_queued = 0
+        self.dropped = 0
+        self.resume_from = None
+        self.held.items.clear()

@@ -42,6 +42,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     RATE_LIMITED = "rate_limited"
     TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"  # the gateway could not carry out the request (storage failing)
 
 
 class ClientError(Exception):

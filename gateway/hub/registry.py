@@ -1,12 +1,15 @@
 """The device registry: every device the gateway knows, online or not, and its latest value.
 
-It answers ``devices`` (docs/api.md §3.2) and ``GET /api/devices`` and knows
-which devices of a protocol are online for group commands. What it keeps
-across restarts it hands to the engine as ``DeviceRecord``s.
+It answers ``devices`` (docs/api.md §3.2) a page at a time and ``GET
+/api/devices``, and knows which devices of a protocol are online for group
+commands. What it keeps across restarts it hands to the engine as
+``DeviceRecord``s. Its size is the hub's to bound (``max_known_devices``);
+``forget`` lets a device go that has been offline too long.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +64,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.devices: dict[str, DeviceState] = {}
+        # The ids, sorted: a page of the listing is a bisect and a slice, not a sort.
+        self._ids: list[str] = []
         self._online = 0
 
     def load(self, records: list[DeviceRecord], latest: dict[str, TelemetryRecord]) -> None:
@@ -73,6 +78,7 @@ class Registry:
                 first_seen=r.first_seen_ms,
                 last_seen=r.last_seen_ms,
             )
+        self._ids = sorted(self.devices)
         for device, rec in latest.items():
             state = self.devices.get(device)
             if state is not None:
@@ -94,6 +100,7 @@ class Registry:
         if state is None:
             state = DeviceState(info.client_id, info.protocol, first_seen=now_ms)
             self.devices[info.client_id] = state
+            bisect.insort(self._ids, info.client_id)
         if not state.online:
             self._online += 1
         state.protocol = info.protocol
@@ -134,4 +141,34 @@ class Registry:
 
     def listing(self) -> list[dict[str, Any]]:
         """Every known device, by id."""
-        return [self.devices[k].listing() for k in sorted(self.devices)]
+        return [self.devices[k].listing() for k in self._ids]
+
+    def page(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to ``limit`` devices with ids above ``after`` (all when None), by id.
+
+        Returns the entries and the id to ask ``after`` next, None when no
+        device is left (docs/api.md §3.2 ``devices``).
+        """
+        ids = self._ids
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        chosen = ids[start : start + limit]
+        more = start + limit < len(ids)
+        return [self.devices[k].listing() for k in chosen], chosen[-1] if more and chosen else None
+
+    def stale(self, before_ms: int) -> list[str]:
+        """Offline devices last seen before ``before_ms`` (unix ms), by id."""
+        return [
+            s.device
+            for s in self.devices.values()
+            if not s.online and (s.last_seen or s.first_seen) < before_ms
+        ]
+
+    def forget(self, device: str) -> bool:
+        """Let an offline device go, its latest value too; False when online or unknown."""
+        state = self.devices.get(device)
+        if state is None or state.online:
+            return False
+        del self.devices[device]
+        i = bisect.bisect_left(self._ids, device)
+        del self._ids[i]
+        return True
