@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +17,9 @@ from hypothesis import strategies as st
 
 from devices import (
     CloseReason,
+    CommandHandle,
+    CommandResult,
+    CommandStatus,
     DeviceInfo,
     DeviceOffline,
     DeviceOnline,
@@ -27,10 +33,11 @@ from gateway.hub import (
     LocalEngine,
     Role,
     dumps,
+    now_ms,
     telemetry_message,
     telemetry_text,
 )
-from gateway.storage import MemoryStorage, TelemetryRecord
+from gateway.storage import DeviceRecord, MemoryStorage, TelemetryRecord
 
 
 def info(client_id: str, protocol: str = "env-sensor", session: str = "s1") -> DeviceInfo:
@@ -212,3 +219,354 @@ def test_telemetry_text_is_the_message_encoded_whole(
     text = telemetry_text(rec, dumps(data))
     assert text == dumps(telemetry_message(rec))
     assert json.loads(text)["data"] == json.loads(dumps(data))
+
+
+# ---- bounds: what a peer can make the hub hold (docs/api.md §3, docs/configuration.md) -------
+
+
+@contextlib.asynccontextmanager
+async def bounded_hub(**config: Any) -> AsyncIterator[Hub]:
+    storage = MemoryStorage()
+    await storage.open()
+    h = Hub(LocalEngine(storage), HubConfig(**config))
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+        await storage.close()
+
+
+def refused(h: Hub, limit: str) -> float | None:
+    return h.metrics.registry.get_sample_value("iot_refused_total", {"limit": limit})
+
+
+async def test_a_new_device_past_max_known_devices_is_refused_known_ones_are_not() -> None:
+    async with bounded_hub(max_known_devices=2) as h:
+        for name in ("a", "b"):
+            assert h.admit_device(name) is None
+            h.device_event(DeviceOnline(info(name, session=name)))
+        h.device_event(DeviceOffline(info("a", session="a"), CloseReason.CLOSED))
+        refusal = h.admit_device("c")
+        assert refusal is not None
+        assert "max_known_devices=2" in refusal
+        assert h.counters.refused_known_devices == 1
+        assert "c" not in h.devices
+        assert h.admit_device("a") is None  # known, though offline
+        assert h.admit_device("b") is None  # online: a takeover
+        assert h.counters.refused_known_devices == 1
+
+
+async def test_admissions_not_yet_online_count_against_max_known_devices() -> None:
+    """The device side admits every HELLO of one read before the hub hears of them."""
+    async with bounded_hub(max_known_devices=2) as h:
+        assert h.admit_device("a") is None
+        assert h.admit_device("a") is None  # the same id again: no second place
+        assert h.admit_device("b") is None
+        assert h.admit_device("c") is not None
+        h.device_event(DeviceOnline(info("a", session="a")))
+        h.device_event(DeviceOnline(info("b", session="b")))
+        await asyncio.sleep(0)  # the reservations end with the loop iteration
+        assert h.admit_device("c") is not None
+        assert len(h.devices) == 2
+
+
+async def test_an_admission_that_never_came_online_gives_its_place_back() -> None:
+    async with bounded_hub(max_known_devices=1) as h:
+        assert h.admit_device("a") is None  # refused later by the device side, say
+        assert h.admit_device("b") is not None
+        await asyncio.sleep(0)
+        assert h.admit_device("b") is None
+
+
+async def test_devices_offline_longer_than_forget_after_are_forgotten() -> None:
+    async with bounded_hub(forget_after=60.0) as h:
+        for name in ("old", "recent", "online"):
+            h.device_event(DeviceOnline(info(name, session=name)))
+        h.device_event(telemetry("old", 1))
+        for name in ("old", "recent"):
+            h.device_event(DeviceOffline(info(name, session=name), CloseReason.CLOSED))
+        now = now_ms()
+        h.devices["old"].last_seen = now - 61_000
+        h.devices["online"].last_seen = now - 3_600_000  # online: seen, whatever the clock says
+        assert h.forget_stale(now) == ["old"]
+        assert sorted(h.devices) == ["online", "recent"]
+        assert h.counters.forgotten == 1
+        assert [e["device"] for e in h.devices_listing()] == ["online", "recent"]
+        # A forgotten device is new again: it needs a place under max_known_devices.
+        h.device_event(DeviceOnline(info("old", session="back")))
+        assert h.devices["old"].online
+
+
+async def test_forgetting_is_off_by_default() -> None:
+    async with bounded_hub() as h:
+        h.device_event(DeviceOnline(info("a")))
+        h.device_event(DeviceOffline(info("a"), CloseReason.CLOSED))
+        h.devices["a"].last_seen = 0
+        assert h.forget_stale(now_ms()) == []
+        assert "a" in h.devices
+
+
+async def test_the_hub_forgets_by_itself_and_at_start() -> None:
+    storage = MemoryStorage()
+    await storage.open()
+    await storage.upsert_device(DeviceRecord("gone", "env-sensor", "tcp", 1, 2))
+    h = Hub(LocalEngine(storage), HubConfig(forget_after=0.2))
+    await h.start()
+    try:
+        assert "gone" not in h.devices  # unseen since 1970: forgotten as it is loaded
+        h.device_event(DeviceOnline(info("a")))
+        h.device_event(DeviceOffline(info("a"), CloseReason.CLOSED))
+        async with asyncio.timeout(10):
+            while "a" in h.devices:
+                await asyncio.sleep(0.05)
+        assert h.counters.forgotten == 2
+    finally:
+        await h.stop()
+        await storage.close()
+
+
+async def test_devices_replies_come_by_page() -> None:
+    async with bounded_hub(devices_page_size=3) as h:
+        for i in range(7):
+            h.device_event(DeviceOnline(info(f"d{i}", session=str(i))))
+        d = h.connect_dashboard(Role.VIEWER, "x")
+        drain(d)
+        pages: list[list[str]] = []
+        after: str | None = None
+        while True:
+            request: dict[str, Any] = {"op": "devices", "id": len(pages)}
+            if after is not None:
+                request["after"] = after
+            await h.handle(d, request)
+            (answer,) = drain(d)
+            assert answer["id"] == len(pages)
+            pages.append([e["device"] for e in answer["devices"]])
+            after = answer["next"]
+            if after is None:
+                break
+        assert pages == [["d0", "d1", "d2"], ["d3", "d4", "d5"], ["d6"]]
+        await h.handle(d, {"op": "devices", "limit": 2, "after": "d10"})  # any string
+        (answer,) = drain(d)
+        assert ([e["device"] for e in answer["devices"]], answer["next"]) == (["d2", "d3"], "d3")
+        await h.handle(d, {"op": "devices", "limit": 1000})  # capped at the page size
+        (answer,) = drain(d)
+        assert len(answer["devices"]) == 3
+        assert h.devices_page("d5", 10) == (h.registry.listing()[6:], None)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"op": "devices", "after": 3},
+        {"op": "devices", "limit": 0},
+        {"op": "devices", "limit": "10"},
+        {"op": "devices", "limit": True},
+    ],
+)
+async def test_a_bad_devices_page_request_is_a_bad_request(request_: dict[str, Any]) -> None:
+    async with bounded_hub() as h:
+        d = h.connect_dashboard(Role.VIEWER, "x")
+        drain(d)
+        await h.handle(d, request_)
+        (answer,) = drain(d)
+        assert (answer["op"], answer["code"]) == ("error", "bad_request")
+
+
+async def test_subscriptions_past_max_subscriptions_are_refused() -> None:
+    async with bounded_hub(max_subscriptions=3) as h:
+        d = h.connect_dashboard(Role.VIEWER, "x")
+        for i in range(3):
+            await h.handle(d, {"op": "subscribe", "device": f"d{i}"})
+        await h.handle(d, {"op": "subscribe", "device": "d3", "id": "over"})
+        await h.handle(d, {"op": "subscribe", "all": True, "since": 0, "id": "replay"})
+        await h.handle(d, {"op": "subscribe", "device": "d0", "id": "again"})  # already held
+        answers = drain(d)
+        assert [(m["op"], m.get("code")) for m in answers[-3:]] == [
+            ("error", "too_large"),
+            ("error", "too_large"),
+            ("subscribed", None),
+        ]
+        assert "max_subscriptions" in answers[-3]["message"]
+        assert refused(h, "max_subscriptions") == 2
+        assert len(d.subscriptions) == 3
+        await h.handle(d, {"op": "unsubscribe", "device": "d1"})
+        await h.handle(d, {"op": "subscribe", "device": "d3"})
+        assert [m["op"] for m in drain(d)] == ["unsubscribed", "subscribed"]
+
+
+async def test_disconnect_lets_go_of_everything_the_dashboard_held() -> None:
+    async with bounded_hub(queue_size=4) as h:
+        d = h.connect_dashboard(Role.VIEWER, "x")
+        for i in range(50):
+            await h.handle(d, {"op": "subscribe", "device": f"d{i}"})
+        await h.handle(d, {"op": "subscribe", "all": True})
+        await h.handle(d, {"op": "subscribe", "protocol": "env-sensor"})
+        h.device_event(DeviceOnline(info("d1")))
+        for i in range(10):
+            h.device_event(telemetry("d1", i))
+        await h.handle(d, {"op": "devices"})
+        assert d.queue
+        assert d.dropped
+        ref = weakref.ref(d)
+        h.disconnect_dashboard(d)
+        assert h.subscriptions.is_empty()
+        assert not d.queue
+        assert not d.subscriptions
+        assert not d.dropped
+        assert (d.telemetry_queued, d.control_queued) == (0, 0)
+        assert h.dashboards == {}
+        del d
+        gc.collect()
+        assert ref() is None  # nothing in the hub keeps it
+
+
+async def test_a_dashboard_that_lets_control_messages_pile_up_is_disconnected() -> None:
+    async with bounded_hub(control_queue_bytes=4096) as h:
+        stalled = h.connect_dashboard(Role.VIEWER, "stalled")
+        reader = h.connect_dashboard(Role.VIEWER, "reader")
+        for d in (stalled, reader):
+            await h.handle(d, {"op": "subscribe", "all": True})
+        drain(reader)
+        for i in range(100):  # presence only: never dropped, ~120 characters each
+            h.device_event(DeviceOnline(info(f"d{i}", session=str(i))))
+            h.device_event(DeviceOffline(info(f"d{i}", session=str(i)), CloseReason.CLOSED))
+            drain(reader)
+        assert stalled.closed
+        assert stalled.close_reason == "control_queue"
+        assert not stalled.queue
+        assert stalled.control_queued == 0
+        assert stalled.id not in h.dashboards
+        assert reader.id in h.dashboards
+        assert h.counters.dashboards_closed == {"control_queue": 1}
+        assert h.subscriptions.subscribers("d0", "env-sensor") == {reader}
+        # Requests of a dashboard closed by a bound are not answered (the web layer closes it).
+        await h.handle(stalled, {"op": "subscribe", "all": True})
+        assert not stalled.queue
+        assert h.subscriptions.subscribers("x", "y") == {reader}
+
+
+async def test_one_reply_bigger_than_the_bound_reaches_a_dashboard_that_reads() -> None:
+    async with bounded_hub(control_queue_bytes=1024) as h:
+        for i in range(40):
+            h.device_event(DeviceOnline(info(f"device-{i:04d}", session=str(i))))
+        d = h.connect_dashboard(Role.VIEWER, "x")
+        await h.handle(d, {"op": "devices"})
+        (answer,) = drain(d)
+        assert len(answer["devices"]) == 40
+        await h.handle(d, {"op": "devices"})
+        await h.handle(d, {"op": "devices"})  # two waiting: over the bound
+        assert d.closed
+
+
+# ---- commands run beside the dashboard's other requests ----------------------------------------
+
+
+class StuckLinks:
+    """A device side whose one device never reads: a command's write never completes."""
+
+    def __init__(self) -> None:
+        self.sends = 0
+        self.cancelled = 0
+        self.release = asyncio.Event()
+
+    def is_online(self, client_id: str) -> bool:
+        return True
+
+    async def send_command(self, client_id: str, body: bytes) -> CommandHandle:
+        self.sends += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        future.set_result(CommandResult(CommandStatus.ACKED))
+        return CommandHandle(client_id, 1, future)
+
+
+def command(rid: object, device: str = "slow") -> dict[str, Any]:
+    return {"op": "command", "id": rid, "device": device, "command": {"name": "reboot"}}
+
+
+async def test_a_command_to_a_device_that_does_not_read_holds_up_no_other_request() -> None:
+    async with bounded_hub() as h:
+        links = StuckLinks()
+        h.attach(links)
+        h.device_event(DeviceOnline(info("slow")))
+        d = h.connect_dashboard(Role.OPERATOR, "x")
+        async with asyncio.timeout(5):  # the old hub awaited the write here, for ever
+            await h.handle(d, command("c1"))
+            await h.handle(d, {"op": "devices", "id": "d"})
+        assert [m["op"] for m in drain(d)] == ["devices"]
+        assert len(d.tasks) == 1
+        links.release.set()  # the device reads again: the command goes on, statuses in order
+        async with asyncio.timeout(5):
+            while d.tasks or len(d.queue) < 2:
+                await asyncio.sleep(0.01)
+        statuses = [m["status"] for m in drain(d) if m["op"] == "command_status"]
+        assert statuses == ["sent", "acked"]
+
+
+async def test_commands_waiting_past_max_pending_commands_are_refused() -> None:
+    async with bounded_hub(max_pending_commands=2) as h:
+        links = StuckLinks()
+        h.attach(links)
+        h.device_event(DeviceOnline(info("slow")))
+        d = h.connect_dashboard(Role.OPERATOR, "x")
+        for rid in ("c1", "c2", "c3"):
+            await h.handle(d, command(rid))
+        await asyncio.sleep(0)
+        (answer,) = drain(d)
+        assert (answer["op"], answer["id"], answer["code"]) == ("error", "c3", "rate_limited")
+        assert "max_pending_commands" in answer["message"]
+        assert refused(h, "max_pending_commands") == 1
+        assert links.sends == 2
+
+
+async def test_disconnect_cancels_the_dashboards_commands_still_waiting() -> None:
+    async with bounded_hub() as h:
+        links = StuckLinks()
+        h.attach(links)
+        h.device_event(DeviceOnline(info("slow")))
+        d = h.connect_dashboard(Role.OPERATOR, "x")
+        await h.handle(d, command("c1"))
+        await asyncio.sleep(0)
+        tasks = set(d.tasks)
+        h.disconnect_dashboard(d)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert links.cancelled == 1
+        assert not d.tasks
+
+
+async def test_a_command_that_fails_inside_the_gateway_is_an_error_not_a_dead_socket() -> None:
+    async with bounded_hub() as h:
+        h.device_event(DeviceOnline(info("a")))
+        h.device_event(DeviceOffline(info("a"), CloseReason.CLOSED))
+
+        async def broken(*args: Any) -> Any:
+            raise OSError("disk I/O error")
+
+        h.engine.enqueue_command = broken  # type: ignore[method-assign,assignment]
+        d = h.connect_dashboard(Role.OPERATOR, "x")
+        await h.handle(d, command("c1", device="a"))
+        async with asyncio.timeout(5):
+            while d.tasks:
+                await asyncio.sleep(0.01)
+        (answer,) = drain(d)
+        assert (answer["op"], answer["id"], answer["code"]) == ("error", "c1", "unavailable")
+        await h.handle(d, {"op": "devices"})
+        assert [m["op"] for m in drain(d)] == ["devices"]
+
+
+async def test_a_group_command_to_no_online_device_is_still_not_found() -> None:
+    async with bounded_hub() as h:
+        d = h.connect_dashboard(Role.OPERATOR, "x")
+        await h.handle(
+            d, {"op": "command", "id": "g", "protocol": "relay-4", "command": {"hex": "00"}}
+        )
+        async with asyncio.timeout(5):
+            while d.tasks:
+                await asyncio.sleep(0.01)
+        (answer,) = drain(d)
+        assert (answer["op"], answer["id"], answer["code"]) == ("error", "g", "not_found")

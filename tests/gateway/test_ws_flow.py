@@ -221,3 +221,68 @@ async def test_socket_that_does_not_drain_is_closed_and_counted(make_app: AppFac
         )
     finally:
         stalled.close()
+
+
+def _ws_text(body: bytes) -> bytes:
+    """One masked client text frame (all-zero mask), any length."""
+    if len(body) < 126:
+        head = bytes([0x81, 0x80 | len(body)])
+    else:
+        head = bytes([0x81, 0x80 | 126]) + len(body).to_bytes(2, "big")
+    return head + b"\x00\x00\x00\x00" + body
+
+
+async def test_a_dashboard_that_does_not_read_its_replies_is_disconnected(
+    make_app: AppFactory,
+) -> None:
+    """docs/api.md §3: replies are never dropped, so one that piles them up is let go."""
+    client = await make_app(
+        dashboards={"control_queue_bytes": 4096, "drain_timeout": 60.0, "devices_page_size": 20}
+    )
+    rt = runtime_of(client)
+    for n in range(20):
+        await device(rt, f"known-{n:02d}")
+    reader = await dash(client)
+    stalled = _stalled_dashboard(client.host, client.port)
+    try:
+        await wait_until(
+            lambda: len(rt.hub.dashboards) == 2, "len(rt.hub.dashboards) == 2", timeout=10
+        )
+        # Each reply is some 5 KB: the socket's buffers fill, then its control queue.
+        ask = _ws_text(b'{"op":"devices"}') * 50
+        for _ in range(100):
+            await asyncio.get_running_loop().sock_sendall(stalled, ask)
+            if rt.hub.counters.dashboards_closed["control_queue"]:
+                break
+            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: rt.hub.counters.dashboards_closed["control_queue"] == 1,
+            "the stalled dashboard closed for its control queue",
+            timeout=10,
+        )
+        assert len(rt.hub.dashboards) == 1
+        assert len(rt.hub.subscriptions.all_subscribers()) == 0
+        scrape = await (await client.get("/metrics")).text()
+        assert 'iot_dashboards_closed_total{reason="control_queue"} 1.0' in scrape
+        answer = await reader.request({"op": "devices", "id": "still"}, "devices")
+        assert len(answer["devices"]) == 20
+    finally:
+        stalled.close()
+
+
+async def test_a_command_to_a_device_that_never_acks_leaves_its_dashboard_answering(
+    make_app: AppFactory,
+) -> None:
+    """Finding 2 of issue 12: the hub awaited each command inline, so the dashboard's
+    requests waited for a device's free command slot (up to ``ack_timeout``)."""
+    client = await make_app(devices={"max_inflight_commands": 1, "ack_timeout": 30.0})
+    rt = runtime_of(client)
+    mute = await device(rt, "mute")
+    d = await dash(client)
+    await d.send({"op": "command", "id": "c1", "device": "mute", "command": {"name": "reboot"}})
+    await d.expect("command_status", id="c1", status="sent")
+    await mute.expect(frames.Command)  # read, never ACKed: its one slot stays taken
+    await d.send({"op": "command", "id": "c2", "device": "mute", "command": {"name": "reboot"}})
+    answer = await d.request({"op": "devices", "id": "now"}, "devices")
+    assert [e["device"] for e in answer["devices"]] == ["mute"]
+    assert not [m for m in d.seen if m.get("id") == "c2"]  # still waiting for the slot

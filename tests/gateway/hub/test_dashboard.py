@@ -7,7 +7,10 @@ drops and names the lowest dropped offset; ``take()`` batches and records
 when its oldest telemetry arrived; ``room()`` is the replay's backpressure;
 ``close()`` wakes every waiter; and while a replay holds live telemetry,
 ``push_telemetry`` goes to the hold, whose overflow lets go of what the
-replay will re-read and keeps the rest up to ``limit // 2``.
+replay will re-read and keeps the rest up to ``limit // 2``. Control
+messages are never dropped but bounded: past ``control_limit`` characters
+waiting the dashboard closes itself, lets go of its queue and tells the hub
+once (docs/api.md §3, "A dashboard that does not read").
 """
 
 from __future__ import annotations
@@ -429,6 +432,7 @@ def test_queue_invariants_over_random_pushes_and_takes(limit: int, ops: list[int
                     announced += msg["dropped"]
         assert d.telemetry_queued == sum(1 for k, *_ in d.queue if k is Kind.TELEMETRY)
         assert d.telemetry_queued <= limit
+        assert d.control_queued == sum(len(t) for k, _, t, _ in d.queue if k is Kind.CONTROL)
     for text in d.take(10_000):
         msg = json.loads(text)
         if msg["op"] == "telemetry":
@@ -438,3 +442,73 @@ def test_queue_invariants_over_random_pushes_and_takes(limit: int, ops: list[int
     assert sent == sorted(sent)
     assert len(sent) + announced == offset  # each message is sent or announced as dropped
     assert d.dropped_total == announced
+
+
+# ---- the bound on control messages -------------------------------------------------------------
+
+
+def bounded(control_limit: int, closed: list[Dashboard] | None = None) -> Dashboard:
+    return Dashboard(
+        1,
+        Role.VIEWER,
+        "s",
+        4,
+        TokenBucket(1.0, 1.0, 0.0),
+        control_limit=control_limit,
+        on_overflow=None if closed is None else closed.append,
+    )
+
+
+def test_control_characters_are_counted_in_and_out() -> None:
+    d = bounded(1000)
+    d.push_control("x" * 10)
+    d.push_telemetry(1, tele(1))
+    d.push_control_json({"op": "presence"})
+    assert d.control_queued == 10 + len('{"op":"presence"}')
+    d.take(2)
+    assert d.control_queued == len('{"op":"presence"}')
+    d.take(10)
+    assert d.control_queued == 0
+
+
+def test_passing_the_control_limit_closes_the_dashboard_and_lets_go_of_its_queue() -> None:
+    closed: list[Dashboard] = []
+    d = bounded(100, closed)
+    d.held.targets.append(DEVICE_A)
+    d.push_telemetry(1, tele(1), 0.0, "a", "env-sensor")  # held during a replay
+    for n in range(6):
+        d.push_telemetry(10 + n, tele(10 + n), 0.0, "b", "env-sensor")  # some dropped
+    d.push_control("x" * 60)
+    d.push_control("y" * 40)  # exactly the limit: still fine
+    assert not d.closed
+    d.push_control("z")
+    assert closed == [d]
+    assert d.closed
+    assert d.close_reason == "control_queue"
+    assert not d.queue
+    assert not d.held.items
+    assert (d.telemetry_queued, d.control_queued, d.dropped, d.resume_from) == (0, 0, 0, None)
+    assert d.take(10) == []  # the writer finds nothing and ends
+    d.push_control("more")
+    d.overflow()
+    assert closed == [d]  # the hub is told once
+
+
+def test_one_message_bigger_than_the_limit_fits_an_empty_queue() -> None:
+    d = bounded(10)
+    d.push_control("x" * 50)
+    assert not d.closed
+    assert d.take(1) == ["x" * 50]
+    d.push_control("y" * 50)
+    assert not d.closed
+    d.push_control("z")
+    assert d.closed
+
+
+def test_telemetry_never_counts_against_the_control_limit() -> None:
+    d = bounded(10)
+    d.push_control("x" * 10)
+    for n in range(100):
+        d.push_telemetry(n, tele(n))
+    assert not d.closed
+    assert d.control_queued == 10

@@ -11,6 +11,7 @@ encoded whole).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -336,10 +337,19 @@ def test_error_message_carries_a_null_id() -> None:
         (ErrorCode.NOT_FOUND, "not_found"),
         (ErrorCode.RATE_LIMITED, "rate_limited"),
         (ErrorCode.TOO_LARGE, "too_large"),
+        (ErrorCode.UNAVAILABLE, "unavailable"),
     ],
 )
 def test_error_codes_are_the_documented_strings(code: ErrorCode, text: str) -> None:
     assert error_message(1, code, "m")["code"] == text
+
+
+def test_every_error_code_is_in_the_table_of_api_md() -> None:
+    """docs/api.md §3.1 ``error``: one row per code the WebSocket may send."""
+    doc = (Path(__file__).parents[3] / "docs" / "api.md").read_text()
+    section = doc[doc.index("**`error`**") : doc.index("### 3.2")]
+    for code in ErrorCode:
+        assert f"| `{code}` |" in section, code
 
 
 def test_client_error_keeps_code_and_message() -> None:

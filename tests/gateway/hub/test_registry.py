@@ -6,10 +6,14 @@ an older session's offline is ignored (takeover, docs/api.md §3.1
 property test against a model); ``online_of`` is sorted and filtered by
 protocol; ``load`` fills offline devices from ``DeviceRecord``s and their
 latest telemetry; ``listing`` has the keys of docs/api.md §3.2 ``devices``
-sorted by id; ``record`` is what is kept across restarts.
+sorted by id, and ``page`` cuts it into pages that add up to it whatever
+comes and goes; ``stale`` and ``forget`` let offline devices go (never an
+online one); ``record`` is what is kept across restarts.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -243,6 +247,84 @@ def test_listing_has_the_documented_keys_sorted_by_id() -> None:
 
 def test_an_empty_registry_lists_nothing() -> None:
     assert Registry().listing() == []
+    assert Registry().page(None, 10) == ([], None)
+
+
+def names(page: tuple[list[dict[str, Any]], str | None]) -> list[str]:
+    return [e["device"] for e in page[0]]
+
+
+def test_pages_follow_each_other_by_id() -> None:
+    r = Registry()
+    r.load([DeviceRecord(n, "env-sensor", "tcp", 1, 2) for n in ("c", "a", "e")], {})
+    r.online(info("b"), 10)
+    r.online(info("d"), 10)
+    first = r.page(None, 2)
+    assert (names(first), first[1]) == (["a", "b"], "b")
+    second = r.page("b", 2)
+    assert (names(second), second[1]) == (["c", "d"], "d")
+    third = r.page("d", 2)
+    assert (names(third), third[1]) == (["e"], None)
+    assert r.page("e", 2) == ([], None)
+    assert names(r.page("bb", 1)) == ["c"]  # after: any id, known or not
+    assert r.page(None, 5)[1] is None  # exactly the last: no next page
+    assert r.page(None, 5)[0] == r.listing()
+
+
+def test_stale_lists_offline_devices_last_seen_before_a_time() -> None:
+    r = Registry()
+    r.load([DeviceRecord("old", "env-sensor", "tcp", 1, 100)], {})
+    r.online(info("up"), 50)
+    r.online(info("recent"), 50)
+    r.offline(info("recent"), 500)
+    assert r.stale(200) == ["old"]
+    assert sorted(r.stale(501)) == ["old", "recent"]
+
+
+def test_forget_lets_an_offline_device_go_never_an_online_one() -> None:
+    r = Registry()
+    r.load([DeviceRecord("a", "env-sensor", "tcp", 1, 100)], {"a": rec("a", 1, 100)})
+    r.online(info("b"), 50)
+    assert r.forget("a")
+    assert not r.forget("a")  # already gone
+    assert not r.forget("b")  # online
+    assert not r.forget("ghost")
+    assert "a" not in r
+    assert [e["device"] for e in r.listing()] == ["b"]
+    assert r.page(None, 10)[0] == r.listing()
+    r.offline(info("b"), 60)
+    assert r.forget("b")
+    assert len(r) == 0
+    assert r.online_count() == 0
+
+
+@given(
+    ops=st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["a", "b", "c", "d", "e", "f"])), max_size=40
+    ),
+    size=st.integers(1, 4),
+)
+def test_pages_add_up_to_the_listing_after_any_comings_and_forgettings(
+    ops: list[tuple[bool, str]], size: int
+) -> None:
+    """(True, id): the device comes and goes; (False, id): it is forgotten."""
+    r = Registry()
+    for now, (come, device) in enumerate(ops, start=1):
+        if come:
+            r.online(info(device), now)
+            r.offline(info(device), now)
+        else:
+            r.forget(device)
+    pages: list[dict[str, object]] = []
+    after: str | None = None
+    while True:
+        page, after = r.page(after, size)
+        assert len(page) <= size
+        pages += page
+        if after is None:
+            break
+    assert pages == r.listing()
+    assert [e["device"] for e in pages] == sorted(r.devices)
 
 
 def test_record_is_what_is_kept_across_restarts() -> None:
