@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import resource
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
@@ -45,6 +45,14 @@ RESERVED_FDS = 64
 HTTP_SHARE = 0.2
 # Cap on how far the soft limit is raised (some systems report a huge hard limit).
 FD_CEILING = 1 << 20
+
+# A connection refused at http.max_connections: how long its answer may take to
+# reach the client, how much of its request is read and dropped meanwhile, and
+# how many such connections may wait at once (each holds a descriptor, taken
+# from the RESERVED_FDS room).
+REFUSAL_LINGER = 2.0
+REFUSAL_DRAIN_BYTES = 64 * 1024
+MAX_LINGERING = 16
 
 _REFUSAL_BODY = b'{"code":"unavailable","message":"too many HTTP connections, try again shortly"}'
 REFUSAL = (
@@ -107,12 +115,55 @@ def fit_to_fd_limit(config: GatewayConfig, fd_limit: int) -> tuple[GatewayConfig
 
 
 class _Refuse(asyncio.Protocol):
-    """Answers one connection with a 503 and closes it (nothing is read)."""
+    """Answers one connection with a 503, then closes it without destroying the answer.
+
+    Closing a socket that still has unread input makes the kernel send a
+    reset, which can discard the answer before the client has read it (the
+    client has usually sent its request by then). So the answer is followed by
+    a half-close (FIN), what the client still sends is read and dropped until it
+    closes its end, and only then (or after ``REFUSAL_LINGER`` seconds, or
+    ``REFUSAL_DRAIN_BYTES`` bytes) is the socket closed: HTTP servers call this
+    a lingering close. At most ``MAX_LINGERING`` refusals linger at once; past
+    that a refusal is closed at once, so a flood of refused connections holds
+    no more descriptors than that.
+    """
+
+    def __init__(self, cap: HttpConnectionCap) -> None:
+        self._cap = cap
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._drained = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(REFUSAL)
-        transport.close()
+        # uvloop's transports do not derive from asyncio.WriteTransport (an
+        # isinstance check here once meant no answer at all on uvloop), so cast.
+        t = cast(asyncio.Transport, transport)
+        self._transport = t
+        t.write(REFUSAL)
+        if len(self._cap.lingering) >= MAX_LINGERING or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        self._cap.lingering.add(self)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        self._drained += len(data)
+        if self._drained > REFUSAL_DRAIN_BYTES:
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cap.lingering.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def close(self) -> None:
+        """Close now (the answer has been sent, or the linger time is over)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
 
 
 @dataclasses.dataclass(slots=True)
@@ -136,6 +187,8 @@ class HttpConnectionCap:
         self.busy: set[RequestHandler] = set()
         self.stats = HttpConnectionStats()
         self.on_refused: Callable[[], None] = lambda: None
+        # Refused connections whose 503 is still on its way (see _Refuse).
+        self.lingering: set[_Refuse] = set()
         self._server: web.Server | None = None
 
     def open_connections(self) -> int:
@@ -156,6 +209,11 @@ class HttpConnectionCap:
         finally:
             self.busy.discard(protocol)
 
+    def close_refused(self) -> None:
+        """Close the refused connections still lingering (the gateway is stopping)."""
+        for refusal in list(self.lingering):
+            refusal.close()
+
     def factory(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
         """The protocol factory to listen with: ``server()`` unless the cap says otherwise."""
         self._server = server
@@ -169,7 +227,7 @@ class HttpConnectionCap:
                 if idle is None:
                     self.stats.refused += 1
                     self.on_refused()
-                    return _Refuse()
+                    return _Refuse(self)
                 self.stats.evicted += 1
                 idle.force_close()
             return server()
@@ -212,3 +270,8 @@ class CappedSite(web.BaseSite):
             self._cap.factory(server), self._host, self._port, backlog=self._backlog
         )
         self._server = self._listener  # what BaseSite.stop closes
+
+    async def stop(self) -> None:
+        """Stop listening; refused connections still lingering are closed too."""
+        self._cap.close_refused()
+        await super().stop()

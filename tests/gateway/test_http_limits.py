@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from gateway.app import RUNTIME, create_app
 from gateway.auth import TokenTable
 from gateway.config import GatewayConfig, build_config
+from gateway.web import connections
 from gateway.web.connections import (
     RESERVED_FDS,
     CappedSite,
@@ -154,6 +156,44 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503(serve: Serve) ->
     assert len(gw.cap.busy) == 3
     counter = gw.runner.app[RUNTIME].metrics.refused.labels("http_connections")
     assert counter._value.get() == 1
+
+
+@pytest.mark.timeout(30)
+async def test_refused_connections_linger_a_bounded_while_in_bounded_number(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "REFUSAL_LINGER", 0.5)
+    gw = await serve(
+        http={"max_connections": 2, "idle_timeout": 30.0}, dashboards={"max_dashboards": 1}
+    )
+    for _ in range(2):
+        await gw.connect(SLOW_POST)
+    await wait_until(lambda: len(gw.cap.busy) == 2, "two requests in progress", timeout=10)
+    # Clients that read the answer but never close their end.
+    stay = [await gw.connect(HEALTHZ) for _ in range(connections.MAX_LINGERING + 8)]
+    for reader, _ in stay:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert len(gw.cap.lingering) <= connections.MAX_LINGERING
+    # Each is closed by the gateway within the linger time, none is left over.
+    for reader, _ in stay:
+        assert await asyncio.wait_for(_closed_by_server(reader), 10) is not None
+    await wait_until(lambda: not gw.cap.lingering, "no refusal lingering", timeout=10)
+    assert gw.cap.stats.refused == len(stay)
+
+
+@pytest.mark.timeout(30)
+async def test_a_client_that_leaves_halfway_through_its_body_is_no_error(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    # dc04a44 logged "Error handling request" with a ConnectionResetError traceback.
+    gw = await serve()
+    with caplog.at_level(logging.DEBUG):
+        _, writer = await gw.connect(SLOW_POST + b'{"comm')
+        await wait_until(lambda: len(gw.cap.busy) == 1, "the request in progress", timeout=10)
+        writer.close()
+        await wait_until(lambda: not gw.cap.busy, "the request over", timeout=10)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.timeout(30)
