@@ -7,10 +7,13 @@ rules are tested without a server.
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from frames.ratelimit import TokenBucket
 
 from .hub import Role
 
@@ -32,20 +35,57 @@ class TokenTable:
         return cls(table)
 
     def role_of(self, presented: str | None) -> Role | None:
-        """The role a presented token grants, or None. Every entry is compared, in
-        constant time, so timing tells nothing about which token came close."""
+        """The role a presented token grants, or None."""
+        grant = self.grant(presented)
+        return None if grant is None else grant[0]
+
+    def grant(self, presented: str | None) -> tuple[Role, str] | None:
+        """The role a presented token grants and the configured token it matched, or None.
+
+        Every entry is compared, in constant time, so timing tells nothing
+        about which token came close. The matched token names its holder for
+        per-token limits (the HTTP command rate).
+        """
         if not presented:
             return None
-        found: Role | None = None
+        found: tuple[Role, str] | None = None
         given = presented.encode()
         for token, role in self.tokens.items():
             if hmac.compare_digest(token.encode(), given):
-                found = role
+                found = (role, token)
         return found
 
 
+class CommandRates:
+    """One command-rate bucket per configured token, for commands over HTTP (docs/api.md §4).
+
+    ``rate`` commands a second with bursts of a second's worth, as each
+    WebSocket dashboard has; all of a token's HTTP callers share its bucket,
+    so opening more connections buys no more commands. Buckets exist only for
+    tokens that authenticated, so there are at most as many as configured tokens.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, token: str, now: float) -> bool:
+        """Spend one command of ``token``'s allowance at ``now``; False: over the rate."""
+        bucket = self._buckets.get(token)
+        if bucket is None:
+            bucket = self._buckets[token] = TokenBucket(self.rate, max(1.0, self.rate), now)
+        return bucket.take(now)
+
+    def retry_after(self) -> int:
+        """Whole seconds after which a refused caller may try again (``Retry-After``)."""
+        return max(1, math.ceil(1.0 / self.rate))
+
+
 def generate_token() -> str:
-    """A fresh random operator token (printed with the dashboard URL at start)."""
+    """A fresh random operator token (printed in the dashboard address's fragment at start).
+
+    URL-safe base64, so it goes into a URL fragment as it is.
+    """
     return secrets.token_urlsafe(24)
 
 

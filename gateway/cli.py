@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import importlib
 import logging
@@ -30,6 +31,15 @@ from .storage import StorageError
 from .web.connections import CappedSite, fit_to_fd_limit, raise_fd_limit
 
 log = logging.getLogger("gateway")
+
+# Exit statuses of ``serve`` (docs/configuration.md, Exit statuses). A service
+# manager restarts on 1 and 4 (the next start may succeed) but not on 2 or 3,
+# which need a person: see the systemd unit in docs/deployment.md.
+EXIT_OK = 0  # stopped by SIGTERM or Ctrl-C, everything accepted kept
+EXIT_ERROR = 1  # an unexpected error (Python's own status for an uncaught exception)
+EXIT_CONFIG = 2  # a bad flag, config file, environment value or protocols module
+EXIT_STORAGE = 3  # the database cannot be opened: unwritable data dir, corrupt or empty file
+EXIT_LISTEN = 4  # a port cannot be listened on: in use, address not here, no permission
 
 
 def _port(text: str) -> int:
@@ -183,8 +193,22 @@ def tune_gc() -> None:
 DemoStarter = Callable[[Any, int, str, int], Awaitable[Callable[[], Awaitable[None]]]]
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_error(role: str, what: str, host: str, port: int, port_setting: str, e: OSError) -> str:
+    """One line naming the port's role, its address and the flags and keys that set it."""
+    address = _address(host, port)
+    if e.errno == errno.EADDRINUSE:
+        return f"{what} {address} is in use ({role}: {port_setting})"
+    # Not here (EADDRNOTAVAIL), not allowed (EACCES below 1024): the host may be the fault.
+    why = e.strerror or str(e)
+    return f"cannot listen on the {what} {address}: {why} ({role}: --host / host, {port_setting})"
+
+
 async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) -> int:
-    """Run the gateway until SIGTERM or Ctrl-C; returns the exit code."""
+    """Run the gateway until SIGTERM or Ctrl-C; returns the exit status (``EXIT_*``)."""
     _load_protocols(config.protocols)
     operator = config.auth.token
     generated = operator is None
@@ -195,6 +219,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
     for note in lowered:
         log.warning("%s", note)
     app = create_app(config, tokens)
+    rt = app[RUNTIME]
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -208,19 +233,35 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
         # Storage and the device port start here (the app's cleanup_ctx): a busy
         # port or an unusable data dir is the user's to fix, so one line, no traceback.
         await runner.setup()
-    except (OSError, StorageError) as e:
+    except StorageError as e:
         # The app's startup has already undone whatever it had started.
         await runner.cleanup()
         log.error("cannot start the gateway: %s", e)
-        return 1
-    site = CappedSite(runner, config.host, config.http_port, app[RUNTIME].http)
+        return EXIT_STORAGE
+    except OSError as e:
+        # Storage wraps its own OS errors: an OSError here is the device port's.
+        await runner.cleanup()
+        server = rt.device_server
+        message = _listen_error(
+            "devices", "device port", server.host, server.port, "--device-port / device_port", e
+        )
+        log.error("cannot start the gateway: %s", message)
+        return EXIT_LISTEN
+    site = CappedSite(runner, config.host, config.http_port, rt.http)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        log.error("cannot listen on %s:%s: %s", config.host, config.http_port, e.strerror)
-        return 1
-    rt = app[RUNTIME]
+        message = _listen_error(
+            "dashboards and API",
+            "HTTP port",
+            config.host,
+            config.http_port,
+            "--http-port / http_port",
+            e,
+        )
+        log.error("cannot start the gateway: %s", message)
+        return EXIT_LISTEN
     http_host, http_port = site.address
     dev_host, dev_port = rt.device_server.address
     stop = asyncio.Event()
@@ -234,12 +275,14 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
 
             stop_demo = await start_demo(rt, config.demo, dev_host, dev_port)
         url_host = "127.0.0.1" if http_host in ("0.0.0.0", "::") else http_host
-        if generated or config.demo:
-            print(
-                f"dashboard: http://{url_host}:{http_port}/?token={operator}",
-                file=sys.stderr,
-                flush=True,
-            )
+        page = f"http://{_address(url_host, http_port)}/"
+        if generated:
+            # In the fragment, which browsers never send: the token stays out of
+            # request lines, proxy logs and Referer headers (docs/api.md §1).
+            print(f"dashboard: {page}#token={operator}", file=sys.stderr, flush=True)
+        elif config.demo:
+            # A configured token is never printed: its owner has it already.
+            print(f"dashboard: {page}", file=sys.stderr, flush=True)
         tune_gc()
         ready(f"ready http={http_host}:{http_port} devices={dev_host}:{dev_port}")
         sys.stdout.flush()
@@ -251,7 +294,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
         if stop_demo is not None:
             await stop_demo()
         await runner.cleanup()
-    return 0
+    return EXIT_OK
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
@@ -290,15 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as e:
         print(f"iot-gateway: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     _setup_logging(config.log_level)
     try:
         return _run(lambda: serve(config))
     except ConfigError as e:
         print(f"iot-gateway: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -8,13 +8,28 @@ function headers(token) {
   return { Authorization: `Bearer ${token}`, Accept: 'application/json' };
 }
 
-/** The ws:// or wss:// URL of the dashboard socket for this page. */
-export function socketUrl(token) {
+/** The ws:// or wss:// URL of the dashboard socket for this page (no token in it). */
+export function socketUrl() {
   const url = new URL('ws', window.location.href);
   url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-  // A browser WebSocket cannot send an Authorization header: ?token= is the only way.
-  url.searchParams.set('token', token);
   return url.href;
+}
+
+/** The token as URL-safe base64 of its UTF-8 bytes, without padding. */
+function base64url(text) {
+  let binary = '';
+  for (const byte of new TextEncoder().encode(text)) binary += String.fromCharCode(byte);
+  return btoa(binary).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+}
+
+/**
+ * The WebSocket subprotocols that carry the token (docs/api.md §1). A browser
+ * WebSocket cannot send an Authorization header, and a token in the URL would
+ * land in proxy logs: the Sec-WebSocket-Protocol header is the one header it
+ * can set. The gateway picks and echoes "iot-gateway", never the token's.
+ */
+export function socketProtocols(token) {
+  return ['iot-gateway', `token.${base64url(token)}`];
 }
 
 /** Is the token good? 'unauthorized' (HTTP 401), 'ok', or 'unreachable'. */

@@ -8,7 +8,7 @@
 // the same way from the notice's `resume_from - 1`. Duplicates are dropped by
 // offset in the store.
 
-import { loadHistory, probeToken, socketUrl } from './api.js';
+import { loadHistory, probeToken, socketProtocols, socketUrl } from './api.js';
 import { Connection } from './connection.js';
 import { FINAL_STATUSES, MAX_POINTS, Store } from './store.js';
 import { clearToken, storeToken, takeToken } from './token.js';
@@ -45,7 +45,8 @@ function event(kind, text, ts) {
 
 function connect() {
   connection = new Connection({
-    url: () => socketUrl(token),
+    url: () => socketUrl(),
+    protocols: () => socketProtocols(token),
     probe: () => probeToken(token),
     onMessage: handle,
     onState(info) {
@@ -201,6 +202,14 @@ async function openDevice(id) {
   }
   view.deviceChanged(id);
 }
+
+// Opening a link with #token= in a tab that already shows the page changes only
+// the fragment: no new page load. Take the token and load afresh, as the form does.
+window.addEventListener('hashchange', () => {
+  if (!new URLSearchParams(window.location.hash.slice(1)).has('token')) return;
+  takeToken();
+  window.location.reload();
+});
 
 // The browser knows before our backoff does that the network is back.
 window.addEventListener('online', () => connection?.retryNow());

@@ -40,13 +40,15 @@ export class Backoff {
 export class Connection {
   /**
    * @param {object} options
-   * @param {() => string} options.url the ws:// URL, token included
+   * @param {() => string} options.url the ws:// URL (never with the token in it)
+   * @param {() => string[]} options.protocols the subprotocols to offer (they carry the token)
    * @param {() => Promise<string>} options.probe resolves 'unauthorized', 'ok' or 'unreachable'
    * @param {(msg: object) => void} options.onMessage every object received, in order
    * @param {(state: object) => void} options.onState {state, retryAt, attempt, role}
    */
-  constructor({ url, probe, onMessage, onState, backoff = new Backoff() }) {
+  constructor({ url, protocols = () => [], probe, onMessage, onState, backoff = new Backoff() }) {
     this.url = url;
+    this.protocols = protocols;
     this.probe = probe;
     this.onMessage = onMessage;
     this.onState = onState;
@@ -95,7 +97,7 @@ export class Connection {
   }
 
   open() {
-    const ws = new WebSocket(this.url());
+    const ws = new WebSocket(this.url(), this.protocols());
     this.ws = ws;
     let welcomed = false;
     ws.addEventListener('message', (event) => {

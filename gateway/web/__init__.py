@@ -12,12 +12,18 @@ from aiohttp import web
 
 from . import rest
 from .context import WEB, WebContext
+from .errors import json_errors
 from .page import index, page_headers, static_dir
 from .ws import ws_handler
 
 
 def add_routes(app: web.Application) -> None:
-    """Mount the WebSocket, the HTTP API, health, metrics and the page."""
+    """Mount the WebSocket, the HTTP API, health, metrics and the page.
+
+    Also adds the middleware that makes every ``/api/`` error JSON (after any
+    the application was made with, so the connection cap still sees each request).
+    """
+    app.middlewares.append(json_errors)
     app.on_response_prepare.append(page_headers)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/api/devices", rest.list_devices)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..auth import TokenTable
+from ..auth import CommandRates, TokenTable
 from ..config import GatewayConfig
 from ..hub import Hub
 from ..metrics import Metrics
@@ -29,6 +29,14 @@ class WebContext:
     http: HttpConnectionCap
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     accepting: bool = True
+    # Commands over HTTP, per token (docs/api.md §4); made from the config when None.
+    http_commands: CommandRates | None = None
+
+    def command_rates(self) -> CommandRates:
+        """The per-token buckets of ``POST .../commands`` (dashboards.commands_per_second)."""
+        if self.http_commands is None:
+            self.http_commands = CommandRates(self.config.dashboards.commands_per_second)
+        return self.http_commands
 
 
 WEB: web.AppKey[WebContext] = web.AppKey("web", WebContext)

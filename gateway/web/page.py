@@ -22,6 +22,9 @@ PAGE_HEADERS = {
         "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
     ),
     "X-Content-Type-Options": "nosniff",
+    # An old link with ?token= must not pass the token on through Referer (the
+    # page says so in a meta tag too; the header covers what loads before it).
+    "Referrer-Policy": "no-referrer",
 }
 
 
@@ -32,5 +35,5 @@ async def page_headers(request: web.Request, response: web.StreamResponse) -> No
 
 
 async def index(request: web.Request) -> web.StreamResponse:
-    """``GET /``: the dashboard page (it asks for the token itself)."""
+    """``GET /``: the dashboard page (it takes its token from the address's fragment)."""
     return web.FileResponse(static_dir() / "index.html")

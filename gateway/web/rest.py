@@ -14,7 +14,7 @@ from aiohttp import web
 from ..hub import ClientError, ErrorCode, Role, dumps, parse_command, telemetry_message
 from ..metrics import CONTENT_TYPE
 from .context import WEB
-from .errors import http_error, require
+from .errors import http_error, presented, require
 
 
 async def list_devices(request: web.Request) -> web.Response:
@@ -64,9 +64,27 @@ async def device_telemetry(request: web.Request) -> web.Response:
     )
 
 
+def _take_command(request: web.Request, token: str) -> None:
+    """Spend one of the token's commands; past the rate, 429 with ``Retry-After``."""
+    ctx = request.app[WEB]
+    rates = ctx.command_rates()
+    if not rates.take(token, asyncio.get_running_loop().time()):
+        ctx.metrics.refused.labels("command_rate").inc()
+        raise http_error(
+            web.HTTPTooManyRequests,
+            ErrorCode.RATE_LIMITED,
+            f"over {rates.rate:g} commands per second for this token",
+            headers={"Retry-After": str(rates.retry_after())},
+        )
+
+
 async def post_command(request: web.Request) -> web.Response:
     """``POST /api/devices/{id}/commands`` with ``{"command": {...}}`` -> 202 + first status."""
-    require(request, Role.OPERATOR)
+    role, token = presented(request)
+    if role is not Role.OPERATOR:
+        raise http_error(web.HTTPForbidden, ErrorCode.FORBIDDEN, "this needs an operator token")
+    # Before the body is read: a flood is refused at the least cost.
+    _take_command(request, token)
     ctx = request.app[WEB]
     limit = ctx.config.dashboards.max_message
     too_large = web.HTTPRequestEntityTooLarge(
@@ -90,6 +108,11 @@ async def post_command(request: web.Request) -> web.Response:
         raise too_large from None  # a chunked body that grew past client_max_size
     except ValueError:
         raise http_error(web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "body is not JSON") from None
+    except RecursionError:
+        # json.loads recurses per level: a body of 60,000 "[" is valid-looking and bottomless.
+        raise http_error(
+            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "body is nested too deeply"
+        ) from None
     if not isinstance(body, dict) or not isinstance(body.get("command"), dict):
         raise http_error(
             web.HTTPBadRequest, ErrorCode.BAD_REQUEST, 'body must be {"command": {...}}'

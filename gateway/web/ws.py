@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from ..auth import origin_allowed
 from ..hub import Dashboard, ErrorCode, Refused, dumps, error_message
 from .context import WEB, WebContext
-from .errors import http_error, require
+from .errors import SUBPROTOCOL, http_error, require
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     """``GET /ws``: authenticate, check the Origin, then serve one dashboard."""
     ctx = request.app[WEB]
-    role = require(request)
+    role = require(request, websocket=True)
     if not origin_allowed(
         request.headers.get("Origin"),
         request.host,
@@ -44,6 +44,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         raise http_error(web.HTTPServiceUnavailable, "too_many_dashboards", str(e)) from None
     cfg = ctx.config.dashboards
     ws = web.WebSocketResponse(
+        # Picked and echoed when offered (the page offers it with its token's
+        # subprotocol); the token's own is never echoed.
+        protocols=(SUBPROTOCOL,),
         compress=cfg.compression,
         max_msg_size=cfg.max_message,
         heartbeat=30.0,

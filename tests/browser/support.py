@@ -38,9 +38,11 @@ def demo_gateway(workdir: Path) -> GatewayProcess:
     )
 
 
-def page_url(gateway: GatewayProcess, token: str | None) -> str:
-    """The dashboard page, with ``?token=`` when given."""
-    return f"{gateway.url}/" if token is None else f"{gateway.url}/?token={token}"
+def page_url(gateway: GatewayProcess, token: str | None, *, query: bool = False) -> str:
+    """The dashboard page with ``#token=`` as the gateway prints it (``?token=``: an old link)."""
+    if token is None:
+        return f"{gateway.url}/"
+    return f"{gateway.url}/?token={token}" if query else f"{gateway.url}/#token={token}"
 
 
 def listed_devices(gateway: GatewayProcess) -> dict[str, dict[str, Any]]:

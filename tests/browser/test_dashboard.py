@@ -6,6 +6,7 @@ Every wait is on a condition on the page (Playwright's ``expect`` and
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from playwright.sync_api import Locator, Page, Route, expect
+from playwright.sync_api import Locator, Page, Request, Route, expect
 
 from tests.browser.support import (
     OPERATOR,
@@ -38,9 +39,9 @@ def card(page: Page, device: str) -> Locator:
     return page.locator(f'[data-testid="device-card"][data-device="{device}"]')
 
 
-def open_dashboard(page: Page, gateway: GatewayProcess, token: str) -> None:
-    """Load the page with ``?token=`` and wait until it is live with the demo's four devices."""
-    page.goto(page_url(gateway, token))
+def open_dashboard(page: Page, gateway: GatewayProcess, token: str, *, query: bool = False) -> None:
+    """Load the page with ``#token=`` (``?token=``) and wait until it is live with four devices."""
+    page.goto(page_url(gateway, token, query=query))
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
     expect(page.get_by_test_id("device-card")).to_have_count(4)
 
@@ -166,7 +167,9 @@ def test_relay_switch_shows_acked_and_new_state(page: Page, gateway: GatewayProc
 
 
 def test_viewer_sees_no_command_controls(page: Page, gateway: GatewayProcess) -> None:
-    open_dashboard(page, gateway, VIEWER)
+    # An old link with ?token= still works, and the token leaves the address bar too.
+    open_dashboard(page, gateway, VIEWER, query=True)
+    assert "token" not in page.url
     expect(page.get_by_test_id("role")).to_have_text(re.compile("Viewer"))
     # The relays' state is shown, read only.
     expect(page.get_by_test_id("relay-channel")).to_have_count(8)
@@ -201,6 +204,59 @@ def test_bad_token_shows_unauthorized(page: Page, gateway: GatewayProcess) -> No
     expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
     expect(page.get_by_test_id("device-card")).to_have_count(4)
     expect(page.get_by_test_id("auth-panel")).to_be_hidden()
+
+
+def test_the_page_never_sends_its_token_in_a_url(page: Page, gateway: GatewayProcess) -> None:
+    """docs/api.md §1: the token comes in the fragment; the page sends it in headers only."""
+    requests: list[Request] = []
+    sockets: list[str] = []
+    page.on("request", lambda request: requests.append(request))
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    open_dashboard(page, gateway, OPERATOR)
+    # The fragment is gone from the address bar; the tab keeps the token.
+    assert "token" not in page.url
+    assert urlsplit(page.url).fragment == ""
+    assert page.evaluate("sessionStorage.getItem('iot-gateway.token')") == OPERATOR
+
+    # Everything the page does: history over HTTP, a command over the WebSocket.
+    sensor = card(page, "demo-1")
+    sensor.get_by_test_id("toggle-details").click()
+    expect(sensor.get_by_test_id("history-state")).to_have_attribute("data-state", "loaded")
+    relay = card(page, "demo-2")
+    status = relay.locator('[data-testid="command-status"][data-origin="relay"]')
+    relay.locator('[data-testid="relay-channel"][data-channel="1"]').click()
+    expect(status).to_have_attribute("data-status", "acked")
+
+    encoded = base64.urlsafe_b64encode(OPERATOR.encode()).decode().rstrip("=")
+    urls = [r.url for r in requests] + sockets
+    assert sockets, "the page opened no WebSocket"
+    assert any("/api/devices/demo-1/telemetry" in u for u in urls)
+    for url in urls:
+        assert OPERATOR not in url, url
+        assert encoded not in url, url
+        assert "token=" not in url, url
+    # Its API calls carry the token in the Authorization header.
+    api = [r for r in requests if urlsplit(r.url).path.startswith("/api/")]
+    assert api
+    assert all(r.headers.get("authorization") == f"Bearer {OPERATOR}" for r in api)
+
+    # Its WebSocket offers the token as a subprotocol; the gateway picks "iot-gateway".
+    picked = page.evaluate(
+        """async (token) => {
+            const { socketProtocols, socketUrl } = await import('./static/api.js');
+            const ws = new WebSocket(socketUrl(), socketProtocols(token));
+            const protocol = await new Promise((resolve, reject) => {
+                ws.onopen = () => resolve(ws.protocol);
+                ws.onerror = () => reject(new Error('refused'));
+            });
+            ws.close();
+            return protocol;
+        }""",
+        OPERATOR,
+    )
+    assert picked == "iot-gateway"
+    # A configured token is never printed or logged by the gateway.
+    assert OPERATOR not in gateway.log()
 
 
 def test_gateway_restart_reconnects_without_a_gap(page: Page, own_gateway: GatewayProcess) -> None:

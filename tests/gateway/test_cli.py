@@ -24,12 +24,21 @@ import aiohttp
 import pytest
 
 from frames import Data
-from gateway.cli import GC_GEN0_THRESHOLD, main, tune_gc
+from gateway.cli import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_LISTEN,
+    EXIT_OK,
+    EXIT_STORAGE,
+    GC_GEN0_THRESHOLD,
+    main,
+    tune_gc,
+)
 from simulators.handshake import DeviceHandshake, MessageReader, encode
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import ROOT, Exit, GatewayProcess
 
 READY = re.compile(r"ready http=127\.0\.0\.1:(\d+) devices=127\.0\.0\.1:(\d+)\n")
-DASHBOARD = re.compile(r"dashboard: http://127\.0\.0\.1:(\d+)/\?token=(\S+)")
+DASHBOARD = re.compile(r"dashboard: http://127\.0\.0\.1:(\d+)/#token=(\S+)")
 # docs/configuration.md, Command-line flags.
 SECTION_6_FLAGS = [
     "--config",
@@ -209,16 +218,40 @@ async def test_without_a_token_one_is_made_and_printed(
     assert f"127.0.0.1:{match.group(1)}" == f"{gw.http_host}:{gw.http_port}"
     token = match.group(2)
     assert gw.token == token
+    # In the fragment (which browsers never send), never in the query (docs/api.md §1).
+    assert "?token=" not in gw.stderr()
     base = gw.url
     assert await get_json(f"{base}/api/devices", token) == (200, {"devices": []})
     status, body = await get_json(f"{base}/api/devices")
     assert (status, body["code"]) == (401, "unauthorized")
     status, _ = await get_json(f"{base}/api/devices", token + "x")
     assert status == 401
-    # The printed URL itself works: ?token= is accepted as well as the header.
+    # ?token= stays for scripts.
     assert (await get_json(f"{base}/api/devices?token={token}"))[0] == 200
     exit = await gw.stop(timeout=5.0)
     assert exit.code == 0, exit
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+async def test_a_configured_token_is_never_printed_even_with_demo(
+    gateways: GatewayFactory, tmp_path: Path, how: str
+) -> None:
+    # dc04a44 printed "dashboard: ...?token=<the configured token>" for --demo.
+    secret = "configured-secret-7f3a"
+    args = serve_args(tmp_path / "data", "--demo", "1")
+    if how == "flag":
+        gw = gateways(*args, "--token", secret)
+    else:
+        gw = gateways(*args, env={"IOT_GATEWAY_TOKEN": secret})
+    await ready(gw)
+    # The page's address is still printed, without any token: its owner has it.
+    assert f"dashboard: {gw.url}/\n" in gw.stderr(), gw.stderr()
+    assert (await get_json(f"{gw.url}/api/devices", secret))[0] == 200
+    exit = await gw.stop(timeout=5.0)
+    assert exit.code == EXIT_OK, exit
+    assert secret not in exit.stderr
+    assert secret not in exit.stdout
+    assert "token=" not in exit.stderr
 
 
 async def test_token_from_the_environment_is_used_and_not_printed(
@@ -279,28 +312,54 @@ async def test_sigterm_keeps_accepted_telemetry_across_a_restart(
     assert (await second.stop(timeout=5.0)).code == 0
 
 
-async def test_a_busy_device_port_is_one_line_and_exit_1(
-    gateways: GatewayFactory, tmp_path: Path
+def _one_error(exit: Exit) -> str:
+    """The one ERROR line of a start that failed cleanly: no ready line, no traceback."""
+    assert exit.stdout == ""  # no ready line
+    assert "Traceback" not in exit.stderr
+    errors = [line for line in exit.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, exit.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("role", ["devices", "http"])
+async def test_a_busy_port_is_one_line_naming_it_and_exit_4(
+    gateways: GatewayFactory, tmp_path: Path, role: str
 ) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        gw = gateways(
-            "--http-port", "0", "--device-port", str(port), "--data-dir", str(tmp_path / "d")
-        )
+        ports = ["--device-port", str(port), "--http-port", "0"]
+        if role == "http":
+            ports = ["--device-port", "0", "--http-port", str(port)]
+        gw = gateways(*ports, "--data-dir", str(tmp_path / "d"))
         gw.launch()
         exit = await gw.wait_exit(timeout=10)
-    assert exit.code == 1
-    assert exit.stdout == ""  # no ready line
-    errors = [line for line in exit.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1
-    assert "cannot start the gateway" in errors[0]
-    assert str(port) in errors[0]
-    assert "Traceback" not in exit.stderr
+    assert exit.code == EXIT_LISTEN, exit
+    line = _one_error(exit)
+    if role == "devices":
+        expected = f"device port 127.0.0.1:{port} is in use (devices: --device-port / device_port)"
+    else:
+        expected = (
+            f"HTTP port 127.0.0.1:{port} is in use (dashboards and API: --http-port / http_port)"
+        )
+    assert line.endswith(f"cannot start the gateway: {expected}"), line
 
 
-async def test_an_unusable_data_dir_is_one_line_and_exit_1(
+async def test_an_address_not_on_this_machine_is_exit_4_naming_the_host(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
+    # TEST-NET-1 (RFC 5737): never an address of this machine.
+    gw = gateways("--host", "192.0.2.1", *serve_args(tmp_path / "d"))
+    gw.launch()
+    exit = await gw.wait_exit(timeout=10)
+    assert exit.code == EXIT_LISTEN, exit
+    line = _one_error(exit)
+    assert "cannot listen on the device port 192.0.2.1:0" in line, line
+    assert "--host / host" in line
+
+
+async def test_an_unusable_data_dir_is_one_line_and_exit_3(
     gateways: GatewayFactory, tmp_path: Path
 ) -> None:
     not_a_dir = tmp_path / "file"
@@ -308,13 +367,29 @@ async def test_an_unusable_data_dir_is_one_line_and_exit_1(
     gw = gateways(*serve_args(not_a_dir))
     gw.launch()
     exit = await gw.wait_exit(timeout=10)
-    assert exit.code == 1
-    assert exit.stdout == ""
-    assert any(
-        "cannot start the gateway" in line and str(not_a_dir) in line
-        for line in exit.stderr.splitlines()
-    )
-    assert "Traceback" not in exit.stderr
+    assert exit.code == EXIT_STORAGE, exit
+    line = _one_error(exit)
+    assert "cannot start the gateway" in line
+    assert str(not_a_dir) in line
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a database " * 100], ids=["empty file", "not a database"]
+)
+async def test_a_database_file_that_is_not_a_database_is_exit_3(
+    gateways: GatewayFactory, tmp_path: Path, content: bytes
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    # An empty file is what a full disk or a bad copy leaves: starting fresh from
+    # it would reuse offsets that dashboards remember.
+    (data_dir / "gateway.sqlite3").write_bytes(content)
+    gw = gateways(*serve_args(data_dir))
+    gw.launch()
+    exit = await gw.wait_exit(timeout=10)
+    assert exit.code == EXIT_STORAGE, exit
+    assert "gateway.sqlite3" in _one_error(exit)
+    assert (data_dir / "gateway.sqlite3").read_bytes() == content  # left for a person to see
 
 
 async def test_config_error_in_a_real_process_exits_2(gateways: GatewayFactory) -> None:
@@ -323,10 +398,48 @@ async def test_config_error_in_a_real_process_exits_2(gateways: GatewayFactory) 
     gw.launch()
     assert gw.config_path.read_text() == "http_port = 70000\n"
     exit = await gw.wait_exit(timeout=10)
-    assert exit.code == 2
+    assert exit.code == EXIT_CONFIG
     assert exit.stdout == ""
     path = gw.config_path
     assert exit.stderr == f"iot-gateway: http_port must be 0..65535, not 70000 (in {path})\n"
+
+
+async def test_a_protocols_module_that_cannot_be_imported_is_exit_2(
+    gateways: GatewayFactory, tmp_path: Path
+) -> None:
+    gw = gateways(*serve_args(tmp_path / "d"), config={"protocols": ["no_such_module_here"]})
+    gw.launch()
+    exit = await gw.wait_exit(timeout=10)
+    assert exit.code == EXIT_CONFIG, exit
+    assert "protocols: cannot import 'no_such_module_here'" in exit.stderr
+
+
+def test_exit_statuses_are_distinct_and_documented() -> None:
+    statuses = {
+        "EXIT_OK": EXIT_OK,
+        "EXIT_ERROR": EXIT_ERROR,
+        "EXIT_CONFIG": EXIT_CONFIG,
+        "EXIT_STORAGE": EXIT_STORAGE,
+        "EXIT_LISTEN": EXIT_LISTEN,
+    }
+    assert len(set(statuses.values())) == len(statuses)
+    doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = doc.split("### Exit statuses", 1)[1].split("\n#", 1)[0]
+    documented = {int(n) for n in re.findall(r"^\| `(\d+)` \|", section, re.MULTILINE)}
+    assert documented == set(statuses.values())
+
+
+def test_the_documented_unit_does_not_restart_what_a_restart_cannot_fix() -> None:
+    doc = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    unit = doc.split("```ini", 1)[1].split("```", 1)[0]
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert settings["Restart"] == "on-failure"
+    assert set(settings["RestartPreventExitStatus"].split()) == {
+        str(EXIT_CONFIG),
+        str(EXIT_STORAGE),
+    }
 
 
 def test_tune_gc_freezes_what_exists_and_collects_less_often() -> None:

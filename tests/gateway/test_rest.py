@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from pathlib import Path
 
+import aiohttp
+import pytest
+
 import frames
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
-from tests.gateway.support import ENV_DATA, device, runtime_of
+from tests.gateway.support import ENV_DATA, dash, device, runtime_of
 from tests.support.wait import wait_until
 
 
@@ -140,5 +144,109 @@ async def test_page_is_served_with_no_cache_and_a_strict_policy(make_app: AppFac
     module = await client.get("/static/app.js")
     assert module.status == 200
     assert module.headers["X-Content-Type-Options"] == "nosniff"
+    # An old link's ?token= must not travel on in a Referer.
+    assert page.headers["Referrer-Policy"] == "no-referrer"
     api = await client.get("/healthz")
     assert "Content-Security-Policy" not in api.headers
+
+
+# ---- every /api answer is JSON (docs/api.md §2) ------------------------------------------------
+
+
+async def test_unknown_paths_and_methods_under_api_are_json(make_app: AppFactory) -> None:
+    client = await make_app()
+    auth = {"Authorization": f"Bearer {OPERATOR}"}
+    for method, path, status, code in [
+        ("GET", "/api/nope", 404, "not_found"),
+        ("GET", "/api", 404, "not_found"),
+        ("GET", "/api/devices/x/y/z", 404, "not_found"),
+        ("DELETE", "/api/devices", 405, "method_not_allowed"),
+        ("GET", "/api/devices/x/commands", 405, "method_not_allowed"),
+        ("PUT", "/api/devices/x", 405, "method_not_allowed"),
+    ]:
+        resp = await client.request(method, path, headers=auth)
+        assert resp.status == status, (method, path)
+        assert resp.content_type == "application/json", (method, path)
+        body = await resp.json()
+        assert body["code"] == code, (method, path, body)
+        assert body["message"]
+    # 405 still says what is allowed.
+    resp = await client.delete("/api/devices", headers=auth)
+    assert resp.headers["Allow"] == "GET,HEAD"
+    # The page's paths are no API: aiohttp's own answer stands there.
+    assert (await client.get("/static/nope.js")).content_type != "application/json"
+
+
+async def test_an_unexpected_error_is_a_json_500_logged_once(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_app()
+    rt = runtime_of(client)
+
+    def broken() -> list[dict[str, object]]:
+        raise KeyError("a bug")
+
+    rt.hub.devices_listing = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        resp = await client.get("/api/devices", headers={"Authorization": f"Bearer {OPERATOR}"})
+    assert resp.status == 500
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["code"] == "internal_error"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].exc_info is not None
+    assert "GET /api/devices" in errors[0].getMessage()
+
+
+async def test_a_deeply_nested_body_is_400_not_500(make_app: AppFactory) -> None:
+    # dc04a44: json.loads raised RecursionError, a plain-text 500.
+    client = await make_app()
+    depth = 30_000  # 60,000 bytes: under the 64 KiB body limit
+    for body in ("[" * depth + "]" * depth, '{"command":' + "[" * depth + "]" * depth + "}"):
+        resp = await client.post(
+            "/api/devices/x/commands",
+            data=body,
+            headers={"Authorization": f"Bearer {OPERATOR}", "Content-Type": "application/json"},
+        )
+        assert resp.status == 400
+        assert await resp.json() == {"code": "bad_request", "message": "body is nested too deeply"}
+
+
+# ---- the command rate of HTTP callers (docs/api.md §4) -----------------------------------------
+
+
+async def test_commands_over_http_are_rate_limited_per_token(make_app: AppFactory) -> None:
+    client = await make_app(dashboards={"commands_per_second": 2.0})
+    rt = runtime_of(client)
+    await device(rt, "r1")
+    auth = {"Authorization": f"Bearer {OPERATOR}"}
+    cmd = {"command": {"name": "reboot"}}
+    answers = [
+        await client.post("/api/devices/r1/commands", json=cmd, headers=auth) for _ in range(6)
+    ]
+    statuses = [a.status for a in answers]
+    # A burst of one second's worth (2), then refusals: the test runs well within a second
+    # of refills, so at most one more may have been earned meanwhile.
+    assert statuses[:2] == [202, 202]
+    refused = [a for a in answers if a.status == 429]
+    assert len(refused) >= 3, statuses
+    for a in refused:
+        assert a.headers["Retry-After"] == "1"
+        assert await a.json() == {
+            "code": "rate_limited",
+            "message": "over 2 commands per second for this token",
+        }
+    metrics = await (await client.get("/metrics")).text()
+    assert f'iot_refused_total{{limit="command_rate"}} {float(len(refused))}' in metrics
+    # Another connection with the same token shares the allowance ...
+    async with aiohttp.ClientSession() as other:
+        url = str(client.make_url("/api/devices/r1/commands"))
+        async with other.post(url, json=cmd, headers=auth) as resp:
+            assert resp.status in (202, 429)
+    # ... while a WebSocket dashboard keeps its own (docs/api.md §3.2).
+    d = await dash(client)
+    await d.send({"op": "command", "id": "w", "device": "r1", "command": {"name": "reboot"}})
+    assert (await d.expect("command_status", id="w"))["status"] == "sent"
+    # A viewer gets 403 before any allowance is spent.
+    viewer = {"Authorization": f"Bearer {VIEWER}"}
+    assert (await client.post("/api/devices/r1/commands", json=cmd, headers=viewer)).status == 403

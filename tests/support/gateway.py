@@ -7,8 +7,8 @@ end-to-end benchmarks all start the gateway through ``GatewayProcess``, so its
 start-up contract is read in one place (docs/configuration.md, Command-line
 flags): once it listens, ``serve`` prints exactly one line to stdout,
 ``ready http=HOST:PORT devices=HOST:PORT``, after the dashboard URL on stderr
-when it made its own token; it exits 0 after SIGTERM or SIGINT, 1 when it
-cannot start, 2 on a bad config.
+when it made its own token; it exits 0 after SIGTERM or SIGINT, 2 on a bad
+config, 3 when its storage cannot be opened, 4 when a port cannot be listened on.
 
 The class blocks at its core (``subprocess.Popen``, reads with a deadline),
 because the browser tests run under sync Playwright, which owns the thread's
@@ -45,7 +45,7 @@ ROOT: Final = Path(__file__).resolve().parents[2]
 OPERATOR: Final = "op-test-token"
 VIEWER: Final = "view-test-token"
 READY: Final = re.compile(r"ready http=(\S+):(\d+) devices=(\S+):(\d+)")
-DASHBOARD: Final = re.compile(r"^dashboard: \S+\?token=(\S+)$", re.MULTILINE)
+DASHBOARD: Final = re.compile(r"^dashboard: \S+#token=(\S+)$", re.MULTILINE)
 START_TIMEOUT: Final = 30.0  # a cold interpreter on a busy 2-core machine
 STOP_TIMEOUT: Final = 20.0
 # Log lines that mean an exception escaped somewhere it should not have.
