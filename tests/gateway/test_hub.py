@@ -570,3 +570,19 @@ async def test_a_group_command_to_no_online_device_is_still_not_found() -> None:
                 await asyncio.sleep(0.01)
         (answer,) = drain(d)
         assert (answer["op"], answer["id"], answer["code"]) == ("error", "g", "not_found")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_known_devices", 0),
+        ("forget_after", -1.0),
+        ("devices_page_size", 0),
+        ("max_subscriptions", 0),
+        ("control_queue_bytes", 1023),
+        ("max_pending_commands", 0),
+    ],
+)
+def test_a_bound_out_of_range_is_refused_naming_its_key(key: str, value: float) -> None:
+    with pytest.raises(ValueError, match=key):
+        HubConfig(**{key: value})
