@@ -3,33 +3,68 @@
 A command goes to an online device at once (``sent``, then ``acked``,
 ``nacked`` or ``timeout``), to the node that holds the device in a cluster,
 or into the engine's offline queue (``queued``, then delivered oldest first
-at the device's next WELCOME, or ``expired``). A device never seen, or a
-command its protocol cannot encode, is ``rejected`` (docs/api.md §3.1).
+at the device's next WELCOME, or ``expired``). A device never seen, a
+command its protocol cannot encode, a full offline queue or a failing
+storage make it ``rejected``, with ``error`` saying which (docs/api.md §3.1).
 One ``CommandStatus`` enum names these from the device session to the wire.
+
+The offline queue is written to a device at most once, even across a crash:
+delivery marks a page of commands as being sent, durably, before it writes
+them, and a command found so marked at start-up ends as ``timeout`` with
+error ``gateway restarted`` (docs/deployment.md, "What a crash can lose").
+Delivery reads the queue a page at a time and keeps no more commands
+outstanding than the device's in-flight allowance, so a long queue costs
+bounded memory and goes at the pace of the device's ACKs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
-from devices import CommandHandle, CommandResult, CommandStatus, DeviceNotOnline
+from devices import (
+    CommandHandle,
+    CommandResult,
+    CommandStatus,
+    DeviceNotOnline,
+    SessionConfig,
+)
 from frames import CommandError, get_protocol
 
 from ..metrics import Metrics
 from .engine import Engine, StatusCallback
 from .messages import ClientError, CommandRequest, ErrorCode, command_status, now_ms
-from .records import QueuedCommand
+from .records import QueuedCommand, QueueFull, StoreError
 from .registry import Registry
+from .store import FaultLog
 
 log = logging.getLogger(__name__)
 
+#: Characters a command's ``id`` may have (as a string): it is kept with a
+#: queued command for up to ``command_ttl`` (docs/api.md §3.2).
+MAX_COMMAND_ID = 128
+#: How ``error`` begins in a ``rejected`` status when the storage failed;
+#: ``POST .../commands`` answers those with 503 ``storage_unavailable``.
+STORAGE_UNAVAILABLE = "storage unavailable"
+#: The error of a command found being sent at start-up (docs/api.md §3.1).
+GATEWAY_RESTARTED = "gateway restarted"
+# Expired commands taken from storage at once (memory stays bounded).
+_EXPIRE_BATCH = 1000
+# Commands named one by one in the log at start-up, of those interrupted.
+_NAMED_INTERRUPTED = 100
+
 
 class DeviceLinks(Protocol):
-    """What command routing needs of the device side (``devices.DeviceManager`` is one)."""
+    """What command routing needs of the device side (``devices.DeviceManager`` is one).
+
+    One that also has a ``config`` (a ``SessionConfig``, as the manager has)
+    gives its in-flight allowance to the delivery of queued commands.
+    """
 
     def is_online(self, client_id: str) -> bool: ...
 
@@ -38,10 +73,29 @@ class DeviceLinks(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CommandSettings:
-    """How long queued commands wait and how often their expiry is checked."""
+    """How long queued commands wait, how often their expiry is checked, and bounds."""
 
     command_ttl: float = 3600.0  # seconds a queued command waits for its device
     expiry_interval: float = 1.0
+    max_command_id: int = MAX_COMMAND_ID  # characters of a command's id
+    delivery_page: int = 100  # queued commands read from storage at once when delivering
+
+
+def is_storage_unavailable(status: dict[str, Any]) -> bool:
+    """True for a ``rejected`` status caused by a failing storage (not the caller's fault)."""
+    error = status.get("error")
+    return (
+        status.get("status") == str(CommandStatus.REJECTED)
+        and isinstance(error, str)
+        and error.startswith(STORAGE_UNAVAILABLE)
+    )
+
+
+def _write_error(error: BaseException) -> str:
+    """The ``error`` of a command whose link failed while it was being written."""
+    if isinstance(error, TimeoutError):
+        return "write timed out"
+    return "link lost"
 
 
 class CommandRouter:
@@ -59,21 +113,28 @@ class CommandRouter:
         self.metrics = metrics
         self._settings = settings
         self.links: DeviceLinks | None = None
+        #: Commands rejected by a bound or a failing storage, by reason (for /metrics).
+        self.refused: collections.Counter[str] = collections.Counter()
         # Statuses of queued commands go back to whoever gave them, by queue key.
         self._owners: dict[int, StatusCallback] = {}
-        # Queued commands being written now: their delivery reports them, not expiry.
-        self._delivering: set[int] = set()
+        # One delivery of the offline queue per device at a time.
+        self._deliveries: dict[str, asyncio.Task[None]] = {}
+        # Deliveries the storage cut short: tried again once it works (device -> session).
+        self._undelivered: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.Task[None] | None = None
+        self._expiry_faults = FaultLog(log, "command expiry")
+        self._delivery_faults = FaultLog(log, "delivery of queued commands")
 
     # ---- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the expiry of queued commands."""
+        """Report the commands a crash interrupted; start the expiry of queued commands."""
+        self._spawn(self._settle_interrupted(), "interrupted commands")
         self._expiry = asyncio.create_task(self._expire_loop(), name="command expiry")
 
     async def stop(self) -> None:
-        """Stop the expiry and every wait for an ACK."""
+        """Stop the expiry, deliveries and every wait for an ACK."""
         tasks = list(self._tasks)
         if self._expiry is not None:
             tasks.append(self._expiry)
@@ -83,10 +144,11 @@ class CommandRouter:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -96,14 +158,39 @@ class CommandRouter:
     # ---- submitting -----------------------------------------------------------------------------
 
     async def submit(self, request: CommandRequest, reply: StatusCallback) -> list[CommandStatus]:
-        """Route a command; statuses go to ``reply``. Returns the first status of each device."""
+        """Route a command; statuses go to ``reply``. Returns the first status of each device.
+
+        Raises ``ClientError``: ``bad_request`` for an ``id`` over
+        ``max_command_id`` characters, ``not_found`` for a protocol with no
+        device online.
+        """
+        self._check_id(request)
         if request.device is not None:
             return [await self._to_device(request, request.device, reply)]
         assert request.protocol is not None
         targets = self.registry.online_of(request.protocol)
         if not targets:
             raise ClientError(ErrorCode.NOT_FOUND, f"no online device speaks {request.protocol!r}")
-        return [await self._to_device(request, device, reply) for device in targets]
+        # Each device on its own: one whose link cannot take the command now
+        # holds up nobody else (docs/protocol.md §4).
+        return list(
+            await asyncio.gather(*(self._to_device(request, device, reply) for device in targets))
+        )
+
+    def _check_id(self, request: CommandRequest) -> None:
+        request_id = request.request_id
+        if request_id is None:
+            return
+        limit = self._settings().max_command_id
+        try:
+            length = len(str(request_id))
+        except ValueError:  # an integer too long to print
+            length = limit + 1
+        if length > limit:
+            self.refused["max_command_id"] += 1
+            raise ClientError(
+                ErrorCode.BAD_REQUEST, f"a command's id may have at most {limit} characters"
+            )
 
     def _reporter(
         self, request_id: Any, device: str, reply: StatusCallback
@@ -132,83 +219,261 @@ class CommandRouter:
                 handle = await links.send_command(device, body)
             except DeviceNotOnline:
                 pass  # went offline meanwhile: queue it below
+            except (OSError, TimeoutError) as e:
+                # The link failed while the command was being written: it may
+                # have reached the device, so it is not queued to be sent again.
+                return report(CommandStatus.TIMEOUT, error=_write_error(e))
             else:
-                self._spawn(self._await_result(handle, report), f"ack {device}")
-                return report(CommandStatus.SENT)
+                return self._sent(handle, report, f"ack {device}")
         elif state.online:
             forwarded = await self.engine.forward_command(device, body, reply)
             if forwarded is not None:
                 return forwarded
+        return await self._enqueue(request, device, body, reply, report)
+
+    async def _enqueue(
+        self,
+        request: CommandRequest,
+        device: str,
+        body: bytes,
+        reply: StatusCallback,
+        report: Callable[..., CommandStatus],
+    ) -> CommandStatus:
         ts = now_ms()
-        queued = await self.engine.enqueue_command(
-            QueuedCommand(
-                0,
-                None if request.request_id is None else str(request.request_id),
-                device,
-                request.command,
-                body,
-                ts,
-                ts + int(self._settings().command_ttl * 1000),
+        try:
+            queued = await self.engine.enqueue_command(
+                QueuedCommand(
+                    0,
+                    None if request.request_id is None else str(request.request_id),
+                    device,
+                    request.command,
+                    body,
+                    ts,
+                    ts + int(self._settings().command_ttl * 1000),
+                )
             )
-        )
+        except QueueFull as e:
+            self.refused[e.limit] += 1
+            return report(CommandStatus.REJECTED, error=str(e))
+        except StoreError as e:
+            # The storage logs and counts its own fault; the caller gets an answer.
+            self.refused["storage_unavailable"] += 1
+            why = self.engine.health().failing or str(e)
+            return report(CommandStatus.REJECTED, error=f"{STORAGE_UNAVAILABLE}: {why}")
         request_id = request.request_id
         self._owners[queued.key] = lambda m: reply({**m, "id": request_id})
         return report(CommandStatus.QUEUED)
 
+    def _sent(
+        self, handle: CommandHandle, report: Callable[..., CommandStatus], name: str
+    ) -> CommandStatus:
+        """Report ``sent`` and, later, the result; or only the result of one never written."""
+        if handle.seq < 0 and handle.result.done():
+            # The link could not take it within the command timeout (the device
+            # does not read): it was never written, and its result says so.
+            return _report_result(handle.result.result(), report)
+        self._spawn(self._await_result(handle, report), name)
+        return report(CommandStatus.SENT)
+
     async def _await_result(
         self, handle: CommandHandle, report: Callable[..., CommandStatus]
     ) -> None:
-        result: CommandResult = await handle.result
-        extra: dict[str, Any] = {}
-        if result.code is not None:
-            extra["code"] = result.code
-        if result.error is not None:
-            extra["error"] = result.error
-        report(result.status, **extra)
+        _report_result(await handle.result, report)
 
     # ---- the offline queue ----------------------------------------------------------------------
 
     def device_online(self, device: str, session: str) -> None:
         """On WELCOME: deliver the device's queued commands, oldest first (in the background)."""
-        self._spawn(self._deliver_queued(device, session), f"deliver {device}")
+        previous = self._deliveries.get(device)
+        task = self._spawn(self._deliver_queued(device, session, previous), f"deliver {device}")
+        self._deliveries[device] = task
+        task.add_done_callback(partial(self._delivery_ended, device))
 
-    async def _deliver_queued(self, device: str, session: str) -> None:
-        for cmd in await self.engine.pending_commands(device, now_ms()):
-            state = self.registry.get(device)
-            if state is None or state.session != session or self.links is None:
+    def _delivery_ended(self, device: str, task: asyncio.Task[None]) -> None:
+        if self._deliveries.get(device) is task:
+            del self._deliveries[device]
+
+    def _current(self, device: str, session: str) -> bool:
+        state = self.registry.get(device)
+        return (
+            state is not None
+            and state.online
+            and state.session == session
+            and self.links is not None
+        )
+
+    async def _deliver_queued(
+        self, device: str, session: str, previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None and not previous.done():
+            # Oldest first, one delivery at a time: the older one ends at once,
+            # its session being gone, and leaves its unsent commands queued.
+            await asyncio.wait([previous])
+        try:
+            await self._deliver(device, session)
+        except StoreError as e:
+            # What is left stays queued; tried again once the storage works.
+            self._undelivered[device] = session
+            self._delivery_faults.failed(e)
+        else:
+            self._delivery_faults.ok()
+
+    async def _deliver(self, device: str, session: str) -> None:
+        links = self.links
+        if links is None:
+            return
+        # No more outstanding (written, result not yet known) than the device's
+        # in-flight allowance: delivery goes at the pace of its ACKs.
+        config = getattr(links, "config", None)
+        if not isinstance(config, SessionConfig):
+            config = SessionConfig()
+        window = config.max_inflight_commands
+        page_size = max(1, self._settings().delivery_page)
+        outstanding = 0
+        room = asyncio.Event()
+
+        def freed(_: asyncio.Task[None]) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            room.set()
+
+        after = 0
+        while self._current(device, session):
+            page = await self.engine.pending_commands(
+                device, now_ms(), after=after, limit=page_size
+            )
+            if not page:
                 return
-            owner = self._owners.get(cmd.key)
-            self._delivering.add(cmd.key)
-            try:
-                handle = await self.links.send_command(device, cmd.body)
-            except DeviceNotOnline:
-                return  # still queued; delivered at the next WELCOME
-            finally:
-                self._delivering.discard(cmd.key)
-            await self.engine.remove_command(cmd.key)
-            self._owners.pop(cmd.key, None)
-            report = self._reporter(None, device, owner or _nobody)
-            report(CommandStatus.SENT)
-            if owner is not None:
-                self._spawn(self._await_result(handle, report), f"ack {device}")
+            after = page[-1].key
+            position = 0
+            while position < len(page):
+                while outstanding >= window:
+                    room.clear()
+                    await room.wait()
+                if not self._current(device, session):
+                    return
+                batch = page[position : position + window - outstanding]
+                position += len(batch)
+                by_key = {cmd.key: cmd for cmd in batch}
+                # Durable before any byte is written: a crash from here on ends
+                # these as interrupted, never as sent twice.
+                marked = [by_key[key] for key in await self.engine.mark_sending(list(by_key))]
+                for watch in await self._write_marked(device, marked, links):
+                    outstanding += 1
+                    watch.add_done_callback(freed)
+
+    async def _write_marked(
+        self, device: str, marked: Sequence[QueuedCommand], links: DeviceLinks
+    ) -> list[asyncio.Task[None]]:
+        """Write commands marked as being sent; the waits for their results.
+
+        Those written leave the queue. At the first that cannot be written
+        (the device went away), it and the rest wait for the next session.
+        """
+        written: list[int] = []
+        watches: list[asyncio.Task[None]] = []
+        try:
+            for i, cmd in enumerate(marked):
+                try:
+                    handle = await links.send_command(device, cmd.body)
+                except DeviceNotOnline:
+                    await self.engine.unmark_sending([c.key for c in marked[i:]])
+                    break
+                except (OSError, TimeoutError) as e:
+                    written.append(cmd.key)  # it may have reached the device: never again
+                    self._queued_reporter(cmd)(CommandStatus.TIMEOUT, error=_write_error(e))
+                    await self.engine.unmark_sending([c.key for c in marked[i + 1 :]])
+                    break
+                written.append(cmd.key)
+                report = self._queued_reporter(cmd)
+                if handle.seq < 0 and handle.result.done():
+                    _report_result(handle.result.result(), report)
+                    continue
+                report(CommandStatus.SENT)
+                watches.append(self._spawn(self._await_result(handle, report), f"ack {device}"))
+        finally:
+            if written:
+                await self.engine.remove_commands(written)
+        return watches
+
+    def _queued_reporter(self, cmd: QueuedCommand) -> Callable[..., CommandStatus]:
+        owner = self._owners.pop(cmd.key, None)
+        return self._reporter(None, cmd.device, owner or _nobody)
+
+    async def _settle_interrupted(self) -> None:
+        """End the commands the last process was writing when it stopped (docs/api.md §3.1)."""
+        try:
+            found = await self.engine.interrupted_commands()
+        except StoreError as e:
+            log.error("cannot read the commands interrupted by the last stop: %s", e)
+            return
+        if not found:
+            return
+        log.warning(
+            "%d queued commands were being sent when the gateway stopped: each ends as "
+            "timeout (%s) and is never sent again",
+            len(found),
+            GATEWAY_RESTARTED,
+        )
+        for i, cmd in enumerate(found):
+            if i < _NAMED_INTERRUPTED:
+                log.info(
+                    "command id=%s key=%d for %s: timeout (%s)",
+                    cmd.command_id,
+                    cmd.key,
+                    cmd.device,
+                    GATEWAY_RESTARTED,
+                )
+            # Whoever gave it was connected to the process that died: counted only.
+            self._reporter(cmd.command_id, cmd.device, _nobody)(
+                CommandStatus.TIMEOUT, error=GATEWAY_RESTARTED
+            )
 
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(self._settings().expiry_interval)
             try:
-                expired = await self.engine.expire_commands(now_ms())
-            except Exception:
-                log.exception("command expiry failed")
+                while True:
+                    expired = await self.engine.expire_commands(now_ms(), _EXPIRE_BATCH)
+                    for cmd in expired:
+                        owner = self._owners.pop(cmd.key, None)
+                        self._reporter(None, cmd.device, owner or _nobody)(CommandStatus.EXPIRED)
+                    if len(expired) < _EXPIRE_BATCH:
+                        break
+            except Exception as e:
+                # Logged when it begins and now and then, not every interval.
+                self._expiry_faults.failed(e)
                 continue
-            for cmd in expired:
-                if cmd.key in self._delivering:
-                    continue  # written to its device meanwhile: ``sent`` follows
-                owner = self._owners.pop(cmd.key, None)
-                self._reporter(None, cmd.device, owner or _nobody)(CommandStatus.EXPIRED)
+            self._expiry_faults.ok()
+            self._redeliver()
+
+    def _redeliver(self) -> None:
+        """Deliveries a storage fault cut short: again, now that the storage answers."""
+        undelivered, self._undelivered = self._undelivered, {}
+        for device, session in undelivered.items():
+            if self._current(device, session) and device not in self._deliveries:
+                self.device_online(device, session)
+
+
+def _report_result(result: CommandResult, report: Callable[..., CommandStatus]) -> CommandStatus:
+    extra: dict[str, Any] = {}
+    if result.code is not None:
+        extra["code"] = result.code
+    if result.error is not None:
+        extra["error"] = result.error
+    return report(result.status, **extra)
 
 
 def _nobody(message: dict[str, Any]) -> None:
     """Where statuses go when whoever gave a queued command has gone (or restarted)."""
 
 
-__all__ = ["CommandRouter", "CommandSettings", "DeviceLinks"]
+__all__ = [
+    "GATEWAY_RESTARTED",
+    "MAX_COMMAND_ID",
+    "STORAGE_UNAVAILABLE",
+    "CommandRouter",
+    "CommandSettings",
+    "DeviceLinks",
+    "is_storage_unavailable",
+]

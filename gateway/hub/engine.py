@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from devices import CommandStatus, DeviceTelemetry
 
-from .records import DeviceRecord, QueuedCommand, TelemetryRecord
-from .store import Store
+from .records import DeviceRecord, QueuedCommand, StoreError, StoreHealth, TelemetryRecord
+from .store import FaultLog, Store
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +124,45 @@ class Engine(Protocol):
         ...
 
     # ---- the offline command queue --------------------------------------------------------------
+    #
+    # Delivery marks a command as being sent, durably, before writing it, so a
+    # command is written at most once even across a crash (see ``Store``).
 
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
-        """Keep a command for an offline device, durably; returns it with its key."""
+        """Keep a command for an offline device, durably; returns it with its key.
+
+        Raises ``QueueFull`` at a bound of the queue, ``StoreError`` if it cannot be kept.
+        """
         ...
 
-    async def pending_commands(self, device: str, now_ms: int) -> list[QueuedCommand]:
-        """The device's queued commands not yet expired, oldest first."""
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
+        """A page of the device's waiting commands after key ``after``, oldest first."""
         ...
 
-    async def remove_command(self, key: int) -> None:
-        """Forget a queued command (durably, before returning)."""
+    async def mark_sending(self, keys: Sequence[int]) -> list[int]:
+        """Mark commands as being sent, durably; returns the keys still queued."""
         ...
 
-    async def expire_commands(self, now_ms: int) -> list[QueuedCommand]:
-        """Remove and return the queued commands whose time is up."""
+    async def unmark_sending(self, keys: Sequence[int]) -> None:
+        """Commands marked but never written wait again."""
+        ...
+
+    async def remove_commands(self, keys: Sequence[int]) -> None:
+        """Forget commands written to their device."""
+        ...
+
+    async def interrupted_commands(self) -> list[QueuedCommand]:
+        """Commands that were being sent when the previous process stopped (each once)."""
+        ...
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
+        """Remove and return up to ``limit`` waiting commands whose time is up."""
+        ...
+
+    def health(self) -> StoreHealth:
+        """Whether what the node keeps can be kept now (``/healthz``, docs/api.md §4)."""
         ...
 
     # ---- other nodes ----------------------------------------------------------------------------
@@ -165,6 +189,10 @@ class LocalEngine:
         self._node = node
         self._sink: EngineSink | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        # Telemetry dropped for want of an offset (the storage writer dead or stalled).
+        self.unsequenced = 0
+        self._publish_fault = FaultLog(log, "keeping telemetry")
+        self._registry_fault = FaultLog(log, "keeping the device registry")
 
     @property
     def node(self) -> str:
@@ -188,17 +216,37 @@ class LocalEngine:
 
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", task.get_name(), exc_info=task.exception())
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, StoreError):
+            self._registry_fault.failed(error)  # a storage fault: once, not per device event
+        elif error is not None:
+            log.error("%s failed", task.get_name(), exc_info=error)
 
     def publish_telemetry(self, event: DeviceTelemetry) -> None:
-        """Offset from the storage's counter, row to its next batch, then deliver."""
+        """Offset from the storage's counter, row to its next batch, then deliver.
+
+        A storage that cannot take the row (its writer dead) still lets the
+        message reach the dashboards; one that cannot hand out an offset
+        drops it (counted in ``unsequenced``). Either is logged by a
+        ``FaultLog``, never once per message.
+        """
         storage = self.storage
+        try:
+            offset = storage.next_offset()
+        except StoreError as e:
+            self.unsequenced += 1
+            self._publish_fault.failed(e)
+            return
         record = TelemetryRecord(
-            storage.next_offset(), event.client_id, event.protocol, event.ts, event.seq, event.data
+            offset, event.client_id, event.protocol, event.ts, event.seq, event.data
         )
         data_json = _encode(event.data)  # once, for the row and every dashboard
-        storage.append_telemetry(record, data_json)
+        try:
+            storage.append_telemetry(record, data_json)
+        except StoreError as e:
+            self._publish_fault.failed(e)
         if self._sink is not None:
             self._sink.deliver_telemetry(record, data_json, event.received)
 
@@ -247,17 +295,35 @@ class LocalEngine:
         """Into storage, committed before returning."""
         return await self.storage.enqueue_command(command)
 
-    async def pending_commands(self, device: str, now_ms: int) -> list[QueuedCommand]:
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
         """From storage."""
-        return await self.storage.pending_commands(device, now_ms)
+        return await self.storage.pending_commands(device, now_ms, after=after, limit=limit)
 
-    async def remove_command(self, key: int) -> None:
+    async def mark_sending(self, keys: Sequence[int]) -> list[int]:
+        """In storage, fsynced before returning."""
+        return await self.storage.mark_sending(keys)
+
+    async def unmark_sending(self, keys: Sequence[int]) -> None:
+        """In storage."""
+        await self.storage.unmark_sending(keys)
+
+    async def remove_commands(self, keys: Sequence[int]) -> None:
         """From storage, committed before returning."""
-        await self.storage.remove_command(key)
+        await self.storage.remove_commands(keys)
 
-    async def expire_commands(self, now_ms: int) -> list[QueuedCommand]:
+    async def interrupted_commands(self) -> list[QueuedCommand]:
+        """What the storage found marked when it opened."""
+        return await self.storage.interrupted_commands()
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
         """From storage."""
-        return await self.storage.expire_commands(now_ms)
+        return await self.storage.expire_commands(now_ms, limit)
+
+    def health(self) -> StoreHealth:
+        """The storage's."""
+        return self.storage.health()
 
     def nodes(self) -> list[str]:
         """Just this one."""

@@ -44,3 +44,33 @@ class DeviceRecord:
     transport: str  # "tcp" | "serial"
     first_seen_ms: int
     last_seen_ms: int
+
+
+class StoreError(Exception):
+    """The store could not do what was asked: a disk fault, a corrupt file, or it is closed.
+
+    Whoever asked gets an answer saying the storage is unavailable (docs/api.md
+    §4); the store's ``health()`` says whether it is failing now. The storage
+    engines' own errors derive from it, so the hub needs no storage import.
+    """
+
+
+class QueueFull(Exception):
+    """A bound of the offline command queue is reached; ``limit`` names its config key."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """Whether the store can do its job now: keep telemetry, commands and the registry."""
+
+    failing: str | None = None  # why it cannot, or None when it is well
+    since_ms: int = 0  # unix ms when it began failing (0 when well)
+
+    @property
+    def ok(self) -> bool:
+        """True when the store is well."""
+        return self.failing is None

@@ -2,13 +2,21 @@
 
 The hub owns this seam; ``SQLiteStorage`` and ``MemoryStorage`` (in
 ``gateway.storage``) implement it, and ``LocalEngine`` uses nothing else.
+
+A store that fails (a full disk, a corrupt page) raises ``StoreError`` from
+the call that needed it and says so in ``health()`` until it heals; it never
+fails silently. ``FaultLog`` is how its users log such a fault without one
+line per failed call.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import typing
+from collections.abc import Callable, Sequence
 
-from .records import DeviceRecord, QueuedCommand, TelemetryRecord
+from .records import DeviceRecord, QueuedCommand, StoreHealth, TelemetryRecord
 
 
 class Store(typing.Protocol):
@@ -27,6 +35,10 @@ class Store(typing.Protocol):
         ``data_json``, when given, is ``record.data`` already encoded as JSON
         (the hub encodes it once for the dashboards and the row).
         """
+        ...
+
+    def health(self) -> StoreHealth:
+        """Whether the store can keep what it is given now (synchronous, no I/O)."""
         ...
 
     async def flush(self) -> None:
@@ -49,21 +61,65 @@ class Store(typing.Protocol):
         """The newest committed record of each device, by device."""
         ...
 
+    # ---- the offline command queue --------------------------------------------------------------
+    #
+    # A queued command is either waiting or being sent. ``mark_sending`` is made
+    # durable before the command is written to its device, so a command being
+    # written when the process dies is found marked at the next start and is
+    # never written again (``interrupted_commands``): at most once, even
+    # across a kill -9 (docs/deployment.md, "What a crash can lose").
+
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
-        """Store a command durably before returning; returns it with its `key`."""
+        """Store a command durably before returning; returns it with its `key`.
+
+        Raises ``QueueFull`` when the device's or the whole queue's bound is reached.
+        """
         ...
 
-    async def pending_commands(self, device: str, now_ms: int) -> list[QueuedCommand]:
-        """The device's commands not yet expired at `now_ms`, oldest first."""
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
+        """The device's waiting commands with `key > after`, not yet expired at `now_ms`.
+
+        Oldest first, at most `limit` (None: all); commands being sent are left out.
+        """
         ...
 
-    async def remove_command(self, key: int) -> None:
-        """Forget a delivered command (committed before returning)."""
+    async def mark_sending(self, keys: Sequence[int]) -> list[int]:
+        """Mark waiting commands as being sent, durably (fsynced) before returning.
+
+        Returns the keys marked, in the order given: a key no longer queued
+        (expired or removed meanwhile) is left out.
+        """
         ...
 
-    async def expire_commands(self, now_ms: int) -> list[QueuedCommand]:
-        """Remove and return every command with `expires_ms <= now_ms`, oldest first."""
+    async def unmark_sending(self, keys: Sequence[int]) -> None:
+        """Commands marked but never written: they wait for the device's next session again."""
         ...
+
+    async def remove_commands(self, keys: Sequence[int]) -> None:
+        """Forget commands (written to their device), committed before returning.
+
+        Not fsynced: a power cut may bring one back, marked as being sent, and
+        it then ends as interrupted, never written twice.
+        """
+        ...
+
+    async def interrupted_commands(self) -> list[QueuedCommand]:
+        """The commands the previous process had marked as being sent when it stopped.
+
+        Taken out of the queue when the store opened; each call returns them once.
+        """
+        ...
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
+        """Remove and return waiting commands with `expires_ms <= now_ms`, oldest first.
+
+        At most `limit` at a time (call again while it returns `limit`).
+        """
+        ...
+
+    # ---- the registry ---------------------------------------------------------------------------
 
     async def upsert_device(self, record: DeviceRecord) -> None:
         """Insert or update a device, keeping the `first_seen_ms` of an existing row."""
@@ -72,3 +128,67 @@ class Store(typing.Protocol):
     async def devices(self) -> list[DeviceRecord]:
         """Every device ever seen, by name."""
         ...
+
+
+class FaultLog:
+    """Logs a fault when it begins, at most once per ``interval`` while it lasts, and its end.
+
+    A store failing every batch, or a task retrying every second, would
+    otherwise write the same line many times a second (docs/api.md §4 puts the
+    fault on ``/healthz`` and ``/metrics``; the log only has to tell the story).
+    Not thread-safe: each thread keeps its own.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.what = what
+        self.interval = interval
+        self.clock = clock
+        self.since: float | None = None  # the fault began then (clock time), or None
+        self.failures = 0  # since it began
+        self._logged_at = 0.0
+        self._unlogged = 0  # failures since the last line
+
+    @property
+    def failing(self) -> bool:
+        """True from a failure until the next success."""
+        return self.since is not None
+
+    def failed(self, error: object) -> None:
+        """One failure: logged if it begins a fault, or if the last line is old enough."""
+        now = self.clock()
+        self.failures += 1
+        self._unlogged += 1
+        if self.since is None:
+            self.since = self._logged_at = now
+            self._unlogged = 0
+            self.logger.error("%s failed: %s", self.what, error)
+        elif now - self._logged_at >= self.interval:
+            self.logger.error(
+                "%s still failing (%d failures in the last %.0f s): %s",
+                self.what,
+                self._unlogged,
+                now - self._logged_at,
+                error,
+            )
+            self._logged_at = now
+            self._unlogged = 0
+
+    def ok(self) -> None:
+        """A success: ends a fault (one line saying so), otherwise nothing."""
+        if self.since is None:
+            return
+        self.logger.warning(
+            "%s works again after %d failures over %.1f s",
+            self.what,
+            self.failures,
+            self.clock() - self.since,
+        )
+        self.since = None
+        self.failures = self._unlogged = 0

@@ -24,7 +24,16 @@ telemetry rows and device upserts appended but not yet committed (at most one
 batch window, 20 ms by default, plus any backlog the writer had not caught up
 with; `stats.pending` counts them). Never a command whose `enqueue_command`
 returned, and never an offset: offsets handed out before the crash are all
-below the next process's first offset.
+below the next process's first offset. A command marked as being sent
+(`mark_sending`) when the process died is never handed out again: the next
+`open()` takes it out of the queue and `interrupted_commands()` returns it.
+
+Faults are loud and heal: a failed transaction (a full disk, an I/O error, a
+corrupt page) makes `health()` report the storage failing until the writer's
+next commit; the writer retries the rows with a growing pause on a fresh
+connection, and nothing already queued is lost while the fault lasts (past
+`max_pending_rows` rows waiting, new ones are dropped and counted). An empty
+or unreadable database file is `StorageCorrupt` at `open()`, never a fresh start.
 
 The parts, one job each (importers use this package, never the parts):
 
@@ -48,11 +57,14 @@ from .memory import MemoryStorage
 from .records import (
     DeviceRecord,
     QueuedCommand,
+    QueueFull,
     RetentionPolicy,
     StorageClosedError,
     StorageConfig,
+    StorageCorrupt,
     StorageError,
     StorageStats,
+    StoreHealth,
     TelemetryRecord,
 )
 from .sqlite import SQLiteStorage
@@ -60,13 +72,16 @@ from .sqlite import SQLiteStorage
 __all__ = [
     "DeviceRecord",
     "MemoryStorage",
+    "QueueFull",
     "QueuedCommand",
     "RetentionPolicy",
     "SQLiteStorage",
     "Storage",
     "StorageClosedError",
     "StorageConfig",
+    "StorageCorrupt",
     "StorageError",
     "StorageStats",
+    "StoreHealth",
     "TelemetryRecord",
 ]

@@ -12,13 +12,19 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 
 from .records import (
+    MAX_QUEUED_COMMANDS,
+    MAX_QUEUED_COMMANDS_PER_DEVICE,
     DeviceRecord,
     QueuedCommand,
+    QueueFull,
     RetentionPolicy,
     StorageClosedError,
+    StorageError,
     StorageStats,
+    StoreHealth,
     TelemetryRecord,
 )
 
@@ -27,25 +33,69 @@ class MemoryStorage:
     """An in-memory `Storage` for tests of the routing core: same contract, no disk.
 
     Everything is "committed" at once; offsets start at 1 and die with the object.
+    Setting ``fault`` to a reason makes it fail as a broken disk would: every
+    call that writes raises `StorageError` and ``health()`` reports the reason,
+    until ``fault`` is None again.
     """
 
     # RetentionPolicy is frozen, so one shared default is safe (B008 sees that only
     # within the module defining it).
-    def __init__(self, *, retention: RetentionPolicy = RetentionPolicy()) -> None:  # noqa: B008
+    def __init__(
+        self,
+        *,
+        retention: RetentionPolicy = RetentionPolicy(),  # noqa: B008
+        max_queued_commands_per_device: int = MAX_QUEUED_COMMANDS_PER_DEVICE,
+        max_queued_commands: int = MAX_QUEUED_COMMANDS,
+    ) -> None:
         self.retention = retention
+        self.max_queued_commands_per_device = max_queued_commands_per_device
+        self.max_queued_commands = max_queued_commands
         self.stats = StorageStats()
+        self.fault: str | None = None
         self._open = False
         self._closed = False
         self._next = 1
         self._telemetry: dict[int, TelemetryRecord] = {}
         self._by_device: dict[str, collections.deque[int]] = {}  # offsets, oldest first
         self._commands: dict[int, QueuedCommand] = {}
+        self._sending: set[int] = set()  # keys of commands being sent
+        self._interrupted: list[QueuedCommand] = []
         self._next_key = 1
         self._devices: dict[str, DeviceRecord] = {}
 
     def _check(self, what: str) -> None:
         if not self._open or self._closed:
             raise StorageClosedError(f"memory storage: {what}() on a storage that is not open")
+
+    def _write(self, what: str) -> None:
+        self._check(what)
+        if self.fault is not None:
+            self.stats.failed_batches += 1
+            raise StorageError(f"memory storage: storage unavailable: {self.fault}")
+
+    def health(self) -> StoreHealth:
+        """Failing while ``fault`` is set."""
+        return StoreHealth(self.fault, 1) if self.fault is not None else StoreHealth()
+
+    def restart(self) -> MemoryStorage:
+        """What a new process would find after a crash: the same contents, offsets above.
+
+        Commands that were being sent are taken out of the queue, to be
+        reported once by ``interrupted_commands``.
+        """
+        other = MemoryStorage(
+            retention=self.retention,
+            max_queued_commands_per_device=self.max_queued_commands_per_device,
+            max_queued_commands=self.max_queued_commands,
+        )
+        other._next = self._next + 1000
+        other._telemetry = dict(self._telemetry)
+        other._by_device = {d: collections.deque(o) for d, o in self._by_device.items()}
+        other._commands = {k: c for k, c in self._commands.items() if k not in self._sending}
+        other._interrupted = [c for k, c in sorted(self._commands.items()) if k in self._sending]
+        other._next_key = self._next_key
+        other._devices = dict(self._devices)
+        return other
 
     async def open(self) -> None:
         """Start accepting calls."""
@@ -74,8 +124,8 @@ class MemoryStorage:
             self.stats.pruned_rows += 1
 
     async def flush(self) -> None:
-        """Nothing is ever pending."""
-        self._check("flush")
+        """Nothing is ever pending (unless ``fault`` is set)."""
+        self._write("flush")
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Apply the age rule now (the count rule applies on every append)."""
@@ -124,27 +174,74 @@ class MemoryStorage:
         return latest
 
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
-        """Keep the command; returns it with its key."""
-        self._check("enqueue_command")
+        """Keep the command; returns it with its key. `QueueFull` at a bound."""
+        self._write("enqueue_command")
+        mine = sum(1 for c in self._commands.values() if c.device == command.device)
+        if mine >= self.max_queued_commands_per_device:
+            raise QueueFull(
+                "max_queued_commands_per_device",
+                f"offline queue full: {mine} commands already wait for {command.device!r} "
+                "(storage.max_queued_commands_per_device)",
+            )
+        if len(self._commands) >= self.max_queued_commands:
+            raise QueueFull(
+                "max_queued_commands",
+                f"offline queue full: {len(self._commands)} commands already wait for their "
+                "devices (storage.max_queued_commands)",
+            )
         stored = dataclasses.replace(command, key=self._next_key)
         self._next_key += 1
         self._commands[stored.key] = stored
         return stored
 
-    async def pending_commands(self, device: str, now_ms: int) -> list[QueuedCommand]:
-        """The device's commands not yet expired at `now_ms`, oldest first."""
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
+        """The device's waiting commands after `after`, not expired at `now_ms`, oldest first."""
         self._check("pending_commands")
-        return [c for c in self._commands.values() if c.device == device and c.expires_ms > now_ms]
+        found = [
+            c
+            for key, c in sorted(self._commands.items())
+            if c.device == device
+            and key > after
+            and c.expires_ms > now_ms
+            and key not in self._sending
+        ]
+        return found if limit is None else found[:limit]
 
-    async def remove_command(self, key: int) -> None:
-        """Forget a delivered command."""
-        self._check("remove_command")
-        self._commands.pop(key, None)
+    async def mark_sending(self, keys: Sequence[int]) -> list[int]:
+        """Mark waiting commands as being sent; the keys still queued."""
+        self._write("mark_sending")
+        marked = [k for k in keys if k in self._commands and k not in self._sending]
+        self._sending.update(marked)
+        return marked
 
-    async def expire_commands(self, now_ms: int) -> list[QueuedCommand]:
-        """Remove and return the commands with `expires_ms <= now_ms`, oldest first."""
-        self._check("expire_commands")
-        expired = [c for c in self._commands.values() if c.expires_ms <= now_ms]
+    async def unmark_sending(self, keys: Sequence[int]) -> None:
+        """They wait again."""
+        self._write("unmark_sending")
+        self._sending.difference_update(keys)
+
+    async def remove_commands(self, keys: Sequence[int]) -> None:
+        """Forget commands."""
+        self._write("remove_commands")
+        for key in keys:
+            self._commands.pop(key, None)
+            self._sending.discard(key)
+
+    async def interrupted_commands(self) -> list[QueuedCommand]:
+        """Those found being sent by ``restart()``, once."""
+        self._check("interrupted_commands")
+        found, self._interrupted = self._interrupted, []
+        return found
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
+        """Remove and return up to `limit` waiting commands with `expires_ms <= now_ms`."""
+        self._write("expire_commands")
+        expired = [
+            c
+            for key, c in sorted(self._commands.items())
+            if c.expires_ms <= now_ms and key not in self._sending
+        ][:limit]
         for command in expired:
             del self._commands[command.key]
         return expired

@@ -15,13 +15,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .records import DeviceRecord, QueuedCommand, StorageClosedError, StorageError, TelemetryRecord
+from ..hub.store import FaultLog
+from .records import (
+    DeviceRecord,
+    QueuedCommand,
+    StorageClosedError,
+    StorageError,
+    StorageStats,
+    TelemetryRecord,
+)
 from .schema import (
-    _BUSY_TIMEOUT_MS,
     _COMMAND_COLUMNS,
     _TELEMETRY_COLUMNS,
+    _connect,
     _row_to_command,
     _row_to_telemetry,
+    describe,
 )
 
 _READER_THREADS = 4
@@ -37,11 +46,13 @@ class SQLiteReaders:
     """
 
     path: Path
+    stats: StorageStats
     _state: str
     _readers: ThreadPoolExecutor | None
     _local: threading.local
     _read_conns: list[sqlite3.Connection]
     _read_lock: threading.Lock
+    _read_faults: FaultLog  # under _read_lock
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         if self._state != "open" or self._readers is None:
@@ -51,22 +62,32 @@ class SQLiteReaders:
 
     def _run_read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         # Runs in a reader thread, with that thread's own connection.
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         try:
-            conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
             if conn is None:
-                # check_same_thread=False only so that close() can close it.
-                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                # Never creates the file (a vanished one is a fault to report).
+                conn = _connect(self.path, create=False)
                 with self._read_lock:
                     self._read_conns.append(conn)
                 self._local.conn = conn
-                conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
                 conn.execute("PRAGMA query_only = ON")  # a reader never writes by mistake
             # isolation_level=None: each statement is its own read transaction
             # over the latest commit, and fetchall() ends it at once, so a
             # reader never pins an old WAL snapshot.
             return fn(conn)
         except sqlite3.Error as e:
-            raise StorageError(f"{self.path}: read failed: {e}") from e
+            with self._read_lock:
+                self.stats.failed_reads += 1
+                # Logged when it begins and then now and then: a caller polling a
+                # damaged range must not fill the log; the caller gets the error.
+                self._read_faults.failed(describe(e))
+                if conn is not None:
+                    # A fresh connection next time: SQLite may have cached a bad page.
+                    self._local.conn = None
+                    if conn in self._read_conns:
+                        self._read_conns.remove(conn)
+                    conn.close()
+            raise StorageError(f"{self.path}: read failed: {describe(e)}") from e
 
     async def telemetry_since(
         self,
@@ -125,16 +146,21 @@ class SQLiteReaders:
 
         return await self._read(query, "latest_telemetry")
 
-    async def pending_commands(self, device: str, now_ms: int) -> list[QueuedCommand]:
-        """The device's commands not yet expired at `now_ms`, oldest first."""
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
+        """The device's waiting commands with `key > after` not yet expired at `now_ms`.
+
+        Oldest first, at most `limit` (None: all); commands being sent are left out.
+        """
         sql = (
-            f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE device = ? AND expires_ms > ?"
-            " ORDER BY key"
+            f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE device = ? AND key > ?"
+            " AND expires_ms > ? AND sending_ms IS NULL ORDER BY key LIMIT ?"
         )
+        params = (device, after, now_ms, -1 if limit is None else limit)
 
         def query(conn: sqlite3.Connection) -> list[QueuedCommand]:
-            rows = conn.execute(sql, (device, now_ms)).fetchall()
-            return [_row_to_command(row) for row in rows]
+            return [_row_to_command(row) for row in conn.execute(sql, params).fetchall()]
 
         return await self._read(query, "pending_commands")
 

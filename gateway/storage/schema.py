@@ -5,6 +5,10 @@ dir written by this code must open with the next one. A change to `_SCHEMA`
 needs a new `_SCHEMA_VERSION` and a migration in `_create_schema`, and
 tests/gateway/test_storage_schema.py keeps a frozen copy of each version's
 layout to open.
+
+Versions: 1, the first; 2 adds `commands.sending_ms`, set (durably) just before
+a queued command is written to its device, so that one being written when the
+process died is never written again (docs/deployment.md, "What a crash can lose").
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from .records import QueuedCommand, StorageError, TelemetryRecord
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
 # "offset" is quoted everywhere: it is an SQL keyword (LIMIT ... OFFSET).
 _SCHEMA = """
@@ -40,6 +44,9 @@ CREATE INDEX IF NOT EXISTS telemetry_protocol ON telemetry (protocol, "offset");
 CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
 
 -- AUTOINCREMENT so that a key is never reused, even after the newest row is removed.
+-- sending_ms: unix ms when its delivery began (NULL: waiting). Set and fsynced
+-- before the COMMAND is written: a row still set at start-up was being sent
+-- when the process died, and is never sent again.
 CREATE TABLE IF NOT EXISTS commands (
     key INTEGER PRIMARY KEY AUTOINCREMENT,
     command_id TEXT,
@@ -47,7 +54,8 @@ CREATE TABLE IF NOT EXISTS commands (
     command TEXT NOT NULL,
     body BLOB NOT NULL,
     created_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL
+    expires_ms INTEGER NOT NULL,
+    sending_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS commands_device ON commands (device, key);
 CREATE INDEX IF NOT EXISTS commands_expires ON commands (expires_ms);
@@ -90,6 +98,39 @@ _COMMAND_COLUMNS = "key, command_id, device, command, body, created_ms, expires_
 _BUSY_TIMEOUT_MS = 5000
 
 
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    """A connection for our own transactions (isolation_level=None), usable from any thread.
+
+    Without ``create`` a missing file is an error, not a new empty database.
+    """
+    if create:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=rw",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def describe(error: BaseException) -> str:
+    """One line for an SQLite failure: its message and, when known, SQLite's name for it."""
+    name = getattr(error, "sqlite_errorname", None)
+    return f"{error} ({name})" if name else f"{error}"
+
+
+def _corrupt(error: sqlite3.Error) -> bool:
+    """True for SQLite's "this is not (or no longer) a database file" errors."""
+    return getattr(error, "sqlite_errorname", None) in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
 def _check_version(conn: sqlite3.Connection, path: Path) -> None:
     """Refuse a file written by a newer gateway: this one cannot know its layout."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -100,8 +141,24 @@ def _check_version(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
+# Each step takes a file from the version before it to its own; run in order,
+# inside the opening transaction, from the file's version up.
+_MIGRATIONS = {
+    2: ["ALTER TABLE commands ADD COLUMN sending_ms INTEGER"],
+}
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
-    """Create whatever is missing and stamp the version; inside the opening transaction."""
+    """Create whatever is missing, migrate an older file, stamp the version.
+
+    Inside the opening transaction: a migration that fails leaves the file as it was.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    fresh = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+    if not fresh and version < _SCHEMA_VERSION:
+        for step in range(max(version, 1) + 1, _SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                conn.execute(statement)
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)

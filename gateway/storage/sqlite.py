@@ -16,26 +16,35 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..hub.store import FaultLog
 from .readers import _READER_THREADS, SQLiteReaders
 from .records import (
     BATCH_INTERVAL,
     BATCH_ROWS,
+    MAX_PENDING_ROWS,
+    MAX_QUEUED_COMMANDS,
+    MAX_QUEUED_COMMANDS_PER_DEVICE,
     DeviceRecord,
     QueuedCommand,
+    QueueFull,
     RetentionPolicy,
     StorageClosedError,
+    StorageCorrupt,
     StorageError,
     StorageStats,
+    StoreHealth,
     TelemetryRecord,
 )
 from .schema import (
-    _BUSY_TIMEOUT_MS,
     _COMMAND_COLUMNS,
     _RESERVED_KEY,
     _check_version,
+    _connect,
+    _corrupt,
     _create_schema,
     _row_to_command,
 )
@@ -44,6 +53,9 @@ from .writer import SQLiteWriter, _encode, _Item, _Row
 # The package's name, as before the split into modules: operators filter on it
 # (docs/deployment.md shows its lines).
 log = logging.getLogger("gateway.storage")
+
+# Keys go to SQLite as one JSON array (json_each), whatever their number.
+_KEYS = "(SELECT value FROM json_each(?))"
 
 
 class SQLiteStorage(SQLiteWriter, SQLiteReaders):
@@ -56,6 +68,10 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
     in its next transaction. After a crash the next process starts above the
     committed R, hence above every offset handed out live, without writing once
     per offset. Offsets therefore jump by up to `offset_block` across a restart.
+
+    The file is created whole (under another name, then renamed into place), so
+    an empty file where the database should be is never one of ours: `open()`
+    refuses it with `StorageCorrupt` rather than start again at offset 1.
     """
 
     #: Retention runs in the writer thread at most this often (seconds).
@@ -71,16 +87,24 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         batch_interval: float = BATCH_INTERVAL,
         batch_rows: int = BATCH_ROWS,
         offset_block: int = 1 << 20,
+        max_pending_rows: int = MAX_PENDING_ROWS,
+        max_queued_commands_per_device: int = MAX_QUEUED_COMMANDS_PER_DEVICE,
+        max_queued_commands: int = MAX_QUEUED_COMMANDS,
     ) -> None:
         if batch_interval < 0 or batch_rows < 1 or offset_block < 2:
             raise ValueError(
                 "SQLiteStorage needs batch_interval >= 0, batch_rows >= 1 and offset_block >= 2"
             )
+        if min(max_pending_rows, max_queued_commands_per_device, max_queued_commands) < 1:
+            raise ValueError("SQLiteStorage's bounds must be >= 1")
         self.path = Path(path)
         self.retention = retention
         self.batch_interval = batch_interval
         self.batch_rows = batch_rows
         self.offset_block = offset_block
+        self.max_pending_rows = max_pending_rows
+        self.max_queued_commands_per_device = max_queued_commands_per_device
+        self.max_queued_commands = max_queued_commands
         self.stats = StorageStats()
 
         # Everything below the lock is shared between the loop and the writer
@@ -92,7 +116,9 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         self._window_start = 0.0  # monotonic time the current batch window opened
         self._state = "new"  # new -> open -> closing -> closed
         self._fatal: BaseException | None = None  # the writer thread died of this
-        self._batch_error: StorageError | None = None  # unreported failed batch
+        self._batch_error: StorageError | None = None  # unreported lost rows
+        self._close_deadline = 0.0  # a failing writer gives up its rows then
+        self._health = StoreHealth()
 
         # Offsets: `_next` is touched only by the loop; `_lease_end` (committed R)
         # only by the writer after a commit; `_lease_want` by the loop (to ask for
@@ -103,23 +129,40 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
 
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
+        self._reopen = False
         self._synchronous_full = False  # the write connection's current setting
         self._counts: dict[str, int] = {}  # rows per device, writer thread only
         self._last_prune = 0.0
         # Rows written since the last retention pass (writer thread only): an
         # idle writer then sleeps until work arrives instead of waking to prune.
         self._dirty = True
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self._faults = FaultLog(log, f"{self.path}: storage batch")
+        self._prune_faults = FaultLog(log, f"{self.path}: storage retention pass")
+        self._drops = FaultLog(log, f"{self.path}: keeping every row")
+        self._dropped_seen = 0
+        self._after_commit = []
+        # The offline queue's size, by device (writer thread only); None: count
+        # again before use (a rolled-back transaction may have changed it).
+        self._queued: collections.Counter[str] | None = None
+        self._interrupted: list[QueuedCommand] = []
         self._close_task: asyncio.Future[None] | None = None
 
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
         self._read_lock = threading.Lock()
+        self._read_faults = FaultLog(log, f"{self.path}: storage read")
 
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        """Create or open the database file, reserve offsets, start the writer thread."""
+        """Create or open the database file, reserve offsets, start the writer thread.
+
+        Raises `StorageCorrupt` for a file that is empty, not a database, or
+        too damaged to open; `StorageError` when it cannot be opened at all.
+        """
         if self._state != "new":
             raise StorageClosedError(f"{self.path}: open() called twice")
         self._wconn = await asyncio.to_thread(self._open_sync)
@@ -136,17 +179,57 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         self._writer.start()
         log.info("storage open: %s, next offset %d", self.path, self._next)
 
+    def _create_file(self) -> None:
+        """Make a new database whole: built under another name, then linked into place.
+
+        An empty file at ``self.path`` is then never one this code left behind
+        (a crash between creating and filling it would leave one).
+        """
+        draft = self.path.with_name(self.path.name + ".new")
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{draft}{suffix}").unlink(missing_ok=True)
+        conn = _connect(draft, create=True)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            _create_schema(conn)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()  # the last connection: SQLite folds the WAL in and removes it
+        with open(draft, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(draft, self.path)  # unlike a rename, never replaces a file there
+        except FileExistsError:
+            pass  # another process made it meanwhile: open that one
+        finally:
+            draft.unlink(missing_ok=True)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
     def _open_sync(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so that a batch
-            # is exactly one transaction. check_same_thread=False: the connection
-            # is made here and handed to the writer thread, which alone uses it.
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if not self.path.exists():
+                self._create_file()
+            elif self.path.is_file() and self.path.stat().st_size == 0:
+                raise StorageCorrupt(
+                    f"{self.path} is empty (0 bytes). The gateway never leaves an empty "
+                    "database, so the file was truncated or replaced: restore it from a "
+                    "backup, or move it away to start with no history (offsets then begin "
+                    "again at 1, below those dashboards have already seen)"
+                )
+            # Not created here if it vanished meanwhile: an error, not a fresh start.
+            conn = _connect(self.path, create=False)
+        except StorageError:
+            raise
         except (OSError, sqlite3.Error) as e:
             raise StorageError(f"cannot open the storage database {self.path}: {e}") from e
         try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 # E.g. some network file systems: correct but readers block the writer.
@@ -172,6 +255,17 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (_RESERVED_KEY, lease_end),
                 )
+                # Commands the last process was writing to their device when it
+                # stopped: never written again (the hub reports them).
+                interrupted = [
+                    _row_to_command(r)
+                    for r in conn.execute(
+                        f"SELECT {_COMMAND_COLUMNS} FROM commands"
+                        " WHERE sending_ms IS NOT NULL ORDER BY key"
+                    ).fetchall()
+                ]
+                if interrupted:
+                    conn.execute("DELETE FROM commands WHERE sending_ms IS NOT NULL")
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -186,14 +280,21 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
             self._counts = dict(
                 conn.execute("SELECT device, COUNT(*) FROM telemetry GROUP BY device").fetchall()
             )
+            self._queued = self._count_queued(conn)
         except StorageError:
             conn.close()
             raise
         except sqlite3.Error as e:
             conn.close()
+            if _corrupt(e):
+                raise StorageCorrupt(
+                    f"the storage database {self.path} is damaged ({e}): restore it from a "
+                    "backup, or recover what it holds with sqlite3's .recover"
+                ) from e
             raise StorageError(f"cannot open the storage database {self.path}: {e}") from e
         self._next = start
         self._lease_end = self._lease_want = lease_end
+        self._interrupted = interrupted
         return conn
 
     async def close(self) -> None:
@@ -212,6 +313,7 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
     async def _close(self) -> None:
         with self._cond:
             self._state = "closing"
+            self._close_deadline = time.monotonic() + self.close_retry
             self._cond.notify()
         writer, readers = self._writer, self._readers
         if writer is not None:
@@ -234,7 +336,8 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
 
         The data is serialised here (unless ``data_json`` already is), so data
         that is not JSON fails in the caller's hands, and later changes to the
-        caller's dict are not stored.
+        caller's dict are not stored. Past ``max_pending_rows`` rows waiting,
+        the row is dropped and counted in ``stats.dropped_rows``.
         """
         row: _Row = (
             record.offset,
@@ -256,55 +359,157 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
     async def flush(self) -> None:
         """Return once everything appended before the call is committed.
 
-        Raises `StorageError` if a batch failed since the last flush (its rows are lost).
+        Raises `StorageError` while the storage is failing (what was appended
+        waits for the writer's retry), or if rows were lost since the last flush.
         """
         await self._submit(None, "flush", durable=False)
         self._raise_errors()
 
+    # ------------------------------------------------------------ the offline queue
+
+    def _count_queued(self, conn: sqlite3.Connection) -> collections.Counter[str]:
+        return collections.Counter(
+            dict(conn.execute("SELECT device, COUNT(*) FROM commands GROUP BY device").fetchall())
+        )
+
+    def _queued_counts(self, conn: sqlite3.Connection) -> collections.Counter[str]:
+        # Writer thread only.
+        if self._queued is None:
+            self._queued = self._count_queued(conn)
+        return self._queued
+
+    def _commands_stale(self) -> None:
+        self._queued = None
+
+    def _forget_queued(self, devices: list[str]) -> None:
+        # After the commit of a transaction that deleted these rows (writer thread).
+        queued = self._queued
+        if queued is not None:
+            queued.subtract(devices)
+            for device in devices:
+                if queued[device] <= 0:
+                    del queued[device]
+
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
-        """Store a command; it is committed and fsynced before this returns."""
+        """Store a command; it is committed and fsynced before this returns.
+
+        Raises `QueueFull` when `max_queued_commands_per_device` commands already
+        wait for its device, or `max_queued_commands` in all.
+        """
+        device = command.device
         params = (
             command.command_id,
-            command.device,
+            device,
             _encode(command.command),
             command.body,
             command.created_ms,
             command.expires_ms,
         )
 
-        def insert(conn: sqlite3.Connection) -> int:
+        def insert(conn: sqlite3.Connection) -> int | QueueFull:
+            queued = self._queued_counts(conn)
+            # Returned, not raised: a refusal must not roll back the batch around it.
+            if queued[device] >= self.max_queued_commands_per_device:
+                return QueueFull(
+                    "max_queued_commands_per_device",
+                    f"offline queue full: {queued[device]} commands already wait for "
+                    f"{device!r} (storage.max_queued_commands_per_device)",
+                )
+            total = queued.total()
+            if total >= self.max_queued_commands:
+                return QueueFull(
+                    "max_queued_commands",
+                    f"offline queue full: {total} commands already wait for their devices "
+                    "(storage.max_queued_commands)",
+                )
             cursor = conn.execute(
                 "INSERT INTO commands (command_id, device, command, body, created_ms,"
                 " expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
                 params,
             )
+            # Counted now, so the next insert in this transaction sees it; a
+            # rollback marks the counts stale (_commands_stale).
+            queued[device] += 1
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
         key = await self._submit(insert, "enqueue_command", durable=True)
+        if isinstance(key, QueueFull):
+            raise key
         return dataclasses.replace(command, key=key)
 
-    async def remove_command(self, key: int) -> None:
-        """Forget a delivered command (committed before returning; unknown keys are ignored)."""
+    async def mark_sending(self, keys: Sequence[int]) -> list[int]:
+        """Mark waiting commands as being sent; committed and fsynced before this returns."""
+        if not keys:
+            return []
+        wanted = list(keys)
+
+        def mark(conn: sqlite3.Connection) -> list[int]:
+            marked = {
+                key
+                for (key,) in conn.execute(
+                    f"UPDATE commands SET sending_ms = ? WHERE key IN {_KEYS}"
+                    " AND sending_ms IS NULL RETURNING key",
+                    (int(time.time() * 1000), _encode(wanted)),
+                ).fetchall()
+            }
+            return [key for key in wanted if key in marked]
+
+        return await self._submit(mark, "mark_sending", durable=True)
+
+    async def unmark_sending(self, keys: Sequence[int]) -> None:
+        """Commands marked but never written wait for their device again (committed)."""
+        if not keys:
+            return
+        encoded = _encode(list(keys))
+
+        def unmark(conn: sqlite3.Connection) -> None:
+            conn.execute(f"UPDATE commands SET sending_ms = NULL WHERE key IN {_KEYS}", (encoded,))
+
+        await self._submit(unmark, "unmark_sending", durable=False)
+
+    async def remove_commands(self, keys: Sequence[int]) -> None:
+        """Forget commands (unknown keys are ignored); committed, not fsynced, before returning."""
+        if not keys:
+            return
+        encoded = _encode(list(keys))
 
         def delete(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM commands WHERE key = ?", (key,))
+            gone = conn.execute(
+                f"DELETE FROM commands WHERE key IN {_KEYS} RETURNING device", (encoded,)
+            ).fetchall()
+            self._after_commit.append(lambda: self._forget_queued([d for (d,) in gone]))
 
-        await self._submit(delete, "remove_command", durable=True)
+        await self._submit(delete, "remove_commands", durable=False)
 
-    async def expire_commands(self, now_ms: int) -> list[QueuedCommand]:
-        """Remove and return every command with `expires_ms <= now_ms`, oldest first."""
+    async def interrupted_commands(self) -> list[QueuedCommand]:
+        """The commands found marked as being sent at `open()`: returned once."""
+        found, self._interrupted = self._interrupted, []
+        return found
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
+        """Remove and return up to `limit` waiting commands with `expires_ms <= now_ms`.
+
+        Oldest first; a command being sent is not expired (its delivery reports it).
+        """
 
         def expire(conn: sqlite3.Connection) -> list[QueuedCommand]:
             # Select then delete in one write transaction: nothing else writes
             # in between, so the two statements see the same rows.
             rows = conn.execute(
-                f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE expires_ms <= ? ORDER BY key",
-                (now_ms,),
+                f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE expires_ms <= ?"
+                " AND sending_ms IS NULL ORDER BY key LIMIT ?",
+                (now_ms, limit),
             ).fetchall()
-            if rows:
-                conn.execute("DELETE FROM commands WHERE expires_ms <= ?", (now_ms,))
-            return [_row_to_command(row) for row in rows]
+            if not rows:
+                return []
+            expired = [_row_to_command(row) for row in rows]
+            conn.execute(
+                f"DELETE FROM commands WHERE key IN {_KEYS}",
+                (_encode([c.key for c in expired]),),
+            )
+            self._after_commit.append(lambda: self._forget_queued([c.device for c in expired]))
+            return expired
 
         return await self._submit(expire, "expire_commands", durable=True)
 

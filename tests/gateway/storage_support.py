@@ -88,3 +88,41 @@ def raw_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[A
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+# File surgery on a database, for the fault tests: plain synchronous helpers
+# (a test's event loop has nothing else to do meanwhile).
+
+
+def remove_db(path: Path) -> None:
+    """Remove the database file and its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def file_size(path: Path) -> int:
+    """The file's size, -1 if there is none."""
+    return path.stat().st_size if path.exists() else -1
+
+
+def truncate(path: Path) -> None:
+    """Leave an empty file at ``path`` (its directory made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def page_of(path: Path, index: str) -> tuple[int, int]:
+    """The root page number of ``index`` (a table or index name), and the page size."""
+    [(root,)] = raw_rows(path, "SELECT rootpage FROM sqlite_master WHERE name = ?", (index,))
+    [(page_size,)] = raw_rows(path, "PRAGMA page_size")
+    return root, page_size
+
+
+def swap_page(path: Path, page: int, page_size: int, data: bytes) -> bytes:
+    """Write ``data`` over page ``page`` (1-based) of the file; returns what was there."""
+    with path.open("r+b") as f:
+        f.seek((page - 1) * page_size)
+        old = f.read(page_size)
+        f.seek((page - 1) * page_size)
+        f.write(data)
+    return old

@@ -20,17 +20,22 @@ import pytest
 from gateway.storage import (
     DeviceRecord,
     MemoryStorage,
+    QueuedCommand,
+    QueueFull,
     RetentionPolicy,
     SQLiteStorage,
     Storage,
     StorageClosedError,
+    StorageError,
     TelemetryRecord,
 )
 from tests.gateway.storage_support import NOW_MS, PROJECT_ROOT, append, clock_ms, command
 
 
 class MakeStorage(Protocol):
-    def __call__(self, retention: RetentionPolicy | None = None) -> Awaitable[Storage]: ...
+    def __call__(
+        self, retention: RetentionPolicy | None = None, **bounds: int
+    ) -> Awaitable[Storage]: ...
 
 
 @pytest.fixture(params=["sqlite", "memory"])
@@ -40,14 +45,14 @@ async def make_storage(
     """Opens engines of the parametrized kind; closes them all after the test."""
     opened: list[Storage] = []
 
-    async def make(retention: RetentionPolicy | None = None) -> Storage:
+    async def make(retention: RetentionPolicy | None = None, **bounds: int) -> Storage:
         retention = retention or RetentionPolicy()
         storage: Storage
         if request.param == "sqlite":
             path = tmp_path / "data" / f"gateway{len(opened)}.sqlite3"
-            storage = SQLiteStorage(path, retention=retention)
+            storage = SQLiteStorage(path, retention=retention, **bounds)
         else:
-            storage = MemoryStorage(retention=retention)
+            storage = MemoryStorage(retention=retention, **bounds)
         await storage.open()
         opened.append(storage)
         return storage
@@ -55,6 +60,19 @@ async def make_storage(
     yield make
     for storage in opened:
         await storage.close()
+
+
+async def restarted(storage: Storage) -> Storage:
+    """The same store as the next process finds it (SQLite: a kill -9 then reopen)."""
+    if isinstance(storage, MemoryStorage):
+        again: Storage = storage.restart()
+    else:
+        assert isinstance(storage, SQLiteStorage)
+        # Commands are committed when their call returns: a second engine on the
+        # file sees what a new process would, without closing this one.
+        again = SQLiteStorage(storage.path)
+    await again.open()
+    return again
 
 
 async def prune(storage: Storage, now_ms: int | None = None) -> None:
@@ -158,12 +176,117 @@ async def test_command_queue_pending_expire_remove(make_storage: MakeStorage) ->
     assert await storage.expire_commands(NOW_MS + 1000) == []
     assert await storage.pending_commands("a", NOW_MS) == [second, third]
 
-    await storage.remove_command(second.key)
-    await storage.remove_command(second.key)  # twice is harmless
+    await storage.remove_commands([second.key])
+    await storage.remove_commands([second.key, 10**9])  # twice, or unknown, is harmless
     assert await storage.pending_commands("a", NOW_MS) == [third]
     assert await storage.pending_commands("b", NOW_MS) == [other]
     assert await storage.expire_commands(NOW_MS + 10**9) == [other, third]
     assert await storage.pending_commands("a", 0) == []
+
+
+async def test_pending_commands_come_a_page_at_a_time(make_storage: MakeStorage) -> None:
+    storage = await make_storage()
+    queued = [await storage.enqueue_command(command("a", NOW_MS + i, 60_000)) for i in range(7)]
+    await storage.enqueue_command(command("b", NOW_MS, 60_000))
+    pages: list[list[QueuedCommand]] = []
+    after = 0
+    while page := await storage.pending_commands("a", NOW_MS, after=after, limit=3):
+        pages.append(page)
+        after = page[-1].key
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [c for p in pages for c in p] == queued
+
+
+async def test_commands_being_sent_are_neither_pending_nor_expired(
+    make_storage: MakeStorage,
+) -> None:
+    storage = await make_storage()
+    first, second, third = [
+        await storage.enqueue_command(command("a", NOW_MS + i, 1000)) for i in range(3)
+    ]
+    # Marking returns the keys still queued, in the order asked.
+    assert await storage.mark_sending([third.key, first.key, 10**9]) == [third.key, first.key]
+    assert await storage.mark_sending([first.key]) == []  # already being sent
+    assert await storage.pending_commands("a", NOW_MS) == [second]
+    # Its delivery reports it: expiry leaves it alone.
+    assert await storage.expire_commands(NOW_MS + 10**6) == [second]
+    await storage.unmark_sending([third.key])  # never written: it waits again
+    assert await storage.pending_commands("a", 0) == [third]
+    await storage.remove_commands([first.key])
+    assert await storage.mark_sending([first.key]) == []
+
+
+async def test_commands_being_sent_at_a_crash_are_interrupted_once(
+    make_storage: MakeStorage,
+) -> None:
+    storage = await make_storage()
+    sending, done, waiting = [
+        await storage.enqueue_command(command("a", NOW_MS + i, 60_000)) for i in range(3)
+    ]
+    assert await storage.mark_sending([sending.key, done.key]) == [sending.key, done.key]
+    await storage.remove_commands([done.key])  # written, and forgotten
+    assert await storage.interrupted_commands() == []
+
+    again = await restarted(storage)
+    try:
+        # Out of the queue for good; handed over once, to be reported.
+        assert await again.interrupted_commands() == [sending]
+        assert await again.interrupted_commands() == []
+        assert await again.pending_commands("a", NOW_MS) == [waiting]
+        assert await again.mark_sending([sending.key]) == []
+    finally:
+        await again.close()
+
+
+async def test_the_offline_queue_is_bounded_per_device_and_in_all(
+    make_storage: MakeStorage,
+) -> None:
+    storage = await make_storage(max_queued_commands_per_device=2, max_queued_commands=3)
+    await storage.enqueue_command(command("a", NOW_MS, 60_000))
+    kept = await storage.enqueue_command(command("a", NOW_MS + 1, 60_000))
+    with pytest.raises(QueueFull, match="max_queued_commands_per_device") as full:
+        await storage.enqueue_command(command("a", NOW_MS + 2, 60_000))
+    assert full.value.limit == "max_queued_commands_per_device"
+    assert "2 commands already wait for 'a'" in str(full.value)
+    await storage.enqueue_command(command("b", NOW_MS, 60_000))
+    with pytest.raises(QueueFull) as full:
+        await storage.enqueue_command(command("c", NOW_MS, 60_000))
+    assert full.value.limit == "max_queued_commands"
+    assert len(await storage.pending_commands("c", 0)) == 0
+
+    # Room again once commands leave the queue (delivered or expired).
+    await storage.remove_commands([kept.key])
+    await storage.enqueue_command(command("a", NOW_MS + 3, 60_000))
+    assert len(await storage.expire_commands(NOW_MS + 10**6)) == 3
+    await storage.enqueue_command(command("c", NOW_MS, 60_000))
+
+
+async def test_expiry_takes_at_most_limit_at_a_time(make_storage: MakeStorage) -> None:
+    storage = await make_storage()
+    queued = [await storage.enqueue_command(command("a", NOW_MS + i, 10)) for i in range(5)]
+    assert await storage.expire_commands(NOW_MS + 10**6, limit=2) == queued[:2]
+    assert await storage.expire_commands(NOW_MS + 10**6, limit=2) == queued[2:4]
+    assert await storage.expire_commands(NOW_MS + 10**6, limit=2) == queued[4:]
+
+
+async def test_a_well_store_says_so(make_storage: MakeStorage) -> None:
+    storage = await make_storage()
+    assert storage.health().ok
+    assert storage.health().failing is None
+
+
+async def test_the_memory_twin_can_fail_like_a_disk() -> None:
+    storage = MemoryStorage()
+    await storage.open()
+    storage.fault = "disk full"
+    assert storage.health().failing == "disk full"
+    with pytest.raises(StorageError, match="storage unavailable: disk full"):
+        await storage.enqueue_command(command("a", NOW_MS, 1000))
+    with pytest.raises(StorageError):
+        await storage.flush()
+    storage.fault = None
+    assert storage.health().ok
+    await storage.enqueue_command(command("a", NOW_MS, 1000))
 
 
 async def test_upsert_device_keeps_first_seen(make_storage: MakeStorage) -> None:

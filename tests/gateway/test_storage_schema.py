@@ -1,10 +1,12 @@
 """The SQLite file (gateway/storage/schema.py): its layout, its version, and that a
 data dir written by an earlier gateway still opens.
 
-`V1_SCHEMA` is version 1 of the file, frozen. A change to the schema must bump
-`_SCHEMA_VERSION` and migrate: then add the new version beside this one, keep
-the version-1 test opening a version-1 file, and point the layout test at the
-new version.
+`V1_SCHEMA` and `V2_SCHEMA` are versions 1 and 2 of the file, frozen. A change
+to the schema must bump `_SCHEMA_VERSION` and migrate: then add the new version
+beside these, keep the tests opening a file of each older version, and point
+the layout test at the new version. Version 2 added `commands.sending_ms`
+(a command being written to its device when the process died is never
+written again).
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+# Never edit: this is what every version-2 data dir holds (written fresh).
+V2_SCHEMA = V1_SCHEMA.replace(
+    "    expires_ms INTEGER NOT NULL\n);",
+    "    expires_ms INTEGER NOT NULL,\n    sending_ms INTEGER\n);",
+)
+assert V2_SCHEMA != V1_SCHEMA
 V1_RESERVED = 5000  # meta.offset_reserved: the next process starts above it
 V1_TELEMETRY = [
     TelemetryRecord(10, "a", "env-sensor", NOW_MS, 1, {"temperature_c": 21.5}),
@@ -86,7 +94,7 @@ V1_DEVICES = [
 ]
 
 
-def write_v1_data_dir(path: Path) -> None:
+def write_v1_data_dir(path: Path, commands: list[QueuedCommand] | None = None) -> None:
     """A data dir as a version-1 gateway leaves it, written with plain sqlite3."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
@@ -101,20 +109,20 @@ def write_v1_data_dir(path: Path) -> None:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (r.offset, r.device, r.protocol, r.ts, r.seq, json.dumps(r.data)),
             )
-        c = V1_COMMAND
-        conn.execute(
-            "INSERT INTO commands (key, command_id, device, command, body, created_ms, expires_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                c.key,
-                c.command_id,
-                c.device,
-                json.dumps(c.command),
-                c.body,
-                c.created_ms,
-                c.expires_ms,
-            ),
-        )
+        for c in commands or [V1_COMMAND]:
+            conn.execute(
+                "INSERT INTO commands (key, command_id, device, command, body, created_ms,"
+                " expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    c.key,
+                    c.command_id,
+                    c.device,
+                    json.dumps(c.command),
+                    c.body,
+                    c.created_ms,
+                    c.expires_ms,
+                ),
+            )
         for d in V1_DEVICES:
             conn.execute(
                 "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
@@ -122,6 +130,23 @@ def write_v1_data_dir(path: Path) -> None:
             )
     finally:
         conn.close()
+
+
+def write_v2_schema(path: Path) -> None:
+    """An empty version-2 file, as the frozen schema says."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(V2_SCHEMA)
+        conn.execute("PRAGMA user_version = 2")
+    finally:
+        conn.close()
+
+
+def columns(path: Path, table: str) -> list[tuple[Any, ...]]:
+    """Name, type, not-null, default and primary-key place of each column, in order."""
+    return [row[1:] for row in raw_rows(path, f"PRAGMA table_info({table})")]
 
 
 def layout(path: Path) -> list[tuple[Any, ...]]:
@@ -154,11 +179,40 @@ async def test_a_version_1_data_dir_opens(open_sqlite: OpenSQLite, db_path: Path
     queued = await storage.enqueue_command(command("b", NOW_MS, 60_000))
     assert queued.key > V1_COMMAND.key
     await storage.close()
-    assert raw_rows(db_path, "PRAGMA user_version") == [(1,)]
+    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]  # upgraded in place
     assert raw_rows(db_path, 'SELECT MAX("offset") FROM telemetry') == [(record.offset,)]
 
 
-async def test_a_data_dir_written_now_has_the_version_1_layout(
+async def test_a_version_1_queue_upgrades_to_version_2_with_every_command(
+    open_sqlite: OpenSQLite, db_path: Path, tmp_path: Path
+) -> None:
+    queue = [
+        QueuedCommand(k, f"c-{k}", device, {"hex": f"{k:02x}"}, bytes([k]), NOW_MS + k, 2**62)
+        for k, device in [(3, "a"), (5, "b"), (8, "a"), (9, "a")]
+    ]
+    write_v1_data_dir(db_path, queue)
+    storage = await open_sqlite()
+    # Every command kept, with its key, waiting (none was being sent under version 1).
+    assert await storage.interrupted_commands() == []
+    assert await storage.pending_commands("a", NOW_MS) == [queue[0], queue[2], queue[3]]
+    assert await storage.pending_commands("b", NOW_MS) == [queue[1]]
+    # And the new column works on them.
+    assert await storage.mark_sending([8, 3]) == [8, 3]
+    assert await storage.pending_commands("a", NOW_MS) == [queue[3]]
+    await storage.close()
+
+    frozen = tmp_path / "frozen" / "v2.sqlite3"
+    write_v2_schema(frozen)
+    assert columns(db_path, "commands") == columns(frozen, "commands")
+    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]
+
+    # Reopened: the two marked ones were being sent when it stopped.
+    again = await open_sqlite()
+    assert [c.key for c in await again.interrupted_commands()] == [3, 8]
+    assert await again.pending_commands("a", NOW_MS) == [queue[3]]
+
+
+async def test_a_data_dir_written_now_has_the_version_2_layout(
     open_sqlite: OpenSQLite, db_path: Path, tmp_path: Path
 ) -> None:
     # Reopening what this code writes is test_close_flushes_everything and
@@ -167,16 +221,16 @@ async def test_a_data_dir_written_now_has_the_version_1_layout(
     storage = await open_sqlite()
     append(storage)
     await storage.close()
-    frozen = tmp_path / "frozen" / "v1.sqlite3"
-    write_v1_data_dir(frozen)
+    frozen = tmp_path / "frozen" / "v2.sqlite3"
+    write_v2_schema(frozen)
     assert layout(db_path) == layout(frozen)
 
 
 async def test_a_newer_schema_version_is_refused(db_path: Path) -> None:
     write_v1_data_dir(db_path)
     conn = sqlite3.connect(db_path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.close()
-    with pytest.raises(StorageError, match=r"schema version 2, newer than this gateway's 1"):
+    with pytest.raises(StorageError, match=r"schema version 3, newer than this gateway's 2"):
         await SQLiteStorage(db_path).open()
-    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]  # left as it was
+    assert raw_rows(db_path, "PRAGMA user_version") == [(3,)]  # left as it was

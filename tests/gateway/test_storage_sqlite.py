@@ -1,7 +1,9 @@
 """The SQLite engine's lifecycle (gateway/storage/sqlite.py): open, close, reopen.
 
 Closing commits everything queued, a reopened file has all of it, and a path
-that cannot hold a database is an error naming it.
+that cannot hold a database is an error naming it. A new database is made
+whole before it takes its name, so an empty file there was never the
+gateway's: it is `StorageCorrupt`, not a fresh start at offset 1.
 """
 
 from __future__ import annotations
@@ -11,9 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.storage import DeviceRecord, SQLiteStorage, StorageError
+from gateway.storage import DeviceRecord, SQLiteStorage, StorageCorrupt, StorageError
 from tests.gateway import storage_support
-from tests.gateway.storage_support import NOW_MS, OpenSQLite, append, command, raw_rows
+from tests.gateway.storage_support import (
+    NOW_MS,
+    OpenSQLite,
+    append,
+    command,
+    file_size,
+    raw_rows,
+    remove_db,
+    truncate,
+)
 
 # Fixtures shared by the storage test files: pytest finds them by these names.
 db_path = storage_support.db_path
@@ -62,3 +73,43 @@ async def test_unopenable_path_is_an_error_naming_it(tmp_path: Path) -> None:
 
     with pytest.raises(StorageError, match=str(tmp_path.name)):
         await SQLiteStorage(tmp_path).open()  # a directory
+
+
+async def test_an_empty_database_file_is_refused_not_started_afresh(
+    open_sqlite: OpenSQLite, db_path: Path
+) -> None:
+    storage = await open_sqlite()
+    seen = append(storage).offset
+    await storage.close()
+    remove_db(db_path)
+    truncate(db_path)  # truncated, or replaced by an empty file
+
+    with pytest.raises(StorageCorrupt) as refused:
+        await SQLiteStorage(db_path).open()
+    message = str(refused.value)
+    assert str(db_path) in message
+    assert "empty" in message
+    assert "backup" in message
+    assert file_size(db_path) == 0  # left for the operator, not overwritten
+    assert seen > 0
+
+
+async def test_a_new_database_is_made_whole_before_it_takes_its_name(
+    open_sqlite: OpenSQLite, db_path: Path
+) -> None:
+    # A draft left by a start that died half way is not in the way.
+    draft = db_path.with_name(db_path.name + ".new")
+    truncate(draft)
+    storage = await open_sqlite()
+    assert file_size(db_path) > 0
+    assert file_size(draft) == -1
+    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]
+    assert raw_rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+    assert append(storage).offset == 1
+
+
+async def test_a_file_that_is_not_a_database_is_corrupt(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageCorrupt, match=re.escape(str(garbage))):
+        await SQLiteStorage(garbage).open()

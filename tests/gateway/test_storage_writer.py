@@ -48,7 +48,7 @@ async def test_enqueue_is_committed_before_it_returns(
     assert raw_rows(db_path, "SELECT key, device, command FROM commands") == [
         (queued.key, "a", '{"name":"reboot"}')
     ]
-    await storage.remove_command(queued.key)
+    await storage.remove_commands([queued.key])
     assert raw_rows(db_path, "SELECT key FROM commands") == []
 
 

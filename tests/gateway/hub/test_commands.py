@@ -30,6 +30,7 @@ from devices import (
     CommandStatus,
     DeviceInfo,
     DeviceNotOnline,
+    SessionConfig,
     Transport,
 )
 from frames import CommandError, get_protocol
@@ -52,13 +53,19 @@ TIMEOUT = 5.0  # a deadline for what the loop should do at once, never a pause
 class Links:
     """A fake device side: ``online`` devices take commands; the tests resolve the results."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_inflight: int = 64) -> None:
+        self.config = SessionConfig(max_inflight_commands=max_inflight)
         self.online: set[str] = set()
         self.refuse: set[str] = set()  # say online, then raise DeviceNotOnline (a race)
         self.sent: list[tuple[str, bytes, CommandHandle]] = []
         self.attempts = 0  # send_command calls, refused ones included
         # When set, send_command waits for it first (a link awaiting a slot or a drain).
         self.gate: asyncio.Event | None = None
+        self.gates: dict[str, asyncio.Event] = {}  # the same, for one device
+        # The next send_command to this device raises this (the link failed writing it).
+        self.fail: dict[str, BaseException] = {}
+        # Called with (device, body) as a command is written (checks at that moment).
+        self.on_write: Callable[[str, bytes], None] | None = None
         self.cancelled = 0  # send_command calls cancelled while waiting at the gate
         self._changed = asyncio.Event()
 
@@ -68,15 +75,20 @@ class Links:
     async def send_command(self, client_id: str, body: bytes) -> CommandHandle:
         self.attempts += 1
         self._changed.set()
-        if self.gate is not None:
+        gate = self.gates.get(client_id, self.gate)
+        if gate is not None:
             try:
-                await self.gate.wait()
+                await gate.wait()
             except asyncio.CancelledError:
                 self.cancelled += 1
                 self._changed.set()
                 raise
         if client_id not in self.online or client_id in self.refuse:
             raise DeviceNotOnline(client_id)
+        if client_id in self.fail:
+            raise self.fail.pop(client_id)
+        if self.on_write is not None:
+            self.on_write(client_id, body)
         future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         handle = CommandHandle(client_id, len(self.sent), future)
         self.sent.append((client_id, body, handle))
@@ -126,18 +138,35 @@ class Replies:
 
 
 class WatchedEngine(LocalEngine):
-    """A LocalEngine that tells when an expiry pass has run, and up to which time."""
+    """A LocalEngine that tells when an expiry pass has run, and up to which time,
+    and keeps the ``limit`` of each read of the offline queue."""
 
     def __init__(self, storage: MemoryStorage) -> None:
         super().__init__(storage)
         self.expired_up_to = 0
         self.expiry_ran = asyncio.Event()
+        self.page_limits: list[int | None] = []
+        self.expiry_attempts = 0  # failed passes included
 
-    async def expire_commands(self, now_ms: int) -> list[QueuedCommand]:
-        expired = await super().expire_commands(now_ms)
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
+        self.page_limits.append(limit)
+        return await super().pending_commands(device, now_ms, after=after, limit=limit)
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
+        self.expiry_attempts += 1
+        self.expiry_ran.set()
+        expired = await super().expire_commands(now_ms, limit)
         self.expired_up_to = max(self.expired_up_to, now_ms)
         self.expiry_ran.set()
         return expired
+
+    async def expiry_attempts_reach(self, n: int) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while self.expiry_attempts < n:
+                self.expiry_ran.clear()
+                await self.expiry_ran.wait()
 
     async def expiry_pass_after(self, ms: int) -> None:
         async with asyncio.timeout(TIMEOUT):
@@ -147,14 +176,19 @@ class WatchedEngine(LocalEngine):
 
 
 class World:
-    def __init__(self, settings: CommandSettings) -> None:
-        self.storage = MemoryStorage()
+    def __init__(
+        self,
+        settings: CommandSettings,
+        storage: MemoryStorage | None = None,
+        links: Links | None = None,
+    ) -> None:
+        self.storage = storage or MemoryStorage()
         self.engine = WatchedEngine(self.storage)
         self.registry = Registry()
         self.metrics = Metrics()
         self.settings = settings
         self.router = CommandRouter(self.registry, self.engine, self.metrics, lambda: self.settings)
-        self.links = Links()
+        self.links = links or Links()
         self.router.links = self.links
 
     async def start(self) -> None:
@@ -572,5 +606,266 @@ async def test_any_command_object_gets_one_status_and_never_raises(
         else:
             assert got == [CommandStatus.SENT]
             assert [b for _, b, _ in w.links.sent] == [body]
+    finally:
+        await w.stop()
+
+
+# ---- bounds: ids and the offline queue ---------------------------------------------------------
+
+
+def refused(w: World, reason: str) -> int:
+    return w.router.refused[reason]
+
+
+@pytest.mark.parametrize("online", [True, False])
+async def test_an_id_over_max_command_id_is_a_bad_request(world: World, online: bool) -> None:
+    world.online("a")
+    if not online:
+        world.offline("a")
+    replies = Replies()
+    limit = CommandSettings().max_command_id
+    with pytest.raises(ClientError) as refusal:
+        await world.router.submit(CommandRequest("x" * (limit + 1), {"hex": "01"}, "a"), replies)
+    assert refusal.value.code is ErrorCode.BAD_REQUEST
+    assert str(limit) in refusal.value.message
+    assert replies.got == []
+    assert world.links.sent == []
+    assert await world.queued("a") == []  # nothing of it kept
+    assert refused(world, "max_command_id") == 1
+    # At the bound it is fine, as is a number.
+    await world.router.submit(CommandRequest("x" * limit, {"hex": "01"}, "a"), replies)
+    await world.router.submit(CommandRequest(10**40, {"hex": "01"}, "a"), replies)
+    assert len(replies.got) == 2
+
+
+async def test_past_a_queue_bound_a_command_is_rejected_and_counted() -> None:
+    w = World(CommandSettings(), MemoryStorage(max_queued_commands_per_device=2))
+    await w.start()
+    try:
+        w.online("a")
+        w.offline("a")
+        replies = Replies()
+        for i in range(3):
+            await w.router.submit(CommandRequest(i, {"hex": "01"}, device="a"), replies)
+        assert replies.statuses == ["queued", "queued", "rejected"]
+        assert "max_queued_commands_per_device" in replies.got[2]["error"]
+        assert refused(w, "max_queued_commands_per_device") == 1
+        assert w.counted(CommandStatus.REJECTED) == 1
+        assert len(await w.queued("a")) == 2
+    finally:
+        await w.stop()
+
+
+async def test_a_failing_storage_rejects_a_queued_command_with_an_answer(world: World) -> None:
+    world.online("a")
+    world.offline("a")
+    world.storage.fault = "database or disk is full"
+    replies = Replies()
+    got = await world.router.submit(CommandRequest("c", {"hex": "01"}, device="a"), replies)
+    assert got == [CommandStatus.REJECTED]
+    [answer] = replies.got
+    assert answer["error"] == "storage unavailable: database or disk is full"
+    assert commands_module.is_storage_unavailable(answer)
+    assert refused(world, "storage_unavailable") == 1
+    world.storage.fault = None
+    await world.router.submit(CommandRequest("d", {"hex": "01"}, device="a"), replies)
+    assert replies.statuses[-1] == "queued"
+    assert not commands_module.is_storage_unavailable(replies.got[-1])
+
+
+# ---- a link that fails or cannot take the command ----------------------------------------------
+
+
+async def test_a_link_failing_while_writing_ends_the_command_as_timeout(world: World) -> None:
+    world.online("a")
+    world.links.fail["a"] = ConnectionResetError("reset by peer")
+    replies = Replies()
+    got = await world.router.submit(CommandRequest("c", {"hex": "01"}, device="a"), replies)
+    assert got == [CommandStatus.TIMEOUT]
+    assert replies.got == [status("c", "a", CommandStatus.TIMEOUT, error="link lost")]
+    assert await world.queued("a") == []  # it may have reached the device: not again
+
+
+async def test_a_command_never_written_gets_only_its_final_status(world: World) -> None:
+    """The device side gives up writing to a device that does not read (seq -1)."""
+    world.online("a")
+
+    async def not_reading(client_id: str, body: bytes) -> CommandHandle:
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        future.set_result(CommandResult(CommandStatus.TIMEOUT, error="device not reading"))
+        return CommandHandle(client_id, -1, future)
+
+    world.links.send_command = not_reading  # type: ignore[method-assign]
+    replies = Replies()
+    got = await world.router.submit(CommandRequest("c", {"hex": "01"}, device="a"), replies)
+    assert got == [CommandStatus.TIMEOUT]
+    assert replies.got == [status("c", "a", CommandStatus.TIMEOUT, error="device not reading")]
+    assert world.counted(CommandStatus.SENT) == 0
+
+
+async def test_a_protocol_command_does_not_wait_for_a_device_that_cannot_take_it(
+    world: World,
+) -> None:
+    for device in ("a", "b", "c"):
+        world.online(device)
+    world.links.gates["a"] = asyncio.Event()  # a's link cannot take it now
+    replies = Replies()
+    submitted = asyncio.create_task(
+        world.router.submit(CommandRequest("g", {"name": "reboot"}, protocol="env-sensor"), replies)
+    )
+    # The others have theirs while a's is still waiting.
+    await replies.until_true(lambda: {m["device"] for m in replies.got} == {"b", "c"})
+    assert not submitted.done()
+    world.links.gates["a"].set()
+    assert sorted(map(str, await submitted)) == ["sent", "sent", "sent"]
+    assert sorted(m["device"] for m in replies.got) == ["a", "b", "c"]  # one status each
+
+
+# ---- delivering the offline queue: paced, paged, at most once ----------------------------------
+
+
+async def queue_for(w: World, device: str, n: int) -> Replies:
+    w.online(device)
+    w.offline(device)
+    replies = Replies()
+    for i in range(n):
+        await w.router.submit(CommandRequest(f"c{i}", {"hex": f"{i:02x}"}, device), replies)
+    assert replies.statuses == ["queued"] * n
+    return replies
+
+
+async def test_delivery_keeps_at_most_the_in_flight_allowance_outstanding() -> None:
+    w = World(CommandSettings(), links=Links(max_inflight=2))
+    await w.start()
+    try:
+        replies = await queue_for(w, "a", 5)
+        w.online("a", session="s2")
+        w.router.device_online("a", "s2")
+        await w.links.wait_sent(2)
+        for _ in range(10):
+            await asyncio.sleep(0)  # room for a third, if delivery did not wait
+        assert len(w.links.sent) == 2  # no third before an answer
+        w.links.resolve(0, CommandResult(CommandStatus.ACKED))
+        await w.links.wait_sent(3)
+        w.links.resolve(1, CommandResult(CommandStatus.ACKED))
+        w.links.resolve(2, CommandResult(CommandStatus.NACKED, code=1))
+        await w.links.wait_sent(5)
+        assert [body for _, body, _ in w.links.sent] == [bytes([i]) for i in range(5)]
+        for i in (3, 4):
+            w.links.resolve(i, CommandResult(CommandStatus.ACKED))
+        await replies.until(15)  # queued, sent and a final status for each
+        assert replies.statuses.count("acked") == 4
+        assert await w.queued("a") == []
+    finally:
+        await w.stop()
+
+
+async def test_delivery_reads_the_queue_a_page_at_a_time() -> None:
+    w = World(CommandSettings(delivery_page=3))
+    await w.start()
+    try:
+        await queue_for(w, "a", 7)
+        w.online("a", session="s2")
+        w.router.device_online("a", "s2")
+        await w.links.wait_sent(7)
+        assert [body for _, body, _ in w.links.sent] == [bytes([i]) for i in range(7)]
+        assert w.engine.page_limits
+        assert set(w.engine.page_limits) == {3}
+    finally:
+        await w.stop()
+
+
+async def test_a_command_is_marked_as_being_sent_before_it_is_written(world: World) -> None:
+    await queue_for(world, "a", 3)
+    marked_at_write: list[bool] = []
+
+    def check(device: str, body: bytes) -> None:
+        [cmd] = [c for c in world.storage._commands.values() if c.body == body]
+        marked_at_write.append(cmd.key in world.storage._sending)
+
+    world.links.on_write = check
+    world.online("a", session="s2")
+    world.router.device_online("a", "s2")
+    await world.links.wait_sent(3)
+    assert marked_at_write == [True, True, True]
+
+
+async def test_a_command_being_written_at_a_crash_is_never_written_again() -> None:
+    """Finding 1 of issue 12, on a fake clock: the crash comes mid-write."""
+    before = World(CommandSettings())
+    await before.start()
+    replies = await queue_for(before, "a", 3)
+    before.links.gates["a"] = gate = asyncio.Event()
+    before.online("a", session="s2")
+    before.router.device_online("a", "s2")
+    await before.links.wait_attempts(1)  # c0 is being written: the process dies now
+    storage = before.storage.restart()
+    await before.router.stop()
+    assert replies.statuses == ["queued"] * 3
+    gate.set()
+
+    after = World(CommandSettings(), storage)
+    await after.start()
+    try:
+        # The three were marked together (one page, room for all): each ends as a
+        # timeout, counted, and none reaches the device again.
+        await until_counted(after, CommandStatus.TIMEOUT, 3)
+        after.online("a", session="s3")
+        after.router.device_online("a", "s3")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert after.links.sent == []
+        assert await after.queued("a") == []
+    finally:
+        await after.stop()
+
+
+async def test_an_interrupted_command_is_logged_and_counted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", "gateway.hub.commands")
+    before = World(CommandSettings())
+    await before.start()
+    await queue_for(before, "a", 2)
+    [first, _] = await before.engine.pending_commands("a", now_ms())
+    await before.engine.mark_sending([first.key])
+    await before.router.stop()
+    after = World(CommandSettings(), before.storage.restart())
+    await after.start()
+    try:
+        await until_counted(after, CommandStatus.TIMEOUT, 1)
+        assert "1 queued commands were being sent when the gateway stopped" in caplog.text
+        assert "command id=c0" in caplog.text
+        assert "gateway restarted" in caplog.text
+        assert [c.command_id for c in await after.engine.pending_commands("a", 0)] == ["c1"]
+    finally:
+        await after.stop()
+
+
+async def until_counted(w: World, st_: CommandStatus, n: int) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while w.counted(st_) < n:
+            await asyncio.sleep(0.001)
+    assert w.counted(st_) == n
+
+
+async def test_a_delivery_the_storage_cut_short_resumes_once_it_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = World(CommandSettings(expiry_interval=0.005))
+    await w.start()
+    try:
+        await queue_for(w, "a", 2)
+        w.storage.fault = "disk I/O error"
+        w.online("a", session="s2")
+        w.router.device_online("a", "s2")
+        await w.engine.expiry_attempts_reach(5)  # several failed passes
+        assert w.links.sent == []
+        w.storage.fault = None
+        await w.links.wait_sent(2)
+        # Logged when it began and when it ended, not once per expiry pass.
+        assert caplog.text.count("command expiry failed") == 1
+        assert caplog.text.count("delivery of queued commands failed") == 1
+        assert caplog.text.count("command expiry works again") == 1
     finally:
         await w.stop()

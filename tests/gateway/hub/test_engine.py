@@ -29,6 +29,7 @@ from gateway.storage import (
     QueuedCommand,
     SQLiteStorage,
     Storage,
+    StorageError,
     TelemetryRecord,
 )
 
@@ -197,8 +198,42 @@ async def test_the_offline_command_queue_passes_through(engine: LocalEngine) -> 
     assert [c.key for c in await engine.pending_commands("a", 2000)] == [first.key, second.key]
     assert await engine.pending_commands("b", 2000) == []
     assert [c.key for c in await engine.expire_commands(6000)] == [first.key]
-    await engine.remove_command(second.key)
+    third = await engine.enqueue_command(QueuedCommand(0, None, "a", {}, b"\x04", 1002, 9000))
+    assert await engine.pending_commands("a", 2000, after=second.key) == [third]
+    assert await engine.pending_commands("a", 2000, limit=1) == [second]
+    assert await engine.mark_sending([second.key, third.key]) == [second.key, third.key]
     assert await engine.pending_commands("a", 2000) == []
+    await engine.unmark_sending([third.key])
+    await engine.remove_commands([second.key])
+    assert await engine.pending_commands("a", 2000) == [third]
+    assert await engine.interrupted_commands() == []
+    assert engine.health().ok
+
+
+async def test_telemetry_the_storage_cannot_keep_still_reaches_dashboards(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A storage whose writer is gone: dashboards still get the message; logged once."""
+    storage = MemoryStorage()
+    await storage.open()
+    engine = LocalEngine(storage)
+    sink = Sink()
+    await engine.open(sink)
+
+    def broken(record: TelemetryRecord, data_json: str | None = None) -> None:
+        raise StorageError("the storage writer died")
+
+    storage.append_telemetry = broken  # type: ignore[method-assign]
+    for seq in range(5):
+        engine.publish_telemetry(event("a", seq, {"n": seq}))
+    assert [r.seq for r, _, _ in sink.telemetry] == [0, 1, 2, 3, 4]
+    assert caplog.text.count("keeping telemetry failed") == 1
+
+    # No offset at all (closed, or the reservation ran out): dropped and counted.
+    await storage.close()
+    engine.publish_telemetry(event("a", 9, {}))
+    assert len(sink.telemetry) == 5
+    assert engine.unsequenced == 1
 
 
 async def test_a_single_node_lists_itself_alone(storage: Storage) -> None:
