@@ -92,6 +92,11 @@ async def json_errors(
         headers = {k: v for k, v in e.headers.items() if k not in _BODY_HEADERS}
         return _json_answer(e.status, e.reason, headers)
     except ConnectionResetError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            # The client is still there: a link of the gateway's own failed (a bug).
+            log.exception("error handling %s %s", request.method, request.path)
+            return _json_answer(500, "internal error (logged by the gateway)", {})
         # The client went away mid-request (say, halfway through its body):
         # nobody is left to answer, and it is no fault of the gateway.
         log.debug("%s %s: the client closed the connection", request.method, request.path)

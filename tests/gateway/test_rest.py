@@ -198,6 +198,28 @@ async def test_an_unexpected_error_is_a_json_500_logged_once(
     assert "GET /api/devices" in errors[0].getMessage()
 
 
+async def test_a_connection_error_of_the_gateway_is_a_500_not_a_client_gone(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A device link's ConnectionResetError must not pass for the HTTP client leaving.
+    client = await make_app()
+    rt = runtime_of(client)
+
+    async def link_reset(*args: object) -> object:
+        raise ConnectionResetError("a device link reset")
+
+    rt.hub.submit_command = link_reset  # type: ignore[method-assign,assignment]
+    with caplog.at_level(logging.ERROR):
+        resp = await client.post(
+            "/api/devices/x/commands",
+            json={"command": {"hex": "00"}},
+            headers={"Authorization": f"Bearer {OPERATOR}"},
+        )
+    assert resp.status == 500
+    assert (await resp.json())["code"] == "internal_error"
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
 async def test_a_deeply_nested_body_is_400_not_500(make_app: AppFactory) -> None:
     # dc04a44: json.loads raised RecursionError, a plain-text 500.
     client = await make_app()
