@@ -48,6 +48,9 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         retention=s.retention(),
         batch_interval=s.batch_interval,
         batch_rows=s.batch_rows,
+        max_pending_rows=s.max_pending_rows,
+        max_queued_commands_per_device=s.max_queued_commands_per_device,
+        max_queued_commands=s.max_queued_commands,
     )
     storage.stats.on_batch = metrics.storage_batch.observe
     hub = Hub(LocalEngine(storage), config.hub_config(), metrics)
@@ -74,7 +77,47 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
     )
     metrics.add_snapshot(lambda: _link_metrics(rt))
     metrics.add_snapshot(lambda: _hub_metrics(rt))
+    metrics.add_snapshot(lambda: _storage_metrics(rt))
     return rt
+
+
+# Every reason a command can be refused for, so each series exists from the start.
+_COMMAND_REFUSALS = (
+    "max_command_id",
+    "max_queued_commands_per_device",
+    "max_queued_commands",
+    "storage_unavailable",
+)
+
+
+def _storage_metrics(rt: Runtime) -> list[Any]:
+    """Storage faults and the offline queue's bounds (docs/api.md §4)."""
+    stats = rt.storage.stats
+    refused = rt.hub.commands.refused
+    return [
+        gauge(
+            "iot_storage_failing",
+            "1 while the storage cannot write (see /healthz), else 0",
+            0 if rt.storage.health().ok else 1,
+        ),
+        counter(
+            "iot_storage_failed_batches",
+            "Storage transactions that failed (their rows are retried)",
+            stats.failed_batches,
+        ),
+        counter(
+            "iot_storage_dropped_rows",
+            "Rows never stored: over storage.max_pending_rows, or lost at a failing close",
+            stats.dropped_rows,
+        ),
+        counter("iot_storage_failed_reads", "Storage reads that failed", stats.failed_reads),
+        counters(
+            "iot_commands_refused",
+            "Commands rejected by a bound or a failing storage, by reason",
+            "reason",
+            {reason: refused[reason] for reason in _COMMAND_REFUSALS},
+        ),
+    ]
 
 
 def _hub_metrics(rt: Runtime) -> list[Any]:

@@ -12,9 +12,13 @@ from typing import Any
 from aiohttp import web
 
 from ..hub import ClientError, ErrorCode, Role, dumps, parse_command, telemetry_message
+from ..hub.commands import is_storage_unavailable
 from ..metrics import CONTENT_TYPE
 from .context import WEB
 from .errors import http_error, presented, require
+
+# The code of a 503 to a request that needs the storage while it fails.
+STORAGE_UNAVAILABLE_CODE = "storage_unavailable"
 
 
 async def list_devices(request: web.Request) -> web.Response:
@@ -125,6 +129,14 @@ async def post_command(request: web.Request) -> web.Response:
     except ClientError as e:
         raise http_error(web.HTTPBadRequest, e.code, e.message) from None
     first = statuses[0]
+    if is_storage_unavailable(first):
+        # Not the caller's fault: the command could not be kept (docs/api.md §4).
+        raise http_error(
+            web.HTTPServiceUnavailable,
+            STORAGE_UNAVAILABLE_CODE,
+            first["error"],
+            headers={"Retry-After": "5"},
+        )
     if first["status"] == "rejected":
         status = 404 if device not in ctx.hub.registry else 400
         return web.json_response(first, status=status, dumps=dumps)
@@ -132,15 +144,25 @@ async def post_command(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: no token; says whether the gateway is up."""
+    """``GET /healthz``: no token; 503 ``degraded`` while the node cannot do its job.
+
+    That is, while its storage cannot keep what it is given (docs/api.md §4),
+    so a load balancer or a monitor sees it without reading ``/metrics``.
+    """
     ctx = request.app[WEB]
-    return web.json_response(
-        {
-            "status": "ok" if ctx.accepting else "stopping",
-            "devices_online": ctx.hub.online_count(),
-            "dashboards": len(ctx.hub.dashboards),
-        }
-    )
+    health = ctx.hub.engine.health()
+    body: dict[str, Any] = {
+        "status": "ok" if ctx.accepting else "stopping",
+        "devices_online": ctx.hub.online_count(),
+        "dashboards": len(ctx.hub.dashboards),
+        "storage": {"status": "ok"},
+    }
+    if health.ok:
+        return web.json_response(body)
+    body["storage"] = {"status": "failing", "error": health.failing, "since": health.since_ms}
+    if ctx.accepting:
+        body["status"] = "degraded"
+    return web.json_response(body, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,13 +1,23 @@
-"""Commands from a dashboard to real TCP devices and every status back (docs/api.md §3.1)."""
+"""Commands from a dashboard to real TCP devices and every status back (docs/api.md §3.1).
+
+Also what a dashboard and an HTTP caller get while the storage fails
+(docs/api.md §4): a ``rejected`` status or a 503 ``storage_unavailable``, a
+503 ``degraded`` ``/healthz`` and the fault on ``/metrics``; never a closed
+socket or a plain-text 500. The fault is injected into the storage writer's
+transactions here; tests/resilience/test_storage_faults.py makes real ones.
+"""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from typing import Any
 
 import pytest
 
 import frames
-from tests.gateway.conftest import VIEWER, AppFactory
+from gateway.storage import SQLiteStorage
+from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
 from tests.gateway.support import dash, device, runtime_of
 from tests.support.wait import wait_until
 
@@ -166,3 +176,96 @@ async def test_link_lost_before_ack_reports_timeout(make_app: AppFactory) -> Non
     final = await d.expect("command_status", id="z")
     assert final["status"] == "timeout"
     assert "link lost" in final["error"]
+
+
+class DiskFull:
+    """Fails the storage writer's transactions as a full disk does, while ``on``."""
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self.on = threading.Event()
+        real = storage._transaction
+
+        def transaction(chunk: list[Any], lease_want: int, durable: bool) -> Any:
+            if self.on.is_set():
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(chunk, lease_want, durable)
+
+        storage._transaction = transaction  # type: ignore[method-assign]
+        storage.retry_first = 0.01
+        storage.retry_max = 0.05
+
+
+async def test_while_the_storage_fails_every_caller_gets_an_answer(make_app: AppFactory) -> None:
+    client = await make_app()
+    rt = runtime_of(client)
+    assert isinstance(rt.storage, SQLiteStorage)
+    disk = DiskFull(rt.storage)
+    d = await dash(client)
+    dev = await device(rt, "sf")
+    await dev.aclose()
+    await wait_until(lambda: not rt.hub.devices["sf"].online, "sf offline", timeout=10)
+    auth = {"Authorization": f"Bearer {OPERATOR}"}
+
+    disk.on.set()
+    # A command to the offline device needs the storage: a status, the socket stays.
+    await d.send({"op": "command", "id": "w", "device": "sf", "command": {"name": "reboot"}})
+    status = await d.expect("command_status", id="w")
+    assert status["status"] == "rejected"
+    assert status["error"].startswith("storage unavailable: database or disk is full")
+    assert (await d.request({"op": "devices", "id": "after"}, "devices"))["id"] == "after"
+
+    resp = await client.post(
+        "/api/devices/sf/commands", json={"command": {"name": "reboot"}}, headers=auth
+    )
+    assert resp.status == 503
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.headers["Retry-After"] == "5"
+    body = await resp.json()
+    assert body["code"] == "storage_unavailable"
+    assert "database or disk is full" in body["message"]
+
+    health = await client.get("/healthz")
+    assert health.status == 503
+    report = await health.json()
+    assert report["status"] == "degraded"
+    assert report["storage"]["status"] == "failing"
+    assert "disk is full" in report["storage"]["error"]
+    metrics = await (await client.get("/metrics")).text()
+    assert "iot_storage_failing 1.0" in metrics
+    assert 'iot_commands_refused_total{reason="storage_unavailable"} 2.0' in metrics
+    assert 'iot_command_results_total{status="rejected"} 2.0' in metrics
+    failed = [
+        line for line in metrics.splitlines() if line.startswith("iot_storage_failed_batches_total")
+    ]
+    assert float(failed[0].split()[1]) >= 1
+
+    disk.on.clear()
+
+    async def healed() -> bool:
+        return (await client.get("/healthz")).status == 200
+
+    await wait_until(healed, "/healthz 200 again", timeout=10)
+    await d.send({"op": "command", "id": "w2", "device": "sf", "command": {"name": "reboot"}})
+    assert (await d.expect("command_status", id="w2"))["status"] == "queued"
+    assert "iot_storage_failing 0.0" in await (await client.get("/metrics")).text()
+
+
+async def test_an_id_over_128_characters_is_refused(make_app: AppFactory) -> None:
+    client = await make_app()
+    rt = runtime_of(client)
+    d = await dash(client)
+    await device(rt, "idl")
+    long_id = "i" * 129
+    await d.send({"op": "command", "id": long_id, "device": "idl", "command": {"hex": "01"}})
+    err = await d.expect("error", id=long_id)
+    assert err["code"] == "bad_request"
+    assert "128" in err["message"]
+    resp = await client.post(
+        "/api/devices/idl/commands",
+        json={"command": {"hex": "01"}, "id": long_id},
+        headers={"Authorization": f"Bearer {OPERATOR}"},
+    )
+    assert resp.status == 400
+    assert (await resp.json())["code"] == "bad_request"
+    metrics = await (await client.get("/metrics")).text()
+    assert 'iot_commands_refused_total{reason="max_command_id"} 2.0' in metrics
