@@ -584,5 +584,6 @@ async def test_a_group_command_to_no_online_device_is_still_not_found() -> None:
     ],
 )
 def test_a_bound_out_of_range_is_refused_naming_its_key(key: str, value: float) -> None:
+    bad: dict[str, Any] = {key: value}
     with pytest.raises(ValueError, match=key):
-        HubConfig(**{key: value})
+        HubConfig(**bad)
