@@ -25,9 +25,10 @@ from .events import (
     DeviceTelemetry,
     Transport,
 )
+from .logs import LogLimiter
 from .manager import DeviceManager
 from .policy import LinkPolicy
-from .ports import LinkPort, ManagedSession, SessionHost
+from .ports import LinkPort, ManagedSession, ReadFlow, SessionHost
 from .serial_link import SerialLink
 from .session import DeviceSession
 from .tcp import DeviceServer
@@ -55,7 +56,9 @@ __all__ = [
     "LinkCounters",
     "LinkPolicy",
     "LinkPort",
+    "LogLimiter",
     "ManagedSession",
+    "ReadFlow",
     "SerialLink",
     "SerialPortConfig",
     "SessionConfig",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from frames import FrameOptions, valid_client_id, valid_protocol_name
+from frames import FrameOptions, max_frame_size, valid_client_id, valid_protocol_name
 from frames.backoff import BackoffPolicy
 
 
@@ -22,9 +22,13 @@ class DeviceAuth:
     token: str | None = None
     per_client: Mapping[str, str] = field(default_factory=dict)
 
+    def expected(self, client_id: str) -> str | None:
+        """The token this client_id must present, or None: it is anonymous (needs none)."""
+        return self.per_client.get(client_id, self.token)
+
     def allows(self, client_id: str, token: str) -> bool:
         """True when ``token`` is what this client_id must present (constant time)."""
-        expected = self.per_client.get(client_id, self.token)
+        expected = self.expected(client_id)
         if expected is None:
             return True
         return hmac.compare_digest(expected.encode(), token.encode())
@@ -33,6 +37,7 @@ class DeviceAuth:
 # Defaults that more than one part takes: written once here.
 BAUD: Final = 115200
 MAX_CONNECTIONS: Final = 20_000  # TCP device connections at once
+MAX_FRAME: Final = max_frame_size()  # the largest frame of the default framing
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +48,9 @@ class SessionConfig:
     heartbeat: int = 30  # seconds, sent in WELCOME
     misses: int = 3  # silence for misses x heartbeat ends the session
     ack_timeout: float = 10.0
-    max_frames_per_second: float = 100.0  # per device; beyond it: ERROR RATE_LIMITED
+    # Per device: over TCP a device above it is not read from for a while (a burst
+    # arrives late but whole); over serial its extra frames are dropped (RATE_LIMITED).
+    max_frames_per_second: float = 100.0
     rate_burst: float = 200.0
     max_inflight_commands: int = 64  # commands awaiting write or ACK per device
     garbage_bytes: int = 64 * 1024  # a TCP link discarding this much ...
@@ -53,6 +60,19 @@ class SessionConfig:
     frame_timeout: float = 1.0  # a partial frame's wait on TCP (docs/protocol.md §2)
     serial_frame_timeout: float = 0.2
     max_devices: int = 100_000
+    # Before its HELLO is accepted a TCP link may send this much; past it, it is closed.
+    hello_budget_bytes: int = 4096
+    hello_budget_frames: int = 16
+    # Within churn_window: HELLOs taking over one client_id from another link, and
+    # HELLOs changing the client_id of one link; beyond either, RATE_LIMITED and closed.
+    max_takeovers: int = 10
+    max_client_id_changes: int = 10
+    churn_window: float = 60.0
+    # Devices with no token configured for them, on a device port that is not loopback.
+    allow_anonymous: bool = False
+    # Log lines a peer can cause (wrong tokens, takeovers, sessions...): per kind and window.
+    max_log_lines: int = 50
+    log_window: float = 60.0
     token: str | None = None  # one device token for every device
     tokens: dict[str, str] = field(default_factory=dict)  # per client_id; wins over token
 
@@ -64,6 +84,8 @@ class SessionConfig:
             "garbage_window": self.garbage_window,
             "frame_timeout": self.frame_timeout,
             "serial_frame_timeout": self.serial_frame_timeout,
+            "churn_window": self.churn_window,
+            "log_window": self.log_window,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -77,6 +99,10 @@ class SessionConfig:
             "garbage_bytes": self.garbage_bytes,
             "garbage_crc_errors": self.garbage_crc_errors,
             "max_write_buffer": self.max_write_buffer,
+            "hello_budget_frames": self.hello_budget_frames,
+            "max_takeovers": self.max_takeovers,
+            "max_client_id_changes": self.max_client_id_changes,
+            "max_log_lines": self.max_log_lines,
         }.items():
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, not {count}")
@@ -84,6 +110,12 @@ class SessionConfig:
             raise ValueError("max_inflight_commands must be <= 255 (one seq byte)")
         if self.rate_burst < 1:
             raise ValueError(f"rate_burst must be >= 1, not {self.rate_burst}")
+        if self.hello_budget_bytes < MAX_FRAME:
+            # Less could refuse a valid HELLO, which takes up to one whole frame.
+            raise ValueError(
+                f"hello_budget_bytes must be >= {MAX_FRAME} (one frame), "
+                f"not {self.hello_budget_bytes}"
+            )
 
     @property
     def auth(self) -> DeviceAuth:

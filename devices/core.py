@@ -10,14 +10,23 @@ callables given at construction. So every rule is tested on a fake clock, and
 the asyncio adapter (``devices.session``) only moves bytes and events.
 
 States: ``awaiting_hello`` -> ``online`` -> ``closed``. What differs between
-TCP and serial (HELLO deadline, garbage rule, silence, fixed identity) comes
-from the ``LinkPolicy``; nothing here asks which transport it is on.
+TCP and serial (HELLO deadline and budget, garbage rule, silence, fixed
+identity, backpressure or drops over the rate) comes from the ``LinkPolicy``;
+nothing here asks which transport it is on.
+
+Backpressure (TCP): bytes go to the frame decoder only as fast as the rate
+limit allows. What is over it waits in an inbox of at most one read chunk,
+``throttled`` tells the adapter to stop reading the socket, and ``deadline``
+includes the moment there are tokens again, when ``expire`` feeds the inbox.
+So a burst arrives late but whole, and a flood costs one chunk of memory and
+no decoding beyond the rate.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +45,7 @@ from frames import (
     FrameDecoder,
     Hello,
     Message,
+    MessageType,
     Ping,
     Pong,
     RemoteProtocolError,
@@ -43,8 +53,8 @@ from frames import (
     decode_message,
     encode_frame,
     get_protocol,
+    max_frame_size,
 )
-from frames.ratelimit import TokenBucket
 
 from .commands import TIMED_OUT, CommandTracker
 from .config import SessionConfig
@@ -59,9 +69,14 @@ from .events import (
     DeviceOnline,
     DeviceTelemetry,
 )
+from .logs import LogLimiter
 from .policy import LinkPolicy
+from .throttle import FrameRate
 
 log = logging.getLogger(__name__)
+
+# The first payload byte of an ACK: over serial an ACK is never dropped by the rate.
+_ACK = MessageType.ACK.value
 
 # The ``error`` of a command that can get no ACK any more (docs/api.md §3: timeout).
 LINK_LOST = "link lost"
@@ -115,6 +130,7 @@ class SessionCore:
     ``ts``, ``connected_at``); ``new_session_id`` a fresh UUIDv4 per session.
     ``admit`` is the registry's say on takeover and ``max_devices``.
     ``counters`` are this link's; ``totals`` the gateway-wide ones it adds to.
+    ``logs`` bounds the log lines a peer can cause (shared gateway-wide).
     """
 
     def __init__(
@@ -129,12 +145,14 @@ class SessionCore:
         admit: Admit = admit_all,
         counters: LinkCounters | None = None,
         totals: DeviceCounters | None = None,
+        logs: LogLimiter | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
         self.peer = peer
         self.counters = counters if counters is not None else LinkCounters()
         self.totals = totals if totals is not None else DeviceCounters()
+        self.logs = logs or LogLimiter(log, config.max_log_lines, config.log_window)
         self.commands = CommandTracker(config.max_inflight_commands, config.ack_timeout)
         self.state = SessionState.AWAITING_HELLO
         self.info: DeviceInfo | None = None  # the latest session's, kept after it ends
@@ -152,9 +170,23 @@ class SessionCore:
         self._client_id = ""
         self._protocol = ""
         self._decode_data: Callable[[bytes], dict[str, Any]] = _not_online
-        # Rate limit: a token bucket, and at most one RATE_LIMITED a second.
-        self._bucket = TokenBucket(config.max_frames_per_second, config.rate_burst, now)
+        # Rate limit: a token bucket; over serial at most one RATE_LIMITED a second.
+        self._rate = FrameRate(config.max_frames_per_second, config.rate_burst, now)
         self._rate_error_at: float | None = None
+        # Backpressure (TCP): bytes over the rate wait here, unread by the decoder.
+        self._backpressure = policy.backpressure
+        self._inbox = bytearray()
+        self.throttled = False  # True: the adapter should not read the link for now
+        # A slice of the inbox is never shorter than a whole frame: a partial frame
+        # the decoder holds is always completed (or rejected) by the next slice.
+        self._min_frame = len(encode_frame(b"", policy.frame))
+        self._max_frame = max_frame_size(policy.frame)
+        # The pre-HELLO budget (TCP): bytes and frames left; None once online or unbudgeted.
+        self._budget_bytes: int | None = config.hello_budget_bytes if policy.hello_budget else None
+        self._budget_frames = config.hello_budget_frames
+        # client_id changes on this link: a tumbling window.
+        self._changes_since = now
+        self._changes = 0
         # Garbage rule: a tumbling window of discarded bytes and CRC errors.
         self._garbage_since = now
         self._garbage_bytes = 0
@@ -185,26 +217,42 @@ class SessionCore:
         at = self.commands.deadline
         if at is not None and (best is None or at < best):
             best = at
-        at = self.decoder.deadline
+        # While bytes wait in the inbox the decoder's partial frame is not late: its
+        # rest is here. The next thing to do is feeding them, once there are tokens.
+        at = self._rate.ready_at() if self._inbox else self.decoder.deadline
         if at is not None and (best is None or at < best):
             best = at
         return best
 
     def receive_data(self, data: bytes, now: float) -> list[SessionEvent]:
-        """Bytes from the link, in any chunks; the events they complete, in order."""
+        """Bytes from the link, in any chunks; the events they complete, in order.
+
+        With backpressure, bytes over the rate are kept (``throttled`` is then
+        True) and fed at ``deadline`` by ``expire``.
+        """
         events: list[SessionEvent] = []
         if self.state is SessionState.CLOSED:
             return events
         self.counters.bytes_in += len(data)
-        self._feed(self.decoder.feed(data, now), now, events)
+        if self._inbox or self._budget_bytes is not None or len(data) > self._allowance(now):
+            if not self._inbox:
+                # As feed(data, now) would: a partial frame already late is abandoned first.
+                self._feed(self.decoder.expire(now), now, events)
+            self._inbox += data
+            self._pump(now, events)
+        else:
+            self._feed(self.decoder.feed(data, now), now, events)
         return events
 
     def expire(self, now: float) -> list[SessionEvent]:
-        """Let time pass: frame timeout, HELLO deadline, silence, ACK timeouts."""
+        """Let time pass: held bytes, frame timeout, HELLO deadline, silence, ACK timeouts."""
         events: list[SessionEvent] = []
         if self.state is SessionState.CLOSED:
             return events
-        self._feed(self.decoder.expire(now), now, events)
+        if self._inbox:
+            self._pump(now, events)
+        else:
+            self._feed(self.decoder.expire(now), now, events)
         if self._hello_at is not None and now >= self._hello_at:
             self._close(
                 CloseReason.HELLO_TIMEOUT,
@@ -213,7 +261,9 @@ class SessionCore:
                 events,
             )
         if self.state is SessionState.ONLINE and now >= self._last_seen + self._silence_limit:
-            log.info("device %s silent for %g s", self._client_id, self._silence_limit)
+            self.logs.info(
+                "sessions", "device %s silent for %g s", self._client_id, self._silence_limit
+            )
             if self.policy.silence_closes:
                 self._close(CloseReason.SILENT, None, "", events)
             else:
@@ -263,21 +313,96 @@ class SessionCore:
 
     # ---- bytes in -----------------------------------------------------------------------------
 
+    def _allowance(self, now: float) -> float:
+        """Bytes the decoder may take now: inf without backpressure, else by the tokens."""
+        tokens = self._rate.refill(now)
+        if not self._backpressure:
+            return math.inf
+        if tokens < 1.0:
+            return 0
+        n = int(tokens) * self._min_frame
+        return n if n > self._max_frame else self._max_frame
+
+    def _pump(self, now: float, events: list[SessionEvent]) -> None:
+        """Feed the inbox to the decoder as far as the rate and the HELLO budget allow."""
+        inbox = self._inbox
+        while inbox and self.state is not SessionState.CLOSED:
+            n = self._allowance(now)
+            budget = self._budget_bytes
+            if budget is not None:
+                if budget <= 0:
+                    self._over_budget(events)
+                    break
+                if budget < n:
+                    n = budget
+                self._budget_bytes = budget - int(min(n, len(inbox)))
+            if n <= 0:
+                break  # over the rate: wait for tokens
+            if n >= len(inbox):
+                chunk = bytes(inbox)
+                inbox.clear()
+                at: float | None = now
+            else:
+                cut = int(n)
+                chunk = bytes(inbox[:cut])
+                del inbox[:cut]
+                # Not the end of what arrived: a partial frame now held is completed by
+                # the next slice, so it must not start a frame timeout.
+                at = None
+            self._feed(self.decoder.feed(chunk, at), now, events)
+        if self.state is SessionState.CLOSED:
+            inbox.clear()
+        throttled = bool(inbox)
+        if throttled and not self.throttled:
+            self.counters.throttled += 1
+        self.throttled = throttled
+
+    def _over_budget(self, events: list[SessionEvent]) -> None:
+        config = self.config
+        self.logs.warning(
+            "hello_budget",
+            "closing %s link %s: over the pre-HELLO budget (%d bytes, %d frames)",
+            self.policy.transport,
+            self.peer,
+            config.hello_budget_bytes,
+            config.hello_budget_frames,
+        )
+        self._close(
+            CloseReason.HELLO_BUDGET,
+            ErrorCode.NOT_REGISTERED,
+            f"over {config.hello_budget_bytes} bytes or {config.hello_budget_frames} frames "
+            "before HELLO",
+            events,
+        )
+
     def _feed(self, items: list[DecoderEvent], now: float, events: list[SessionEvent]) -> None:
         counters = self.counters
+        rate = self._rate
+        drop = not self._backpressure
         for item in items:
             if self.state is SessionState.CLOSED:
                 return
             if isinstance(item, Frame):
                 counters.frames_in += 1
-                self._on_payload(item.payload, now, events)
+                payload = item.payload
+                if self._budget_bytes is not None:
+                    self._budget_frames -= 1
+                    if self._budget_frames < 0:
+                        self._over_budget(events)
+                        return
+                if rate.tokens >= 1.0:
+                    rate.tokens -= 1.0
+                elif not drop:
+                    # In debt: the inbox holds what follows until the debt is paid.
+                    rate.tokens -= 1.0
+                elif not payload or payload[0] != _ACK:
+                    self._rate_limited(now)  # serial: dropped, but never an ACK
+                    continue
+                self._on_payload(payload, now, events)
             else:
                 self._on_discard(item, now, events)
 
     def _on_payload(self, payload: bytes, now: float, events: list[SessionEvent]) -> None:
-        if not self._bucket.take(now):
-            self._rate_limited(now)
-            return
         try:
             message = decode_message(payload)
         except RemoteProtocolError as e:
@@ -295,7 +420,7 @@ class SessionCore:
     def _before_hello(self, message: Message, now: float, events: list[SessionEvent]) -> None:
         fixed = self.policy.fixed_identity
         if isinstance(message, Hello):
-            self._on_hello(message, events)
+            self._on_hello(message, now, events)
         elif fixed is not None:
             # A link with a fixed identity is online from its first valid frame.
             if self._go_online(fixed[0], fixed[1], None, events):
@@ -317,7 +442,7 @@ class SessionCore:
             else:
                 events.append(CommandDone(message.seq, result))
         elif isinstance(message, Hello):
-            self._on_hello(message, events)
+            self._on_hello(message, now, events)
         elif isinstance(message, Pong):
             pass  # liveness only
         elif isinstance(message, Error):
@@ -359,7 +484,8 @@ class SessionCore:
             self._garbage_bytes >= config.garbage_bytes
             or self._garbage_crc >= config.garbage_crc_errors
         ):
-            log.warning(
+            self.logs.warning(
+                "garbage",
                 "closing %s link %s: mostly garbage (%d bytes discarded, %d CRC errors in %g s)",
                 self.policy.transport,
                 self.peer,
@@ -376,24 +502,63 @@ class SessionCore:
             self._rate_error_at = now  # one ERROR a second, not one per dropped frame
             self._send_error(
                 ErrorCode.RATE_LIMITED,
-                f"over {self._bucket.rate:g} frames/s: frames dropped",
+                f"over {self._rate.rate:g} frames/s: frames dropped",
             )
 
     # ---- the session --------------------------------------------------------------------------
 
-    def _on_hello(self, hello: Hello, events: list[SessionEvent]) -> None:
+    def _on_hello(self, hello: Hello, now: float, events: list[SessionEvent]) -> None:
         fixed = self.policy.fixed_identity
         if fixed is not None:
             client_id, protocol = fixed  # trusted as wired: no token asked
         else:
             client_id, protocol = hello.client_id, hello.protocol
-            if not self.config.auth.allows(client_id, hello.token):
-                log.warning("device %s on %s: wrong token", client_id, self.peer)
+            auth = self.config.auth
+            if auth.expected(client_id) is None:
+                if not self.policy.allow_anonymous:
+                    self.logs.warning(
+                        "auth",
+                        "device %s on %s: no device token configured for it, and this "
+                        "device port is not loopback (devices.allow_anonymous)",
+                        client_id,
+                        self.peer,
+                    )
+                    self.totals.refused_anonymous += 1
+                    self._close(
+                        CloseReason.AUTH_FAILED,
+                        ErrorCode.AUTH_FAILED,
+                        "this device port needs a device token",
+                        events,
+                    )
+                    return
+            elif not auth.allows(client_id, hello.token):
+                self.logs.warning("auth", "device %s on %s: wrong token", client_id, self.peer)
                 self.totals.auth_failed += 1
                 self._close(
                     CloseReason.AUTH_FAILED, ErrorCode.AUTH_FAILED, "wrong device token", events
                 )
                 return
+        info = self.info
+        if info is not None and client_id != info.client_id and not self._may_change_id(now):
+            config = self.config
+            self.totals.refused_client_id_changes += 1
+            self.logs.warning(
+                "refused",
+                "closing %s link %s: HELLO as %s, its client_id changed %d times within %g s",
+                self.policy.transport,
+                self.peer,
+                client_id,
+                self._changes,
+                config.churn_window,
+            )
+            self._close(
+                CloseReason.REFUSED,
+                ErrorCode.RATE_LIMITED,
+                f"client_id changed too often on this link: max_client_id_changes="
+                f"{config.max_client_id_changes} per {config.churn_window:g} s",
+                events,
+            )
+            return
         if self.state is SessionState.ONLINE:
             if client_id == self._client_id and self.session_id is not None:
                 # A repeated HELLO on a live session: answer it again, same session.
@@ -401,6 +566,16 @@ class SessionCore:
                 return
             self._end_session(CloseReason.REHELLO, NEW_HELLO, events)
         self._go_online(client_id, protocol, hello.seq, events)
+
+    def _may_change_id(self, now: float) -> bool:
+        """Count one client_id change on this link; False when over the bound."""
+        if now - self._changes_since >= self.config.churn_window:
+            self._changes_since = now
+            self._changes = 0
+        if self._changes >= self.config.max_client_id_changes:
+            return False
+        self._changes += 1
+        return True
 
     def _go_online(
         self, client_id: str, protocol: str, hello_seq: int | None, events: list[SessionEvent]
@@ -425,6 +600,7 @@ class SessionCore:
         self._protocol = protocol
         self._decode_data = get_protocol(protocol).decode_data
         self._hello_at = None
+        self._budget_bytes = None  # the budget is for links that have not said who they are
         if hello_seq is not None:
             self._send(Welcome(hello_seq, session_id, self.config.heartbeat))
         events.append(DeviceOnline(info))
@@ -451,6 +627,8 @@ class SessionCore:
         was_online = self.state is SessionState.ONLINE
         self.state = SessionState.CLOSED
         self._hello_at = None
+        self._inbox.clear()  # nothing more is read from a closed link
+        self.throttled = False
         self._fail_commands(LINK_LOST, events)
         if was_online:
             assert self.info is not None

@@ -27,7 +27,8 @@ class LinkCounters:
     crc_errors: int = 0
     skipped_bytes: int = 0
     frame_timeouts: int = 0
-    rate_limited: int = 0  # device frames dropped by the rate limit
+    rate_limited: int = 0  # device frames dropped by the rate limit (serial)
+    throttled: int = 0  # times reading stopped for the rate limit (TCP backpressure)
     errors_sent: int = 0
     reconnects: int = 0
 
@@ -52,6 +53,11 @@ class DeviceCounters:
     garbage_closed: int = 0  # TCP links closed by the garbage rule
     refused_connections: int = 0  # TCP connections refused at max_connections
     refused_max_devices: int = 0  # HELLOs refused at max_devices
+    refused_takeovers: int = 0  # HELLOs refused at max_takeovers
+    refused_client_id_changes: int = 0  # HELLOs refused at max_client_id_changes
+    refused_anonymous: int = 0  # HELLOs with no token on a port that needs one
+    commands_not_reading: int = 0  # commands not written: no room on the link in time
+    commands_no_slot: int = 0  # commands not written: no in-flight slot in time
 
     def link_closed(self, reason: CloseReason) -> None:
         """Count one link closed for ``reason``."""

@@ -60,10 +60,11 @@ class CloseReason(enum.StrEnum):
     """
 
     HELLO_TIMEOUT = "hello_timeout"  # no valid HELLO in time (TCP)
+    HELLO_BUDGET = "hello_budget"  # too many bytes or frames before a HELLO (TCP)
     SILENT = "silent"  # nothing heard for misses x heartbeat
     GARBAGE = "garbage"  # mostly garbage within the garbage window (TCP)
     AUTH_FAILED = "auth_failed"  # a HELLO with the wrong token
-    REFUSED = "refused"  # a HELLO beyond max_devices
+    REFUSED = "refused"  # a HELLO beyond max_devices, max_takeovers, max_client_id_changes
     REPLACED = "replaced"  # a newer link said HELLO as the same client_id
     NOT_READING = "not_reading"  # the device left max_write_buffer unread
     CLOSED = "closed"  # the device closed the link
@@ -127,7 +128,8 @@ class CommandResult:
     """Final status of a command.
 
     ``code`` is the device's status byte for NACKED; ``error`` says why for a
-    TIMEOUT that no ACK can end any more ("link lost", "device went silent").
+    TIMEOUT that no ACK can end any more ("link lost", "device went silent"), or
+    that was never written ("device not reading").
     """
 
     status: CommandStatus
@@ -137,7 +139,11 @@ class CommandResult:
 
 @dataclass(slots=True)
 class CommandHandle:
-    """A command written to a device; ``result`` resolves to ACKED, NACKED or TIMEOUT."""
+    """A command written to a device; ``result`` resolves to ACKED, NACKED or TIMEOUT.
+
+    ``seq`` is the COMMAND's seq, or -1 for a command that could not be written
+    within the command timeout (its ``result`` is already a TIMEOUT saying why).
+    """
 
     client_id: str
     seq: int

@@ -1,15 +1,23 @@
 """The device side's registry: which session speaks for which client_id.
 
 It enforces takeover (a second HELLO for an online client_id replaces the older
-session, as MQTT does, docs/protocol.md §4) and the device limit, forwards
-events to the hub's sink, keeps the counters ``/metrics`` reads, and is where
-the hub sends commands: ``send_command(client_id, body)``. Sessions reach it
-through the ``SessionHost`` interface, so it imports no session code.
+session, as MQTT does, docs/protocol.md §4), bounded: at most
+``max_takeovers`` of one client_id within ``churn_window``, beyond which a
+HELLO for it is refused (RATE_LIMITED, closed) until the window ends, so two
+links fighting over one client_id cannot spin the gateway; and the device
+limit. It forwards events to the hub's sink, keeps the counters ``/metrics``
+reads, bounds the log lines peers cause (``LogLimiter``; a takeover storm is
+one line when it starts and one summary per window), and is where the hub
+sends commands: ``send_command(client_id, body)``. Sessions reach it through
+the ``SessionHost`` interface, so it imports no session code.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from frames import ErrorCode
 
@@ -27,20 +35,42 @@ from .events import (
     DeviceOnline,
     DeviceTelemetry,
 )
+from .logs import LogLimiter
 from .ports import ManagedSession
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Churn:
+    """Takeovers of one client_id within one window (from ``since``)."""
+
+    since: float
+    takeovers: int = 0
+    refused: int = 0
+
+
 class DeviceManager:
     """All device sessions of one gateway, and the seam to the hub (a ``SessionHost``)."""
 
-    def __init__(self, sink: DeviceEventSink, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        sink: DeviceEventSink,
+        config: SessionConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sink = sink
-        self.config = config or SessionConfig()
+        self.config = config = config or SessionConfig()
         self.online: dict[str, ManagedSession] = {}
         self.links: set[ManagedSession] = set()
         self.counters = DeviceCounters()
+        self.logs = LogLimiter(log, config.max_log_lines, config.log_window, clock)
+        self._clock = clock
+        # Takeovers per client_id in the current window, oldest window first, so that
+        # ended windows are forgotten from the front: bounded by the takeovers of one
+        # window, never by every client_id ever taken over.
+        self._churn: dict[str, _Churn] = {}
         # Traffic of links already closed, so that totals stay monotonic.
         self.closed_totals = LinkCounters()
         # Counters that outlive a link: one set per serial port, across reopenings.
@@ -71,35 +101,104 @@ class DeviceManager:
         client_id = info.client_id
         older = self.online.get(client_id)
         if older is not None and older is not session:
-            log.info(
-                "device %s: new session from %s replaces the older one",
-                client_id,
-                session.link.peer,
-            )
-            self.counters.replaced += 1
-            older.close(
-                CloseReason.REPLACED, ErrorCode.REPLACED, "another link logged in as this device"
-            )
-            return None
+            return self._take_over(client_id, session, older)
         # A link saying HELLO as another client_id gives up the one it had.
         own = session.info
         present = len(self.online) - (own is not None and self.online.get(own.client_id) is session)
         if present >= self.config.max_devices:
             self.counters.refused_max_devices += 1
-            log.warning("refusing device %s: %d devices online (max_devices)", client_id, present)
+            self.logs.warning(
+                "refused", "refusing device %s: %d devices online (max_devices)", client_id, present
+            )
             return f"gateway full: max_devices={self.config.max_devices}"
         # The hub's say (it bounds the devices it knows); a sink without one admits all.
         if isinstance(self.sink, DeviceAdmission):
             return self.sink.admit_device(client_id)
         return None
 
+    def _take_over(
+        self, client_id: str, session: ManagedSession, older: ManagedSession
+    ) -> str | None:
+        config = self.config
+        churn = self._churn_of(client_id)
+        if churn.takeovers >= config.max_takeovers:
+            churn.refused += 1
+            self.counters.refused_takeovers += 1
+            if churn.refused == 1:  # once per window, not once per refused HELLO
+                self.logs.warning(
+                    "takeovers",
+                    "device %s: taken over %d times within %g s (two devices with one "
+                    "client_id?); refusing HELLOs for it for the rest of the window",
+                    client_id,
+                    churn.takeovers,
+                    config.churn_window,
+                )
+            return (
+                f"client_id {client_id} taken over too often: "
+                f"max_takeovers={config.max_takeovers} per {config.churn_window:g} s"
+            )
+        churn.takeovers += 1
+        if churn.takeovers == 1:
+            self.logs.info(
+                "takeovers",
+                "device %s: new session from %s replaces the older one",
+                client_id,
+                session.link.peer,
+            )
+        self.counters.replaced += 1
+        older.close(
+            CloseReason.REPLACED, ErrorCode.REPLACED, "another link logged in as this device"
+        )
+        return None
+
+    def _churn_of(self, client_id: str) -> _Churn:
+        """The takeover window of ``client_id``, after forgetting (and summing up) ended ones."""
+        now = self._clock()
+        window = self.config.churn_window
+        churn = self._churn
+        while churn:
+            oldest_id = next(iter(churn))
+            oldest = churn[oldest_id]
+            if now - oldest.since < window:
+                break
+            del churn[oldest_id]
+            if oldest.takeovers > 1 or oldest.refused:
+                self.logs.warning(
+                    "takeovers",
+                    "device %s: %d takeovers and %d refused HELLOs in %g s",
+                    oldest_id,
+                    oldest.takeovers,
+                    oldest.refused,
+                    window,
+                )
+        record = churn.get(client_id)
+        if record is None:
+            record = churn[client_id] = _Churn(now)
+        return record
+
+    def _quiet(self, client_id: str) -> bool:
+        """True while ``client_id`` is being taken over again and again: its online and
+        offline lines are left to the window's summary."""
+        record = self._churn.get(client_id)
+        return (
+            record is not None
+            and record.takeovers > 1
+            and self._clock() - record.since < self.config.churn_window
+        )
+
     def session_started(self, session: ManagedSession, event: DeviceOnline) -> None:
         """The session is online; tell the hub."""
         info = event.info
         self.online[info.client_id] = session
-        log.info(
-            "device %s online (%s, %s %s)", info.client_id, info.protocol, info.transport, info.peer
-        )
+        if not self._quiet(info.client_id):
+            self.logs.info(
+                "sessions",
+                "device %s online (%s, %s %s)",
+                info.client_id,
+                info.protocol,
+                info.transport,
+                info.peer,
+            )
         self._emit(event)
 
     def session_ended(self, session: ManagedSession, event: DeviceOffline) -> None:
@@ -107,7 +206,8 @@ class DeviceManager:
         client_id = event.info.client_id
         if self.online.get(client_id) is session:
             del self.online[client_id]
-        log.info("device %s offline (%s)", client_id, event.reason)
+        if not self._quiet(client_id):
+            self.logs.info("sessions", "device %s offline (%s)", client_id, event.reason)
         self._emit(event)
 
     def telemetry(self, event: DeviceTelemetry) -> None:
@@ -135,7 +235,9 @@ class DeviceManager:
 
         The handle's ``result`` future resolves to acked, nacked or timeout
         (with ``error`` "link lost" when the link went before the ACK).
-        Raises ``DeviceNotOnline`` when the device has no live session.
+        Raises ``DeviceNotOnline`` when the device has no live session. Never
+        waits longer than ``ack_timeout``: a command that cannot be written by
+        then resolves at once as TIMEOUT ("device not reading").
         """
         session = self.online.get(client_id)
         if session is None:

@@ -4,8 +4,11 @@ The session rules of docs/protocol.md §4 are the same on every link except
 for a few, which docs/devices.md spells out: a TCP device must say HELLO in
 time, a TCP link is closed for garbage and for silence, while a serial line
 is never closed for noise, goes back to waiting after silence, and may have a
-fixed identity. ``LinkPolicy`` carries those differences (and the link's
-framing) into the session core, which never asks which transport it is on.
+fixed identity. A TCP device over its frame rate is slowed by not being read
+(backpressure), a serial one has its extra frames dropped; a TCP link has a
+small budget before its HELLO; a TCP port that is not loopback may refuse
+devices without a token. ``LinkPolicy`` carries those differences (and the
+link's framing) into the session core, which never asks which transport it is on.
 """
 
 from __future__ import annotations
@@ -30,10 +33,23 @@ class LinkPolicy:
     silence_closes: bool  # silence closes the link (else the session waits for HELLO)
     fixed_identity: tuple[str, str] | None = None  # (client_id, protocol): no HELLO needed
     frame: FrameOptions = field(default_factory=FrameOptions)
+    # Over the frame rate: stop reading (True) or drop frames with RATE_LIMITED (False).
+    backpressure: bool = False
+    # SessionConfig.hello_budget_bytes and _frames bound what comes before the HELLO.
+    hello_budget: bool = False
+    # A device with no token configured for it may say HELLO (docs/protocol.md §4).
+    allow_anonymous: bool = True
 
     @classmethod
-    def tcp(cls, config: SessionConfig, frame: FrameOptions | None = None) -> LinkPolicy:
-        """A TCP connection: HELLO in time, closed for garbage and for silence."""
+    def tcp(
+        cls,
+        config: SessionConfig,
+        frame: FrameOptions | None = None,
+        *,
+        allow_anonymous: bool = True,
+    ) -> LinkPolicy:
+        """A TCP connection: HELLO in time and within budget, closed for garbage and for
+        silence, slowed by backpressure. ``allow_anonymous`` is the device port's rule."""
         return cls(
             transport=Transport.TCP,
             frame_timeout=config.frame_timeout,
@@ -41,11 +57,15 @@ class LinkPolicy:
             garbage_closes=True,
             silence_closes=True,
             frame=frame or FrameOptions(),
+            backpressure=True,
+            hello_budget=True,
+            allow_anonymous=allow_anonymous,
         )
 
     @classmethod
     def serial(cls, config: SessionConfig, port: SerialPortConfig | None = None) -> LinkPolicy:
-        """A serial port: never closed for noise or silence, maybe a fixed identity."""
+        """A serial port: never closed for noise or silence, frames over the rate dropped,
+        maybe a fixed identity."""
         fixed = None
         if port is not None and port.client_id is not None and port.protocol is not None:
             fixed = (port.client_id, port.protocol)

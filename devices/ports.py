@@ -8,7 +8,7 @@ stand in for either side with a few lines.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from frames import ErrorCode
 
@@ -23,6 +23,7 @@ from .events import (
     DeviceTelemetry,
     Transport,
 )
+from .logs import LogLimiter
 
 
 class LinkPort(Protocol):
@@ -35,13 +36,28 @@ class LinkPort(Protocol):
         """Write bytes (dropped once the link is closing)."""
 
     async def drain(self) -> None:
-        """Until the link's write buffer has room again."""
+        """Until the link's write buffer has room again, or the link is gone (never raises)."""
 
     def write_buffer_size(self) -> int:
         """Bytes written and not yet taken by the OS."""
 
     def close(self) -> None:
         """Close the link; the link reports the loss to its session."""
+
+
+@runtime_checkable
+class ReadFlow(Protocol):
+    """A link that can stop reading: what backpressure on a device's frame rate needs.
+
+    A TCP connection is one; a link without it has its frames over the rate
+    dropped instead (docs/protocol.md §4).
+    """
+
+    def pause_reading(self) -> None:
+        """Stop taking bytes from the peer (they wait in the OS, then in the peer)."""
+
+    def resume_reading(self) -> None:
+        """Take bytes from the peer again."""
 
 
 class ManagedSession(Protocol):
@@ -80,6 +96,10 @@ class SessionHost(Protocol):
     @property
     def counters(self) -> DeviceCounters:
         """The gateway-wide counters sessions add to."""
+
+    @property
+    def logs(self) -> LogLimiter:
+        """The bound on log lines that peers cause, shared by every session."""
 
     def link_opened(self, session: ManagedSession) -> None:
         """A link has a session."""

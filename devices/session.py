@@ -7,11 +7,19 @@ core's events to the registry (``SessionHost``), and maps command results onto
 futures. It arms a single timer at the core's next deadline; a frame only
 moves the silence deadline later, so the timer is not touched per frame: it
 fires at the older deadline, finds nothing to do, and is armed again.
+
+Backpressure both ways. In: when the core holds bytes over the device's rate
+(``core.throttled``) the adapter stops reading the link (``ReadFlow``) until
+the timer, armed at the core's deadline, lets the core catch up. Out: a
+command waits for an in-flight slot and for room on the link, both bounded by
+``ack_timeout``; one that cannot be written in time fails alone (TIMEOUT,
+"device not reading"), and a lost link never raises out of ``send_command``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +34,7 @@ from .events import (
     CloseReason,
     CommandHandle,
     CommandResult,
+    CommandStatus,
     DeviceInfo,
     DeviceNotOnline,
     DeviceOffline,
@@ -33,13 +42,16 @@ from .events import (
     DeviceTelemetry,
 )
 from .policy import LinkPolicy
-from .ports import LinkPort, SessionHost
+from .ports import LinkPort, ReadFlow, SessionHost
 
 log = logging.getLogger(__name__)
 
 # The timer fires this long after a deadline so that the core, which times a
 # partial frame out only strictly after its deadline, sees it as passed.
 TIMER_SLACK: Final = 0.001
+
+# The ``error`` of a command that could not be written within the command timeout.
+NOT_READING: Final = "device not reading"
 
 
 def wall_ms() -> int:
@@ -52,7 +64,9 @@ class DeviceSession:
 
     ``policy`` says which rules the link follows (default: those of
     ``link.kind``); ``counters``, when given, outlive the link (a serial port
-    keeps one set across reopenings), else the session has its own.
+    keeps one set across reopenings), else the session has its own. A link
+    that cannot stop reading (no ``ReadFlow``) gets no backpressure: frames
+    over the rate are dropped on it, as on serial.
     """
 
     def __init__(
@@ -69,9 +83,15 @@ class DeviceSession:
         self._loop = asyncio.get_running_loop()
         config = host.config
         self._max_write_buffer = config.max_write_buffer
+        self._ack_timeout = config.ack_timeout
+        policy = policy or LinkPolicy.for_transport(link.kind, config)
+        self._flow = link if isinstance(link, ReadFlow) else None
+        if self._flow is None and policy.backpressure:
+            policy = dataclasses.replace(policy, backpressure=False)
+        self._reading_paused = False
         self.core = SessionCore(
             config,
-            policy or LinkPolicy.for_transport(link.kind, config),
+            policy,
             now=self._loop.time(),
             peer=link.peer,
             wall_ms=wall_ms,
@@ -79,12 +99,15 @@ class DeviceSession:
             admit=self._admit,
             counters=counters,
             totals=host.counters,
+            logs=host.logs,
         )
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # the deadline the timer is armed for
         self._results: dict[int, asyncio.Future[CommandResult]] = {}
         # Waiting room for commands: one slot per command the core may have in flight.
         self._slots = asyncio.Semaphore(config.max_inflight_commands)
+        self._awaiting_room = 0  # commands with a slot, waiting for room on the link
+        self._not_reading_at = -math.inf  # when a command last failed for want of room
         self._link_gone = False  # the link closed by itself: nothing to close
         self._finished = False  # the registry has been told the link is closed
 
@@ -116,6 +139,8 @@ class DeviceSession:
         """Bytes from the link, in any chunks."""
         core = self.core
         self._handle(core.receive_data(data, self._loop.time()))
+        if core.throttled is not self._reading_paused:
+            self._follow_throttle()
         deadline = core.deadline
         if deadline is not None and deadline < self._timer_at:
             self._arm(deadline)
@@ -132,27 +157,69 @@ class DeviceSession:
     # ---- commands -------------------------------------------------------------------------------
 
     async def send_command(self, body: bytes) -> CommandHandle:
-        """Write a COMMAND (waiting for a slot and for room: backpressure); return its handle.
+        """Write a COMMAND once there is a slot and room on the link; return its handle.
 
-        The handle's ``result`` resolves to ACKED, NACKED or TIMEOUT. Raises
-        ``DeviceNotOnline`` if the session is not (or no longer) online.
+        Both waits together last at most ``ack_timeout``: a command that cannot
+        be written by then is not written at all, and its handle (seq -1) is
+        already a TIMEOUT, with error "device not reading" or naming the full
+        slots. Otherwise the handle's ``result`` resolves to ACKED, NACKED or
+        TIMEOUT. Raises ``DeviceNotOnline`` if the session is not (or no longer)
+        online before the COMMAND is written; never ``ConnectionError``.
         """
         core = self.core
         if core.state is not SessionState.ONLINE:
             raise DeviceNotOnline(self._name())
-        await self._slots.acquire()
+        loop = self._loop
+        deadline = loop.time() + self._ack_timeout
         try:
-            seq = core.send_command(body, self._loop.time())
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            if self._awaiting_room or loop.time() - self._not_reading_at <= self._ack_timeout:
+                # The slots were held by commands waiting for the device to read.
+                return self._not_reading()
+            self.host.counters.commands_no_slot += 1
+            n = self.host.config.max_inflight_commands
+            return self._not_written(f"{n} commands awaited their ACK for all of ack_timeout")
+        try:
+            try:
+                # Room first, then write: a COMMAND is never left behind in a full buffer.
+                self._awaiting_room += 1
+                async with asyncio.timeout_at(deadline):
+                    await self.link.drain()
+            except TimeoutError:
+                self._slots.release()
+                return self._not_reading()
+            finally:
+                self._awaiting_room -= 1
+            # Raises DeviceNotOnline when the link went while this command waited.
+            seq = core.send_command(body, loop.time())
         except BaseException:
             self._slots.release()
             raise
         assert core.info is not None
-        future: asyncio.Future[CommandResult] = self._loop.create_future()
+        future: asyncio.Future[CommandResult] = loop.create_future()
         self._results[seq] = future
         self._handle(())
         self._rearm()
-        await self.link.drain()
         return CommandHandle(core.info.client_id, seq, future)
+
+    def _not_reading(self) -> CommandHandle:
+        self._not_reading_at = self._loop.time()
+        self.host.counters.commands_not_reading += 1
+        self.host.logs.warning(
+            "not_reading",
+            "device %s: a command could not be written within %g s: device not reading",
+            self._name(),
+            self._ack_timeout,
+        )
+        return self._not_written(NOT_READING)
+
+    def _not_written(self, error: str) -> CommandHandle:
+        """The handle of a command given up before it was written: already a TIMEOUT."""
+        future: asyncio.Future[CommandResult] = self._loop.create_future()
+        future.set_result(CommandResult(CommandStatus.TIMEOUT, error=error))
+        return CommandHandle(self._name(), -1, future)
 
     # ---- events and bytes out -------------------------------------------------------------------
 
@@ -177,7 +244,9 @@ class DeviceSession:
             and self.link.write_buffer_size() > self._max_write_buffer
             and self.core.state is not SessionState.CLOSED
         ):
-            log.warning("closing link %s: the device does not read", self.link.peer)
+            self.host.logs.warning(
+                "not_reading", "closing link %s: the device does not read", self.link.peer
+            )
             self.close(CloseReason.NOT_READING)
 
     def _command_done(self, event: CommandDone) -> None:
@@ -187,6 +256,7 @@ class DeviceSession:
         self._slots.release()
 
     def _close_link(self) -> None:
+        self._reading_paused = False  # nothing more to read: no resume either
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -216,8 +286,23 @@ class DeviceSession:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = math.inf
-        self._handle(self.core.expire(self._loop.time()))
+        core = self.core
+        self._handle(core.expire(self._loop.time()))
+        if core.throttled is not self._reading_paused:
+            self._follow_throttle()
         self._rearm()
+
+    def _follow_throttle(self) -> None:
+        """Stop or resume reading the link as the core's rate limit says."""
+        flow = self._flow
+        paused = self.core.throttled
+        if flow is None or self.core.state is SessionState.CLOSED:
+            return
+        self._reading_paused = paused
+        if paused:
+            flow.pause_reading()
+        else:
+            flow.resume_reading()
 
     def _name(self) -> str:
         info = self.core.info

@@ -3,12 +3,21 @@
 asyncio's Protocol API (callbacks, no task per connection) is used rather than
 streams: at tens of thousands of small frames per second a coroutine and a
 ``StreamReader`` per connection cost CPU the gateway can spend on routing.
+The connection is the session's ``ReadFlow`` too: a device over its frame rate
+is not read from for a while (docs/protocol.md §4).
+
+Anonymous devices (docs/protocol.md §4): a port that listens on an address
+other than loopback refuses a HELLO for which no device token is configured,
+unless ``allow_anonymous`` is set. The rule is decided from the addresses
+actually bound, once, and logged at start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+from collections.abc import Iterable
 from typing import Any, cast
 
 from frames import FrameOptions
@@ -57,7 +66,7 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.resume(exc)
+        self.resume()
         self.server.connections.discard(self)
         if self._session is not None:
             self._session.link_lost(CloseReason.CLOSED if exc is None else CloseReason.LOST)
@@ -73,6 +82,23 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
 
     def resume_writing(self) -> None:
         self.resume()
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8 and ::1 (also IPv4-mapped); False for a wildcard or a name."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def anonymous_allowed(addresses: Iterable[str], allow_anonymous: bool) -> bool:
+    """Whether a port bound to ``addresses`` takes devices with no token configured."""
+    bound = list(addresses)
+    return allow_anonymous or (bool(bound) and all(is_loopback(a) for a in bound))
 
 
 class DeviceServer:
@@ -92,7 +118,8 @@ class DeviceServer:
         self.host = host
         self.port = port
         self.frame_options = frame_options or FrameOptions()
-        self.policy = LinkPolicy.tcp(manager.config, self.frame_options)
+        # Until start() knows the addresses bound: refuse anonymous devices, the safe side.
+        self.policy = LinkPolicy.tcp(manager.config, self.frame_options, allow_anonymous=False)
         self.max_connections = max_connections
         self.backlog = backlog
         # This port's open connections: what max_connections bounds and close() ends.
@@ -103,9 +130,41 @@ class DeviceServer:
         """Start listening; ``port`` 0 lets the system choose (see ``address``)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _DeviceConnection(self), self.host, self.port, backlog=self.backlog
+            lambda: _DeviceConnection(self),
+            self.host,
+            self.port,
+            backlog=self.backlog,
+            start_serving=False,  # the policy depends on the addresses bound: decide first
         )
-        log.info("listening for devices on %s:%d", *self.address)
+        config = self.manager.config
+        bound = [str(s.getsockname()[0]) for s in self._server.sockets]
+        anonymous = anonymous_allowed(bound, config.allow_anonymous)
+        self.policy = LinkPolicy.tcp(config, self.frame_options, allow_anonymous=anonymous)
+        host, port = self.address
+        log.info("listening for devices on %s:%d", host, port)
+        self._log_rule(host, port, anonymous, loopback=anonymous_allowed(bound, False))
+        await self._server.start_serving()
+
+    def _log_rule(self, host: str, port: int, anonymous: bool, *, loopback: bool) -> None:
+        """Say at start which rule applies to devices without a token (docs/devices.md)."""
+        config = self.manager.config
+        where = f"device port {host}:{port}"
+        if config.token is not None:
+            log.info("%s: every device needs a device token", where)
+        elif loopback:
+            log.info("%s is loopback only: devices without a token are accepted", where)
+        elif anonymous:
+            log.warning(
+                "%s is not loopback and devices without a token are accepted "
+                "(devices.allow_anonymous = true)",
+                where,
+            )
+        else:
+            log.warning(
+                "%s is not loopback: devices without a token are refused with AUTH_FAILED; "
+                "configure device tokens, or set devices.allow_anonymous = true",
+                where,
+            )
 
     @property
     def address(self) -> tuple[str, int]:

@@ -225,8 +225,10 @@ def test_unknown_type_and_malformed_keep_the_link() -> None:
     assert b.core.counters.errors_sent == 7
 
 
-def test_rate_limit_is_a_token_bucket_with_one_error_a_second() -> None:
-    b = Bench(max_frames_per_second=5, rate_burst=5)
+def test_serial_rate_limit_drops_with_one_error_a_second() -> None:
+    # Serial has no flow control: over the rate, frames are dropped and counted
+    # (TCP slows the device down instead: test_core_limits.py).
+    b = Bench("serial", max_frames_per_second=5, rate_burst=5)
     b.hello()  # the HELLO took one token: 4 left
     events = b.feed(*[frames.Data(i, ENV_DATA) for i in range(10)])
     assert len(telemetry(events)) == 4

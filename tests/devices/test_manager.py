@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import frames
@@ -156,3 +158,100 @@ async def test_events_reach_the_hub_in_order() -> None:
     assert off.reason is CloseReason.LOST
     assert off.info.transport is Transport.TCP
     assert not manager.is_online("e")
+
+
+# ---- takeover storms and the log lines peers cause ---------------------------------------------
+
+
+class Clock:
+    """A monotonic clock for the registry that moves when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fight(manager: DeviceManager, client_id: str, rounds: int) -> list[FakeLink]:
+    """Links taking ``client_id`` over from each other, one new link per round."""
+    links = []
+    for i in range(rounds):
+        session, link = open_link(manager, f"p:{i}")
+        session.data_received(wire(frames.Hello(1, client_id, "env-sensor", "")))
+        links.append(link)
+    return links
+
+
+async def test_takeovers_of_one_client_id_are_bounded_per_window() -> None:
+    clock = Clock()
+    manager = DeviceManager(
+        Recorder(), SessionConfig(max_takeovers=3, churn_window=60.0), clock=clock
+    )
+    links = fight(manager, "dup", 6)  # one online, 3 takeovers, 2 refused
+    assert manager.counters.replaced == 3
+    assert manager.counters.refused_takeovers == 2
+    refused = links[4:]
+    for link in refused:
+        [error] = [m for m in link.take() if isinstance(m, frames.Error)]
+        assert error.code == ErrorCode.RATE_LIMITED
+        assert "max_takeovers=3" in error.reason
+        assert link.closed
+    # The last link admitted keeps the client_id: the storm stopped at it.
+    holder = links[3]
+    assert not holder.closed
+    assert manager.online["dup"].link is holder
+    assert manager.counters.links_closed == {CloseReason.REPLACED: 3, CloseReason.REFUSED: 2}
+    # Another client_id is not affected; and after the window, takeovers work again.
+    fight(manager, "other", 2)
+    assert manager.counters.replaced == 4
+    clock.now += 60.0
+    fight(manager, "dup", 1)
+    assert manager.counters.replaced == 5
+    assert manager.counters.refused_takeovers == 2
+
+
+async def test_a_takeover_storm_logs_a_few_lines_not_one_per_takeover(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="devices")
+    clock = Clock()
+    manager = DeviceManager(
+        Recorder(), SessionConfig(max_takeovers=50, churn_window=60.0), clock=clock
+    )
+    fight(manager, "storm", 500)
+    assert manager.counters.replaced == 50
+    assert manager.counters.refused_takeovers == 449
+    lines = [r.getMessage() for r in caplog.records if "storm" in r.getMessage()]
+    # The first online and takeover as usual, one warning when refusals start.
+    assert len(lines) <= 6, lines
+    assert any("refusing HELLOs for it" in line for line in lines)
+    # The window's summary comes with the next takeover after it.
+    caplog.clear()
+    clock.now += 61.0
+    fight(manager, "storm", 1)
+    summary = [r.getMessage() for r in caplog.records if "takeovers and" in r.getMessage()]
+    assert summary == ["device storm: 50 takeovers and 449 refused HELLOs in 60 s"]
+    assert len(manager._churn) == 1  # ended windows are forgotten
+
+
+async def test_log_lines_of_one_kind_are_bounded_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="devices")
+    clock = Clock()
+    manager = DeviceManager(
+        Recorder(), SessionConfig(max_log_lines=5, log_window=10.0, token="t"), clock=clock
+    )
+    for i in range(100):  # a reconnect loop with a wrong token
+        session, link = open_link(manager, f"p:{i}")
+        session.data_received(wire(frames.Hello(1, "intruder", "env-sensor", "bad")))
+        assert link.closed
+    assert manager.counters.auth_failed == 100
+    wrong = [r for r in caplog.records if "wrong token" in r.getMessage()]
+    assert len(wrong) == 5
+    assert manager.logs.suppressed == 95
+    clock.now += 10.0
+    session, _ = open_link(manager, "p:last")
+    session.data_received(wire(frames.Hello(1, "intruder", "env-sensor", "bad")))
+    assert any("95 more auth log lines" in r.getMessage() for r in caplog.records)

@@ -153,6 +153,38 @@ async def test_command_over_serial(ptys: list[Pty]) -> None:
         await link.stop()
 
 
+async def test_serial_over_the_rate_drops_and_counts_but_never_an_ack(ptys: list[Pty]) -> None:
+    # docs/protocol.md §4: a serial line cannot be slowed down, so frames over the rate
+    # are dropped, counted, and answered with RATE_LIMITED at most once a second.
+    pty = new_pty(ptys)
+    cfg = SerialPortConfig(pty.path, client_id="chatty", protocol="env-sensor", backoff=FAST)
+    link, sink = await start_link(cfg, max_frames_per_second=5, rate_burst=5)
+    try:
+        await asyncio.wait_for(link.opened.wait(), 10)
+        started = asyncio.get_running_loop().time()
+        pty.write(b"".join(encode(frames.Data(i, ENV_DATA)) for i in range(40)))
+        await wait_until(lambda: link.counters.rate_limited >= 25, "frames dropped and counted")
+        error = await pty.recv()
+        assert isinstance(error, frames.Error)
+        assert error.code == frames.ErrorCode.RATE_LIMITED
+        assert len(sink.telemetry("chatty")) < 15  # the burst of 5, and what 5/s refilled
+        # An ACK over the rate is still matched.
+        handle = await link.manager.send_command("chatty", b"\x02")
+        messages = [await pty.recv()]
+        while not isinstance(messages[-1], frames.Command):
+            messages.append(await pty.recv())
+        command = messages[-1]
+        pty.write(b"".join(encode(frames.Data(i, ENV_DATA)) for i in range(20)))
+        pty.send(frames.Ack(command.seq, 0))
+        assert (await asyncio.wait_for(handle.result, 10)).status is CommandStatus.ACKED
+        elapsed = asyncio.get_running_loop().time() - started
+        errors = 1 + sum(isinstance(m, frames.Error) for m in messages)
+        assert errors <= elapsed + 1  # at most one RATE_LIMITED a second
+        assert link.manager.is_online("chatty")  # dropped, never closed
+    finally:
+        await link.stop()
+
+
 async def test_silent_serial_device_goes_offline_and_the_port_stays_open(ptys: list[Pty]) -> None:
     pty = new_pty(ptys)
     cfg = SerialPortConfig(pty.path, client_id="quiet", protocol="env-sensor", backoff=FAST)

@@ -125,15 +125,62 @@ async def test_a_cancelled_future_still_frees_its_slot_on_the_ack() -> None:
     assert second.seq != first.seq
 
 
-async def test_send_command_waits_for_room_on_the_link() -> None:
+async def test_send_command_waits_for_room_then_writes() -> None:
     session, link, _ = online()
     link.room.clear()
     sending = asyncio.create_task(session.send_command(b"\x02"))
     await asyncio.sleep(0)
     assert not sending.done()
-    assert [type(m) for m in link.take()] == [frames.Command]  # written, then waiting
+    assert link.take() == []  # room first: nothing is left behind in a full buffer
     link.room.set()
-    await asyncio.wait_for(sending, 5)
+    handle = await asyncio.wait_for(sending, 5)
+    [command] = link.take()
+    assert isinstance(command, frames.Command)
+    assert command.seq == handle.seq
+
+
+async def test_a_command_that_cannot_be_written_in_time_fails_alone() -> None:
+    session, link, _ = online(ack_timeout=0.3, max_inflight_commands=1)
+    link.room.clear()  # the device stopped reading
+    started = time.monotonic()
+    handle = await asyncio.wait_for(session.send_command(b"\x02"), 5)
+    assert 0.25 <= time.monotonic() - started < 3.0  # bounded by the command timeout
+    assert handle.seq == -1
+    assert handle.result.done()
+    assert handle.result.result() == CommandResult(
+        CommandStatus.TIMEOUT, error="device not reading"
+    )
+    assert link.take() == []  # never written, so never delivered later
+    assert session.host.counters.commands_not_reading == 1
+    assert session.state is SessionState.ONLINE  # only the command failed
+    link.room.set()
+    # Its slot is free again: the next command goes out at once.
+    second = await asyncio.wait_for(session.send_command(b"\x03"), 1)
+    assert second.seq >= 0
+    assert [type(m) for m in link.take()] == [frames.Command]
+
+
+async def test_waiting_for_a_slot_is_bounded_too() -> None:
+    session, _, _ = online(ack_timeout=0.3, max_inflight_commands=1)
+    first = await session.send_command(b"\x02")  # never ACKed
+    started = time.monotonic()
+    second = await asyncio.wait_for(session.send_command(b"\x03"), 5)
+    # The first one's ACK timeout frees the slot within the second one's wait.
+    assert time.monotonic() - started < 3.0
+    assert (await asyncio.wait_for(first.result, 5)).status is CommandStatus.TIMEOUT
+    assert (await asyncio.wait_for(second.result, 5)).status is CommandStatus.TIMEOUT
+
+
+async def test_a_link_lost_while_a_command_waits_for_room_is_not_online() -> None:
+    session, link, _ = online()
+    link.room.clear()
+    sending = asyncio.create_task(session.send_command(b"\x02"))
+    await asyncio.sleep(0)
+    session.link_lost(CloseReason.LOST)
+    link.room.set()  # what a closing link's writer does for its waiters
+    with pytest.raises(DeviceNotOnline):
+        await asyncio.wait_for(sending, 5)
+    assert link.take() == []
 
 
 async def test_a_device_that_does_not_read_is_closed() -> None:
