@@ -264,3 +264,51 @@ async def test_since_beyond_64_bits(
     errors = [m for m in got if m["op"] == "error"]
     assert [(e["id"], e["code"]) for e in errors] == [("big", "bad_request")], got
     no_errors_logged(caplog)
+
+
+# Header-safe text (no CR, LF or NUL), commas and the token prefix likely.
+protocol_headers = st.lists(
+    st.one_of(
+        st.just("iot-gateway"),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=60).map(
+            lambda s: "token." + s
+        ),
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
+    ),
+    min_size=1,
+    max_size=8,
+).map(", ".join)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(header=protocol_headers)
+async def test_any_subprotocol_header_is_refused_or_served_never_echoing_a_token(
+    target: Target, caplog: pytest.LogCaptureFixture, header: str
+) -> None:
+    """docs/api.md §1: 101 with ``iot-gateway``, 400, or 401; never a 500, never a token echoed."""
+    resp = await target.client.get(
+        "/ws",
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol": header,
+        },
+    )
+    try:
+        assert resp.status in (101, 400, 401), (resp.status, header)
+        echoed = resp.headers.getall("Sec-WebSocket-Protocol", [])
+        assert echoed in ([], ["iot-gateway"]), echoed
+        if resp.status != 101:
+            assert (await resp.json())["code"] in ("bad_request", "unauthorized")
+    finally:
+        resp.close()
+    no_errors_logged(caplog)
+    # Nothing the client offered reaches the log, whatever the outcome.
+    assert not [r for r in caplog.records if "token." in r.getMessage()]
+    canary_flowed(target)
