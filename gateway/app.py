@@ -58,7 +58,7 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
     hub.attach(manager)
     server = DeviceServer(
         manager,
-        config.host,
+        config.host if config.device_host is None else config.device_host,
         config.device_port,
         frame_options=config.frame_options(),
         max_connections=config.devices.max_connections,
@@ -152,7 +152,14 @@ def _link_metrics(rt: Runtime) -> list[Any]:
             "iot_frame_timeouts", "Partial frames abandoned by the frame timeout", t.frame_timeouts
         ),
         counter(
-            "iot_rate_limited_frames", "Device frames dropped by the rate limit", t.rate_limited
+            "iot_rate_limited_frames",
+            "Device frames dropped by the rate limit (serial links)",
+            t.rate_limited,
+        ),
+        counter(
+            "iot_device_throttled",
+            "Times a TCP device over its rate was left unread for a while (backpressure)",
+            t.throttled,
         ),
         counter("iot_serial_reconnects", "Serial ports reopened after a loss", t.reconnects),
         counter(
@@ -167,6 +174,9 @@ def _link_metrics(rt: Runtime) -> list[Any]:
                 "max_connections": c.refused_connections,
                 "max_devices": c.refused_max_devices,
                 "max_known_devices": rt.hub.counters.refused_known_devices,
+                "max_takeovers": c.refused_takeovers,
+                "max_client_id_changes": c.refused_client_id_changes,
+                "anonymous": c.refused_anonymous,
             },
         ),
         counters(
@@ -186,6 +196,17 @@ def _link_metrics(rt: Runtime) -> list[Any]:
             "iot_device_replaced", "Links closed by a newer HELLO of the same device", c.replaced
         ),
         counter("iot_stray_acks", "ACKs from devices for no command in flight", c.stray_acks),
+        counters(
+            "iot_device_commands_not_written",
+            "Commands given up before they were written to their device, by reason",
+            "reason",
+            {"not_reading": c.commands_not_reading, "no_slot": c.commands_no_slot},
+        ),
+        counter(
+            "iot_device_log_lines_suppressed",
+            "Log lines caused by devices left out at devices.max_log_lines",
+            rt.manager.logs.suppressed,
+        ),
         gauge(
             "iot_http_connections",
             "Open HTTP connections (dashboards included)",

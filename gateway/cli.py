@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument(
+        "--device-host", metavar="HOST", help="address of the device port (default: --host)"
+    )
+    serve.add_argument(
         "--http-port", type=_port, help="dashboard and API port (default 8080; 0: any)"
     )
     serve.add_argument(
@@ -133,6 +136,7 @@ def config_from_args(
         source = args.config
     overrides: dict[str, Any] = {
         "host": args.host,
+        "device_host": args.device_host,
         "http_port": args.http_port,
         "device_port": args.device_port,
         "data_dir": args.data_dir,

@@ -124,6 +124,7 @@ class GatewayConfig:
     """Everything ``iot-gateway serve`` needs."""
 
     host: str = "127.0.0.1"
+    device_host: str | None = None  # the device port's address; None: the same as host
     http_port: int = 8080
     device_port: int = 7000
     data_dir: str = "./data"
