@@ -446,7 +446,9 @@ class SessionCore:
         elif isinstance(message, Pong):
             pass  # liveness only
         elif isinstance(message, Error):
-            log.debug("device %s sent ERROR %s", self._client_id, message)
+            self.logs.log(
+                "device_errors", logging.DEBUG, "device %s sent ERROR %s", self._client_id, message
+            )
         else:
             self._send_error(ErrorCode.UNKNOWN_TYPE, f"a device does not send {message.TYPE.name}")
 

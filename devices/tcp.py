@@ -51,7 +51,13 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         server = self.server
         if len(server.connections) >= server.max_connections:
             server.manager.counters.refused_connections += 1
-            log.debug("refusing %s: %d device connections", self.peer, server.max_connections)
+            server.manager.logs.log(
+                "refused",
+                logging.DEBUG,
+                "refusing %s: %d device connections",
+                self.peer,
+                server.max_connections,
+            )
             self.transport.abort()
             return
         server.connections.add(self)
