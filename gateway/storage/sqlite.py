@@ -141,6 +141,7 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         self._faults = FaultLog(log, f"{self.path}: storage batch")
         self._prune_faults = FaultLog(log, f"{self.path}: storage retention pass")
         self._drops = FaultLog(log, f"{self.path}: keeping every row")
+        self._dropped_at_bound = 0
         self._dropped_seen = 0
         self._after_commit = []
         # The offline queue's size, by device (writer thread only); None: count

@@ -138,7 +138,8 @@ class SQLiteWriter:
     _faults: FaultLog
     _prune_faults: FaultLog
     _drops: FaultLog  # rows dropped at max_pending_rows
-    _dropped_seen: int
+    _dropped_at_bound: int  # those rows (under _cond)
+    _dropped_seen: int  # of them, logged so far (writer thread)
     # Run after the transaction an op ran in commits (ops register them).
     _after_commit: list[Callable[[], None]]
 
@@ -187,6 +188,7 @@ class SQLiteWriter:
                 # The writer is this far behind (a failing disk): keep what is
                 # queued, count what is not (the writer logs it).
                 self.stats.dropped_rows += 1
+                self._dropped_at_bound += 1
                 return
             if not self._queue:
                 self._window_start = time.monotonic()
@@ -245,8 +247,8 @@ class SQLiteWriter:
                     and time.monotonic() - self._last_prune >= self.prune_interval
                 ):
                     self._prune_guarded()
-                if self.stats.dropped_rows != self._dropped_seen:
-                    self._dropped_seen = self.stats.dropped_rows
+                if self._dropped_at_bound != self._dropped_seen:
+                    self._dropped_seen = self._dropped_at_bound
                     self._drops.failed(
                         f"{self._dropped_seen} rows dropped so far: {self.max_pending_rows} "
                         "rows (max_pending_rows) already waited for the writer"
