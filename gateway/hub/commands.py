@@ -368,30 +368,41 @@ class CommandRouter:
         """Write commands marked as being sent; the waits for their results.
 
         Those written leave the queue. At the first that cannot be written
-        (the device went away), it and the rest wait for the next session.
+        (the device went away, or does not read), the rest wait for the
+        device's next session, unmarked.
         """
         written: list[int] = []
         watches: list[asyncio.Task[None]] = []
+        rest: list[int] = []  # marked, never handed to the link: they wait again
         try:
             for i, cmd in enumerate(marked):
+                rest = [c.key for c in marked[i + 1 :]]
                 try:
                     handle = await links.send_command(device, cmd.body)
                 except DeviceNotOnline:
-                    await self.engine.unmark_sending([c.key for c in marked[i:]])
+                    rest.insert(0, cmd.key)
                     break
                 except (OSError, TimeoutError) as e:
                     written.append(cmd.key)  # it may have reached the device: never again
                     self._queued_reporter(cmd)(CommandStatus.TIMEOUT, error=_write_error(e))
-                    await self.engine.unmark_sending([c.key for c in marked[i + 1 :]])
                     break
+                except asyncio.CancelledError:
+                    # Stopping: this one may have been written (kept marked, it
+                    # ends as interrupted); the others were not.
+                    raise
                 written.append(cmd.key)
                 report = self._queued_reporter(cmd)
                 if handle.seq < 0 and handle.result.done():
+                    # Not written within the command timeout: the device does not read.
                     _report_result(handle.result.result(), report)
-                    continue
+                    break
                 report(CommandStatus.SENT)
                 watches.append(self._spawn(self._await_result(handle, report), f"ack {device}"))
+            else:
+                rest = []
         finally:
+            if rest:
+                await self.engine.unmark_sending(rest)
             if written:
                 await self.engine.remove_commands(written)
         return watches

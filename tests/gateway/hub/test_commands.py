@@ -869,3 +869,44 @@ async def test_a_delivery_the_storage_cut_short_resumes_once_it_works(
         assert caplog.text.count("command expiry works again") == 1
     finally:
         await w.stop()
+
+
+async def test_a_stop_during_delivery_keeps_what_was_not_handed_to_the_link() -> None:
+    """A clean stop loses nothing accepted: only the command in doubt ends as interrupted."""
+    w = World(CommandSettings())
+    await w.start()
+    await queue_for(w, "a", 3)
+    w.links.gates["a"] = asyncio.Event()
+    w.online("a", session="s2")
+    w.router.device_online("a", "s2")
+    await w.links.wait_attempts(1)  # c0 handed to the link, which waits; c1 and c2 marked
+    await w.router.stop()
+    after = World(CommandSettings(), w.storage.restart())
+    await after.start()
+    try:
+        await until_counted(after, CommandStatus.TIMEOUT, 1)
+        assert [c.command_id for c in await after.engine.pending_commands("a", 0)] == ["c1", "c2"]
+    finally:
+        await after.stop()
+
+
+async def test_a_device_that_does_not_read_keeps_the_rest_of_its_queue(world: World) -> None:
+    replies = await queue_for(world, "a", 3)
+    written: list[bytes] = []
+
+    async def not_reading(client_id: str, body: bytes) -> CommandHandle:
+        written.append(body)
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        future.set_result(CommandResult(CommandStatus.TIMEOUT, error="device not reading"))
+        return CommandHandle(client_id, -1, future)
+
+    world.links.send_command = not_reading  # type: ignore[method-assign]
+    world.online("a", session="s2")
+    world.router.device_online("a", "s2")
+    got = await replies.until(4)
+    assert got[3] == status("c0", "a", CommandStatus.TIMEOUT, error="device not reading")
+    async with asyncio.timeout(TIMEOUT):  # the delivery unmarks the rest as it ends
+        while world.storage._sending or "deliver a" in {t.get_name() for t in asyncio.all_tasks()}:
+            await asyncio.sleep(0.001)
+    assert written == [b"\x00"]  # one try; the others wait for the next session
+    assert [c.command_id for c in await world.engine.pending_commands("a", 0)] == ["c1", "c2"]
