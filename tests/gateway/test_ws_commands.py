@@ -242,7 +242,8 @@ async def test_while_the_storage_fails_every_caller_gets_an_answer(make_app: App
     disk.on.clear()
 
     async def healed() -> bool:
-        return (await client.get("/healthz")).status == 200
+        status: int = (await client.get("/healthz")).status
+        return status == 200
 
     await wait_until(healed, "/healthz 200 again", timeout=10)
     await d.send({"op": "command", "id": "w2", "device": "sf", "command": {"name": "reboot"}})
