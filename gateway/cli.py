@@ -201,14 +201,20 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _listen_error(role: str, what: str, host: str, port: int, port_setting: str, e: OSError) -> str:
-    """One line naming the port's role, its address and the flags and keys that set it."""
+def _listen_error(
+    role: str, what: str, host: str, port: int, settings: tuple[str, str], e: OSError
+) -> str:
+    """One line naming the port's role, its address and the flags and keys that set it.
+
+    ``settings``: the flag / key of the port's host, and of its port number.
+    """
     address = _address(host, port)
+    host_setting, port_setting = settings
     if e.errno == errno.EADDRINUSE:
         return f"{what} {address} is in use ({role}: {port_setting})"
     # Not here (EADDRNOTAVAIL), not allowed (EACCES below 1024): the host may be the fault.
     why = e.strerror or str(e)
-    return f"cannot listen on the {what} {address}: {why} ({role}: --host / host, {port_setting})"
+    return f"cannot listen on the {what} {address}: {why} ({role}: {host_setting}, {port_setting})"
 
 
 async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) -> int:
@@ -246,8 +252,16 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
         # Storage wraps its own OS errors: an OSError here is the device port's.
         await runner.cleanup()
         server = rt.device_server
+        host_setting = "--host / host"
+        if config.device_host is not None:
+            host_setting = "--device-host / device_host"
         message = _listen_error(
-            "devices", "device port", server.host, server.port, "--device-port / device_port", e
+            "devices",
+            "device port",
+            server.host,
+            server.port,
+            (host_setting, "--device-port / device_port"),
+            e,
         )
         log.error("cannot start the gateway: %s", message)
         return EXIT_LISTEN
@@ -261,7 +275,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
             "HTTP port",
             config.host,
             config.http_port,
-            "--http-port / http_port",
+            ("--host / host", "--http-port / http_port"),
             e,
         )
         log.error("cannot start the gateway: %s", message)

@@ -346,17 +346,19 @@ async def test_a_busy_port_is_one_line_naming_it_and_exit_4(
     assert line.endswith(f"cannot start the gateway: {expected}"), line
 
 
+@pytest.mark.parametrize("flag", ["--host", "--device-host"])
 async def test_an_address_not_on_this_machine_is_exit_4_naming_the_host(
-    gateways: GatewayFactory, tmp_path: Path
+    gateways: GatewayFactory, tmp_path: Path, flag: str
 ) -> None:
     # TEST-NET-1 (RFC 5737): never an address of this machine.
-    gw = gateways("--host", "192.0.2.1", *serve_args(tmp_path / "d"))
+    gw = gateways(flag, "192.0.2.1", *serve_args(tmp_path / "d"))
     gw.launch()
     exit = await gw.wait_exit(timeout=10)
     assert exit.code == EXIT_LISTEN, exit
     line = _one_error(exit)
     assert "cannot listen on the device port 192.0.2.1:0" in line, line
-    assert "--host / host" in line
+    key = flag.removeprefix("--").replace("-", "_")
+    assert line.endswith(f"(devices: {flag} / {key}, --device-port / device_port)"), line
 
 
 async def test_an_unusable_data_dir_is_one_line_and_exit_3(
