@@ -452,6 +452,12 @@ class SQLiteWriter:
         self._reopen = True
         self._commands_stale()
         reason = describe(error)
+        # Before any caller hears of it: whoever is told "unavailable" finds the
+        # storage failing when it asks why.
+        if self._health.failing is None:
+            self._health = StoreHealth(reason, int(time.time() * 1000))
+        elif self._health.failing != reason:
+            self._health = StoreHealth(reason, self._health.since_ms)
         rows = [item for item in chunk if not isinstance(item, _Op)]
         ops = [item for item in chunk if isinstance(item, _Op)]
         work = [op for op in ops if op.fn is not None]
@@ -495,10 +501,6 @@ class SQLiteWriter:
             self._retry_at = now + self._retry_delay
         for op in dropped:
             self._report(op, None, failure)
-        if self._health.failing is None:
-            self._health = StoreHealth(reason, int(time.time() * 1000))
-        elif self._health.failing != reason:
-            self._health = StoreHealth(reason, self._health.since_ms)
         self._faults.failed(reason)
         if give_up:
             log.error("%s: storage still failing at close, %d rows lost", self.path, lost)
