@@ -358,14 +358,18 @@ class CommandRouter:
                 # Durable before any byte is written: a crash from here on ends
                 # these as interrupted, never as sent twice.
                 marked = [by_key[key] for key in await self.engine.mark_sending(list(by_key))]
-                for watch in await self._write_marked(device, marked, links):
+                watches, whole = await self._write_marked(device, marked, links)
+                for watch in watches:
                     outstanding += 1
                     watch.add_done_callback(freed)
+                if not whole:
+                    return  # the link took no more: the rest waits for the next session
 
     async def _write_marked(
         self, device: str, marked: Sequence[QueuedCommand], links: DeviceLinks
-    ) -> list[asyncio.Task[None]]:
-        """Write commands marked as being sent; the waits for their results.
+    ) -> tuple[list[asyncio.Task[None]], bool]:
+        """Write commands marked as being sent: the waits for their results, and
+        whether the link took them all.
 
         Those written leave the queue. At the first that cannot be written
         (the device went away, or does not read), the rest wait for the
@@ -374,6 +378,7 @@ class CommandRouter:
         written: list[int] = []
         watches: list[asyncio.Task[None]] = []
         rest: list[int] = []  # marked, never handed to the link: they wait again
+        whole = False
         try:
             for i, cmd in enumerate(marked):
                 rest = [c.key for c in marked[i + 1 :]]
@@ -400,12 +405,13 @@ class CommandRouter:
                 watches.append(self._spawn(self._await_result(handle, report), f"ack {device}"))
             else:
                 rest = []
+                whole = True
         finally:
             if rest:
                 await self.engine.unmark_sending(rest)
             if written:
                 await self.engine.remove_commands(written)
-        return watches
+        return watches, whole
 
     def _queued_reporter(self, cmd: QueuedCommand) -> Callable[..., CommandStatus]:
         owner = self._owners.pop(cmd.key, None)

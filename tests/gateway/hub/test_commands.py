@@ -890,7 +890,17 @@ async def test_a_stop_during_delivery_keeps_what_was_not_handed_to_the_link() ->
         await after.stop()
 
 
-async def test_a_device_that_does_not_read_keeps_the_rest_of_its_queue(world: World) -> None:
+@pytest.mark.parametrize("window", [1, 64])  # the rest in later batches, or in the same
+async def test_a_device_that_does_not_read_keeps_the_rest_of_its_queue(window: int) -> None:
+    world = World(CommandSettings(), links=Links(max_inflight=window))
+    await world.start()
+    try:
+        await not_reading_keeps_the_rest(world)
+    finally:
+        await world.stop()
+
+
+async def not_reading_keeps_the_rest(world: World) -> None:
     replies = await queue_for(world, "a", 3)
     written: list[bytes] = []
 
