@@ -2,7 +2,9 @@
 
 The reader hands each JSON request to the hub; a writer task per dashboard
 drains the dashboard's own queue at the pace of its socket, batching objects
-into newline-separated frames. The hub never awaits a socket.
+into newline-separated frames. The hub never awaits a socket. When the hub
+lets a dashboard go by itself (a bound reached), the writer closes the socket
+with a close code that says so (docs/api.md §3, Closing).
 """
 
 from __future__ import annotations
@@ -13,14 +15,32 @@ import json
 import logging
 import uuid
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..auth import origin_allowed
 from ..hub import Dashboard, ErrorCode, Refused, dumps, error_message
+from ..hub.dashboard import CONTROL_QUEUE
 from .context import WEB, WebContext
 from .errors import SUBPROTOCOL, http_error, require
 
 log = logging.getLogger(__name__)
+
+# The close code of a dashboard the hub let go, by its ``close_reason``
+# (docs/api.md §3). 1013, "try again later": the client did nothing wrong that
+# a reconnect, with reading its socket, would not mend.
+CLOSE_CODES: dict[str, int] = {CONTROL_QUEUE: WSCloseCode.TRY_AGAIN_LATER}
+# Seconds the close frame may take to leave; past it the connection is aborted,
+# so a client that stopped reading cannot hold it open.
+CLOSE_TIMEOUT = 1.0
+
+
+class _Writer:
+    """Whether a dashboard's writer task has begun closing the socket itself."""
+
+    __slots__ = ("closing",)
+
+    def __init__(self) -> None:
+        self.closing = False
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
@@ -58,8 +78,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         raise
     ctx.sockets.add(ws)
     dashboard.push_control(dumps({"op": "welcome", "session": session, "role": str(role)}))
-    writer = asyncio.create_task(
-        _writer(ctx, ws, dashboard, request), name=f"ws writer {dashboard.id}"
+    writer = _Writer()
+    task = asyncio.create_task(
+        _writer(ctx, ws, dashboard, request, writer), name=f"ws writer {dashboard.id}"
     )
     try:
         async for msg in ws:
@@ -74,9 +95,12 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     finally:
         ctx.hub.disconnect_dashboard(dashboard)
         ctx.sockets.discard(ws)
-        writer.cancel()
+        # A writer closing the socket for the hub ends within CLOSE_TIMEOUT by
+        # itself; cancelled, its close frame could be cut off.
+        if not writer.closing:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
+            await task
     return ws
 
 
@@ -90,7 +114,11 @@ async def _on_text(ctx: WebContext, dashboard: Dashboard, text: str) -> None:
 
 
 async def _writer(
-    ctx: WebContext, ws: web.WebSocketResponse, dashboard: Dashboard, request: web.Request
+    ctx: WebContext,
+    ws: web.WebSocketResponse,
+    dashboard: Dashboard,
+    request: web.Request,
+    state: _Writer,
 ) -> None:
     """Send the dashboard's queue, batching objects into newline-separated frames."""
     cfg = ctx.config.dashboards
@@ -100,6 +128,9 @@ async def _writer(
             items = dashboard.take(cfg.batch_max_items)
             if not items:
                 if dashboard.closed:
+                    if dashboard.close_reason is not None:
+                        state.closing = True
+                        await _close_for_hub(ws, request, dashboard.close_reason)
                     return
                 continue
             received = dashboard.batch_received
@@ -123,3 +154,24 @@ async def _writer(
                 return
     except (ConnectionError, RuntimeError):
         return  # the socket closed under us; the reader loop cleans up
+
+
+async def _close_for_hub(ws: web.WebSocketResponse, request: web.Request, reason: str) -> None:
+    """The hub let the dashboard go: close with the reason's code, never waiting long.
+
+    Without this a client that still reads, however slowly, would keep a
+    socket the hub no longer serves. The close frame gets ``CLOSE_TIMEOUT``
+    to leave, and so does what is left in the transport's buffer after it.
+    """
+    transport = request.transport
+    code = CLOSE_CODES.get(reason, WSCloseCode.TRY_AGAIN_LATER)
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.close(code=code, message=reason.encode()[:123])
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+        return
+    if transport is not None and transport.get_write_buffer_size():
+        # Closed gracefully, the transport would wait for a reader that may never come.
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)

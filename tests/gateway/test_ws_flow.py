@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
@@ -266,8 +267,64 @@ async def test_a_dashboard_that_does_not_read_its_replies_is_disconnected(
         assert 'iot_dashboards_closed_total{reason="control_queue"} 1.0' in scrape
         answer = await reader.request({"op": "devices", "id": "still"}, "devices")
         assert len(answer["devices"]) == 20
+        # It reads again, slowly or not: after what was already on its way, the
+        # gateway's close frame, and then the end of the connection. dc04a44 kept
+        # the socket open with nothing more to send, so this timed out.
+        code, reason = await _read_until_close(stalled, timeout=20)
+        assert (code, reason) == (1013, "control_queue")
     finally:
         stalled.close()
+
+
+async def _read_until_close(s: socket.socket, timeout: float) -> tuple[int, str]:
+    """Read a server's frames off ``s`` until its close frame: (code, reason).
+
+    Then the connection must end (EOF or a reset), nothing more after it.
+    """
+    loop = asyncio.get_running_loop()
+    s.setblocking(False)
+    buf = bytearray()
+    async with asyncio.timeout(timeout):
+        # The 101 answer first, up to its blank line.
+        while b"\r\n\r\n" not in buf:
+            chunk = await loop.sock_recv(s, 65536)
+            assert chunk, "closed before the upgrade answer"
+            buf += chunk
+        del buf[: buf.index(b"\r\n\r\n") + 4]
+        while True:
+            frame = _server_frame(buf)
+            if frame is None:
+                chunk = await loop.sock_recv(s, 65536)
+                assert chunk, "the connection ended without a close frame"
+                buf += chunk
+                continue
+            opcode, payload = frame
+            if opcode == 0x8:
+                break
+        assert not buf, "bytes after the close frame"
+        with contextlib.suppress(ConnectionResetError):  # an abort is an end too
+            assert await loop.sock_recv(s, 65536) == b""
+    return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+
+def _server_frame(buf: bytearray) -> tuple[int, bytes] | None:
+    """Take one unmasked server frame off the front of ``buf`` (None: not all here yet)."""
+    if len(buf) < 2:
+        return None
+    opcode, length, at = buf[0] & 0x0F, buf[1] & 0x7F, 2
+    if length == 126:
+        if len(buf) < 4:
+            return None
+        length, at = int.from_bytes(buf[2:4], "big"), 4
+    elif length == 127:
+        if len(buf) < 10:
+            return None
+        length, at = int.from_bytes(buf[2:10], "big"), 10
+    if len(buf) < at + length:
+        return None
+    payload = bytes(buf[at : at + length])
+    del buf[: at + length]
+    return opcode, payload
 
 
 async def test_a_command_to_a_device_that_never_acks_leaves_its_dashboard_answering(
