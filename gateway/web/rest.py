@@ -12,19 +12,62 @@ from typing import Any
 from aiohttp import web
 
 from ..hub import ClientError, ErrorCode, Role, dumps, parse_command, telemetry_message
-from ..hub.commands import is_storage_unavailable
+from ..hub.commands import STORAGE_UNAVAILABLE, is_storage_unavailable
+from ..hub.records import StoreError
 from ..metrics import CONTENT_TYPE
 from .context import WEB
 from .errors import http_error, presented, require
 
 # The code of a 503 to a request that needs the storage while it fails.
 STORAGE_UNAVAILABLE_CODE = "storage_unavailable"
+# Seconds a caller refused for a failing storage is told to wait (``Retry-After``).
+STORAGE_RETRY_AFTER = 5
+
+
+def _storage_unavailable(message: str) -> web.HTTPException:
+    """503 ``storage_unavailable``: not the caller's fault, try again (docs/api.md §4)."""
+    return http_error(
+        web.HTTPServiceUnavailable,
+        STORAGE_UNAVAILABLE_CODE,
+        message,
+        headers={"Retry-After": str(STORAGE_RETRY_AFTER)},
+    )
+
+
+# The longest ``after`` that can name a device: a client_id has 1 to 64 characters.
+MAX_AFTER = 64
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    """``GET /api/devices``."""
+    """``GET /api/devices?after=ID&limit=N``: a page of the known devices, by id.
+
+    Paged like the WebSocket's ``devices`` (docs/api.md §3.2, §4): at most
+    ``dashboards.devices_page_size`` entries, and ``next``, the ``after`` of
+    the following page (null on the last one). A whole listing of 100,000
+    devices in one answer was some 30 MB built on the loop.
+    """
     require(request)
-    return web.json_response({"devices": request.app[WEB].hub.devices_listing()}, dumps=dumps)
+    hub = request.app[WEB].hub
+    after = request.query.get("after")
+    if after is not None and not 0 < len(after) <= MAX_AFTER:
+        raise http_error(
+            web.HTTPBadRequest,
+            ErrorCode.BAD_REQUEST,
+            f"after must be a device id (1 to {MAX_AFTER} characters)",
+        )
+    page = hub.config.devices_page_size
+    limit = page
+    raw = request.query.get("limit")
+    if raw is not None:
+        # Digits only (int() would take " 5", "+5" and "5_0"), and not thousands of them.
+        limit = int(raw) if raw.isascii() and raw.isdecimal() and len(raw) <= 30 else 0
+        if limit < 1:
+            raise http_error(
+                web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "limit must be a positive integer"
+            )
+    # A larger limit gives a full page, as on the WebSocket.
+    devices, following = hub.devices_page(after, min(limit, page))
+    return web.json_response({"devices": devices, "next": following}, dumps=dumps)
 
 
 async def get_device(request: web.Request) -> web.Response:
@@ -62,7 +105,14 @@ async def device_telemetry(request: web.Request) -> web.Response:
         raise http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
     since = _int_param(request, "since", 0, -1, 2**63 - 1)
     limit = _int_param(request, "limit", 100, 1, 1000)
-    records = await hub.history(device, since, limit)
+    try:
+        records = await hub.history(device, since, limit)
+    except StoreError:
+        # A full disk or a damaged file: what was asked may be unreadable or not
+        # yet written, and the storage heals by itself (``/healthz`` says when).
+        # The storage's own message names its file: the caller gets the reason only.
+        why = hub.engine.health().failing or "the telemetry history could not be read"
+        raise _storage_unavailable(f"{STORAGE_UNAVAILABLE}: {why}") from None
     return web.json_response(
         {"device": device, "telemetry": [telemetry_message(r) for r in records]}, dumps=dumps
     )
@@ -131,12 +181,7 @@ async def post_command(request: web.Request) -> web.Response:
     first = statuses[0]
     if is_storage_unavailable(first):
         # Not the caller's fault: the command could not be kept (docs/api.md §4).
-        raise http_error(
-            web.HTTPServiceUnavailable,
-            STORAGE_UNAVAILABLE_CODE,
-            first["error"],
-            headers={"Retry-After": "5"},
-        )
+        raise _storage_unavailable(first["error"])
     if first["status"] == "rejected":
         status = 404 if device not in ctx.hub.registry else 400
         return web.json_response(first, status=status, dumps=dumps)

@@ -6,12 +6,16 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 import frames
+from gateway.storage import SQLiteStorage, StorageError
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
 from tests.gateway.support import ENV_DATA, dash, device, runtime_of
 from tests.support.wait import wait_until
@@ -183,10 +187,10 @@ async def test_an_unexpected_error_is_a_json_500_logged_once(
     client = await make_app()
     rt = runtime_of(client)
 
-    def broken() -> list[dict[str, object]]:
+    def broken(*args: object) -> list[dict[str, object]]:
         raise KeyError("a bug")
 
-    rt.hub.devices_listing = broken  # type: ignore[method-assign]
+    rt.hub.devices_page = broken  # type: ignore[method-assign,assignment]
     with caplog.at_level(logging.ERROR):
         resp = await client.get("/api/devices", headers={"Authorization": f"Bearer {OPERATOR}"})
     assert resp.status == 500
@@ -272,3 +276,150 @@ async def test_commands_over_http_are_rate_limited_per_token(make_app: AppFactor
     # A viewer gets 403 before any allowance is spent.
     viewer = {"Authorization": f"Bearer {VIEWER}"}
     assert (await client.post("/api/devices/r1/commands", json=cmd, headers=viewer)).status == 403
+
+
+# ---- GET /api/devices by page (docs/api.md §4) -------------------------------------------------
+
+
+async def test_the_device_listing_comes_by_page(make_app: AppFactory) -> None:
+    """dc04a44 listed every known device in one answer (31 MB at 100,000), with no ``next``."""
+    client = await make_app(dashboards={"devices_page_size": 2})
+    rt = runtime_of(client)
+    names = ["pg-a", "pg-b", "pg-c", "pg-d", "pg-e"]
+    for name in reversed(names):
+        await device(rt, name)
+    auth = {"Authorization": f"Bearer {VIEWER}"}
+
+    async def page(query: str) -> dict[str, Any]:
+        resp = await client.get(f"/api/devices{query}", headers=auth)
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        assert set(body) == {"devices", "next"}
+        return body
+
+    # Followed by ``next``, each device once, by id; ``next`` is null on the last page.
+    seen: list[list[str]] = []
+    query = ""
+    while True:
+        body = await page(query)
+        seen.append([d["device"] for d in body["devices"]])
+        if body["next"] is None:
+            break
+        assert body["next"] == seen[-1][-1]
+        query = f"?after={body['next']}"
+    assert seen == [["pg-a", "pg-b"], ["pg-c", "pg-d"], ["pg-e"]]
+    # The entries are those of the WebSocket's devices reply.
+    first = (await page(""))["devices"][0]
+    assert first == rt.hub.registry.get("pg-a").listing()  # type: ignore[union-attr]
+    # Smaller pages on request; a larger limit than the page size gives a full page.
+    assert await page("?limit=1") == {"devices": [first], "next": "pg-a"}
+    assert [d["device"] for d in (await page("?limit=500"))["devices"]] == ["pg-a", "pg-b"]
+    assert await page("?after=pg-d&limit=1") == {
+        "devices": [rt.hub.registry.get("pg-e").listing()],  # type: ignore[union-attr]
+        "next": None,
+    }
+    # An id between devices, or after the last one.
+    assert [d["device"] for d in (await page("?after=pg-bb"))["devices"]] == ["pg-c", "pg-d"]
+    assert await page("?after=zzz") == {"devices": [], "next": None}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=-1",
+        "limit=x",
+        "limit=",
+        "limit=1.5",
+        "limit=%205",
+        "after=",
+        "after=" + "a" * 65,
+    ],
+)
+async def test_bad_listing_parameters_are_400(make_app: AppFactory, query: str) -> None:
+    client = await make_app()
+    resp = await client.get(f"/api/devices?{query}", headers={"Authorization": f"Bearer {VIEWER}"})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["code"] == "bad_request"
+    assert body["message"]
+
+
+# ---- the telemetry history while the storage fails (docs/api.md §4) ----------------------------
+
+
+class DiskFull:
+    """Fails the storage writer's transactions as a full disk does, while ``on``."""
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self.on = threading.Event()
+        real = storage._transaction
+
+        def transaction(chunk: list[Any], lease_want: int, durable: bool) -> Any:
+            if self.on.is_set():
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(chunk, lease_want, durable)
+
+        storage._transaction = transaction  # type: ignore[method-assign]
+        storage.retry_first = 0.01
+        storage.retry_max = 0.05
+
+
+async def test_history_while_the_storage_fails_is_503_and_heals(make_app: AppFactory) -> None:
+    """dc04a44 answered a JSON 500 (``internal_error``), as for a bug of the gateway."""
+    client = await make_app()
+    rt = runtime_of(client)
+    assert isinstance(rt.storage, SQLiteStorage)
+    disk = DiskFull(rt.storage)
+    auth = {"Authorization": f"Bearer {VIEWER}"}
+    dev = await device(rt, "hist")
+    dev.send(frames.Data(1, ENV_DATA))
+    await wait_until(lambda: rt.hub.devices["hist"].last is not None, "the first reading")
+
+    disk.on.set()
+    dev.send(frames.Data(2, ENV_DATA))  # a batch to fail
+
+    async def degraded() -> bool:
+        status: int = (await client.get("/healthz")).status
+        return status == 503
+
+    await wait_until(degraded, "/healthz degraded", timeout=10)
+    resp = await client.get("/api/devices/hist/telemetry", headers=auth)
+    assert resp.status == 503
+    assert resp.content_type == "application/json"
+    assert resp.headers["Retry-After"] == "5"
+    body = await resp.json()
+    assert body["code"] == "storage_unavailable"
+    assert body["message"].startswith("storage unavailable: database or disk is full")
+    assert str(rt.storage.path) not in body["message"]
+
+    disk.on.clear()
+
+    async def answered() -> bool:
+        status: int = (await client.get("/api/devices/hist/telemetry", headers=auth)).status
+        return status == 200
+
+    await wait_until(answered, "the history readable again", timeout=10)
+    tel = await (await client.get("/api/devices/hist/telemetry", headers=auth)).json()
+    assert [t["seq"] for t in tel["telemetry"]] == [1, 2]  # what waited was kept
+
+
+async def test_a_failed_history_read_is_503_without_the_file_name(make_app: AppFactory) -> None:
+    """A read that fails (a damaged page, an I/O error) while writes still succeed."""
+    client = await make_app()
+    rt = runtime_of(client)
+    await device(rt, "rd")
+    path = str(getattr(rt.storage, "path", "gateway.sqlite3"))
+
+    async def read_fails(*args: object, **kwargs: object) -> list[object]:
+        raise StorageError(f"{path}: read failed: database disk image is malformed")
+
+    rt.storage.telemetry_since = read_fails  # type: ignore[method-assign,assignment]
+    resp = await client.get(
+        "/api/devices/rd/telemetry", headers={"Authorization": f"Bearer {VIEWER}"}
+    )
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "5"
+    body = await resp.json()
+    assert body["code"] == "storage_unavailable"
+    assert path not in body["message"]
