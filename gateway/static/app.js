@@ -7,6 +7,9 @@
 // stored while the page was away, then goes live. A `lagged` notice is handled
 // the same way from the notice's `resume_from - 1`. Duplicates are dropped by
 // offset in the store.
+//
+// The device listing comes a page at a time (docs/api.md §3.2): the page asks
+// for the next one with `after` until `next` is null, one listing at a time.
 
 import { loadHistory, probeToken, socketProtocols, socketUrl } from './api.js';
 import { Connection } from './connection.js';
@@ -18,8 +21,10 @@ const store = new Store();
 let token = takeToken();
 let connection = null;
 let nextCommand = 0;
-let nextSync = 0;
+let nextListing = 0;
 let syncId = null; // the id of the devices request that marks the end of the last replay
+let listingId = null; // the listing whose pages are being followed (null: none)
+let relist = false; // new devices appeared while a listing was under way: list again after it
 let devicesRefresh = 0;
 let shownState = null;
 
@@ -71,9 +76,31 @@ function resync(since) {
   connection.send(request);
   // The gateway answers requests in order and finishes a replay before it reads
   // the next request, so the reply to this one means the replay is complete.
-  nextSync += 1;
-  syncId = `sync-${nextSync}`;
-  connection.send({ op: 'devices', id: syncId });
+  syncId = listDevices();
+}
+
+/**
+ * Ask for the device listing from its first page; the later pages are asked
+ * for as each reply names the `next` one. A listing already under way is left:
+ * this one covers it. Returns the listing's request id.
+ */
+function listDevices() {
+  nextListing += 1;
+  listingId = `devices-${nextListing}`;
+  relist = false;
+  connection?.send({ op: 'devices', id: listingId });
+  return listingId;
+}
+
+/** A page of the listing arrived: ask for the next one, or end the listing. */
+function followListing(msg) {
+  if (msg.id === undefined || msg.id !== listingId) return; // an abandoned listing's page
+  if (typeof msg.next === 'string') {
+    connection?.send({ op: 'devices', id: listingId, after: msg.next });
+    return;
+  }
+  listingId = null;
+  if (relist) listDevices();
 }
 
 function handle(msg) {
@@ -94,7 +121,11 @@ function handle(msg) {
     }
     case 'devices': {
       for (const d of store.applyDevices(msg.devices)) view.deviceChanged(d.id);
-      if (msg.id !== undefined && msg.id === syncId) store.synced();
+      if (msg.id !== undefined && msg.id === syncId) {
+        store.synced(); // the first page: the replay before it is complete
+        syncId = null;
+      }
+      followListing(msg);
       break;
     }
     case 'presence': {
@@ -156,12 +187,18 @@ function forgetPendingCommands() {
   }
 }
 
-/** Ask for the device listing once, shortly, however many devices just appeared. */
+/**
+ * Ask for the device listing once, shortly, however many devices just appeared.
+ * While a listing is still being followed, another one starts after it ends,
+ * rather than restart it: a fleet that keeps changing must still be listed to
+ * its last page.
+ */
 function refreshDevicesSoon() {
   if (devicesRefresh) return;
   devicesRefresh = setTimeout(() => {
     devicesRefresh = 0;
-    connection?.send({ op: 'devices' });
+    if (listingId !== null) relist = true;
+    else listDevices();
   }, 500);
 }
 

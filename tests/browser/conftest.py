@@ -27,7 +27,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.browser.support import OUTPUT, TIMEOUT_MS, demo_gateway
+from tests.browser.support import OPERATOR, OUTPUT, TIMEOUT_MS, VIEWER, demo_gateway
 from tests.support.gateway import GatewayProcess
 
 CHROMIUM = os.environ.get("IOT_GATEWAY_CHROMIUM", "/usr/bin/chromium")
@@ -66,9 +66,13 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
     browser.close()
 
 
-def _started(workdir: Path) -> Iterator[GatewayProcess]:
-    """A demo gateway, started; at the end it must stop cleanly on SIGTERM."""
-    gw = demo_gateway(workdir)
+# The device listing's page size of ``small_pages_gateway``: a handful of devices fill pages.
+SMALL_PAGE = 2
+
+
+def _started(workdir: Path, gw: GatewayProcess | None = None) -> Iterator[GatewayProcess]:
+    """A gateway (the demo's by default), started; at the end it must stop cleanly on SIGTERM."""
+    gw = gw or demo_gateway(workdir)
     gw.start_sync()
     yield gw
     if gw.running:
@@ -86,6 +90,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
 def own_gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
     """A gateway this test alone may stop and restart."""
     yield from _started(tmp_path)
+
+
+@pytest.fixture
+def small_pages_gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A gateway with no devices of its own whose device listing comes ``SMALL_PAGE`` at a time."""
+    config = {"dashboards": {"devices_page_size": SMALL_PAGE}}
+    gw = GatewayProcess(tmp_path, config, token=OPERATOR, viewer_token=VIEWER)
+    yield from _started(tmp_path, gw)
 
 
 @pytest.fixture

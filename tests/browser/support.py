@@ -10,9 +10,11 @@ tests use the gateway helper's blocking ``*_sync`` methods.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
+from simulators.handshake import DeviceHandshake, MessageReader, encode
 from tests.support.gateway import OPERATOR, ROOT, VIEWER, GatewayProcess
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "TIMEOUT_MS",
     "VIEWER",
     "demo_gateway",
+    "hello_device",
     "listed_devices",
     "page_url",
 ]
@@ -46,5 +49,31 @@ def page_url(gateway: GatewayProcess, token: str | None, *, query: bool = False)
 
 
 def listed_devices(gateway: GatewayProcess) -> dict[str, dict[str, Any]]:
-    """``GET /api/devices`` by device id (docs/api.md §4)."""
-    return {d["device"]: d for d in gateway.get_json_sync("/api/devices")["devices"]}
+    """``GET /api/devices`` by device id, every page of it (docs/api.md §4)."""
+    listed: dict[str, dict[str, Any]] = {}
+    query = ""
+    while True:
+        body = gateway.get_json_sync(f"/api/devices{query}")
+        listed.update((d["device"], d) for d in body["devices"])
+        if body["next"] is None:
+            return listed
+        query = f"?after={body['next']}"
+
+
+def hello_device(gateway: GatewayProcess, client_id: str) -> socket.socket:
+    """A raw env-sensor device on TCP that has said HELLO and got its WELCOME.
+
+    Blocking, like everything under sync Playwright; the socket's timeout
+    bounds each wait for the gateway. Close the socket to take it offline.
+    """
+    s = socket.create_connection(gateway.device_address, timeout=TIMEOUT_MS / 1000)
+    handshake = DeviceHandshake(client_id, "env-sensor")
+    messages = MessageReader(strict=True)
+    s.sendall(encode(handshake.hello()))
+    while not handshake.welcomed:
+        data = s.recv(4096)
+        assert data, f"the gateway closed {client_id}'s link before its WELCOME"
+        for message in messages.feed(data):
+            handshake.receive(message)
+            assert not handshake.refused, handshake.error
+    return s

@@ -17,12 +17,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import Locator, Page, Request, Route, expect
 
+from tests.browser.conftest import SMALL_PAGE
 from tests.browser.support import (
     OPERATOR,
     OUTPUT,
     ROOT,
     TIMEOUT_MS,
     VIEWER,
+    hello_device,
     listed_devices,
     page_url,
 )
@@ -455,3 +457,42 @@ def test_chart_history_seeding_finds_the_newest_readings(
         )
         assert got == offsets[-300:], device
     assert requests == {"hist-gap": 4, "hist-busy": 1, "hist-alone": 2}
+
+
+def test_a_fleet_beyond_one_page_is_listed_whole(
+    page: Page, small_pages_gateway: GatewayProcess
+) -> None:
+    """The device listing comes a page at a time (docs/api.md §3.2); the page follows ``next``.
+
+    The devices are offline and silent before the page opens, so only the
+    listing can tell of them: the page that read the first page alone showed 2.
+    """
+    gateway = small_pages_gateway
+    fleet = [f"fleet-{n}" for n in range(3 * SMALL_PAGE + 1)]
+    for name in fleet:
+        hello_device(gateway, name).close()
+    wait_until_sync(
+        lambda: sorted(d for d, e in listed_devices(gateway).items() if not e["online"]) == fleet,
+        "the whole fleet known and offline",
+        timeout=TIMEOUT_MS / 1000,
+    )
+    sent: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(str(payload))))
+    page.goto(page_url(gateway, VIEWER))
+    expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
+    expect(page.get_by_test_id("device-card")).to_have_count(len(fleet))
+    for name in fleet:
+        expect(card(page, name).get_by_test_id("device-online")).to_have_text("Offline")
+    # One request a page, each after the one before: no page asked twice.
+    afters = [json.loads(f).get("after") for f in sent if '"devices"' in f]
+    assert afters == [None, "fleet-1", "fleet-3", "fleet-5"], afters
+
+    # A device new to the page comes online: its presence makes the page list
+    # again, to the last page, where this one is, to learn its link.
+    late = hello_device(gateway, "zz-late")
+    try:
+        expect(card(page, "zz-late").get_by_test_id("device-online")).to_have_text("Online")
+        expect(card(page, "zz-late").get_by_test_id("device-transport")).to_have_text("tcp")
+    finally:
+        late.close()
+    expect(page.get_by_test_id("device-card")).to_have_count(len(fleet) + 1)
