@@ -23,6 +23,7 @@ from .messages import (
     telemetry_message,
     telemetry_text,
 )
+from .records import StorageUnavailable, StoreError
 from .registry import DeviceState, Registry
 from .replay import REPLAY_ROUNDS, HeldLive
 from .subscriptions import SubscriptionIndex
@@ -49,6 +50,8 @@ __all__ = [
     "Registry",
     "Role",
     "StatusCallback",
+    "StorageUnavailable",
+    "StoreError",
     "SubscriptionIndex",
     "Target",
     "TargetKind",

@@ -45,8 +45,9 @@ from .store import FaultLog
 
 log = logging.getLogger(__name__)
 
-#: Characters a command's ``id`` may have (as a string): it is kept with a
-#: queued command for up to ``command_ttl`` (docs/api.md §3.2).
+#: Characters a command's ``id`` may have (as a string) by default
+#: (``dashboards.max_command_id``): it is kept with a queued command for up to
+#: ``command_ttl`` (docs/api.md §3).
 MAX_COMMAND_ID = 128
 #: How ``error`` begins in a ``rejected`` status when the storage failed;
 #: ``POST .../commands`` answers those with 503 ``storage_unavailable``.

@@ -10,7 +10,8 @@ tasks of their own, so a slow device never holds up its other requests.
 
 Everything a peer can make it hold is bounded by a ``HubConfig`` key: known
 devices, subscriptions and control messages per dashboard, command requests
-in progress per dashboard, the size of a ``devices`` reply.
+in progress per dashboard, the size of a ``devices`` reply and of a command's id.
+A failing storage is an answer (``unavailable``), never a dead socket.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from devices import (
 from frames.ratelimit import TokenBucket
 
 from ..metrics import Metrics
-from .commands import CommandRouter, CommandSettings, DeviceLinks
+from .commands import MAX_COMMAND_ID, CommandRouter, CommandSettings, DeviceLinks
 from .dashboard import CONTROL_QUEUE, Dashboard, Refused, Role
 from .engine import Engine, Presence, StatusCallback
 from .messages import (
@@ -48,9 +49,10 @@ from .messages import (
     request_id_of,
     telemetry_text,
 )
-from .records import TelemetryRecord
+from .records import StorageUnavailable, StoreError, TelemetryRecord
 from .registry import DeviceState, Registry
 from .replay import replay
+from .store import FaultLog
 from .subscriptions import SubscriptionIndex
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ class HubConfig:
     control_queue_bytes: int = 1 << 20
     # Command requests of one dashboard still being routed (waiting for a device's link).
     max_pending_commands: int = 100
+    # Characters of a command's ``id``: it is kept with a queued command for up to
+    # command_ttl, so a longer one is a bad request (docs/api.md §3).
+    max_command_id: int = MAX_COMMAND_ID
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -107,10 +112,14 @@ class HubConfig:
             raise ValueError(f"control_queue_bytes must be >= 1024, not {self.control_queue_bytes}")
         if self.max_pending_commands < 1:
             raise ValueError(f"max_pending_commands must be >= 1, not {self.max_pending_commands}")
+        if self.max_command_id < 1:
+            raise ValueError(f"max_command_id must be >= 1, not {self.max_command_id}")
 
     def command_settings(self) -> CommandSettings:
         """What command routing takes of these."""
-        return CommandSettings(self.command_ttl, self.expiry_interval)
+        return CommandSettings(
+            self.command_ttl, self.expiry_interval, max_command_id=self.max_command_id
+        )
 
     def forget_interval(self) -> float:
         """How often devices unseen for ``forget_after`` are looked for (seconds)."""
@@ -152,6 +161,10 @@ class Hub:
         self._admitting: set[str] = set()
         self._refusal_logged = float("-inf")
         self._forget: asyncio.Task[None] | None = None
+        # Devices forgotten whose registry rows the engine could not delete yet
+        # (its storage failing): tried again at each sweep.
+        self._unforgotten: set[str] = set()
+        self._forget_faults = FaultLog(log, "forgetting devices' registry entries")
 
     # ---- life cycle -----------------------------------------------------------------------------
 
@@ -162,8 +175,9 @@ class Hub:
     async def start(self) -> None:
         """Load the registry and latest values, start delivery and command expiry."""
         self.registry.load(await self.engine.known_devices(), await self.engine.latest())
-        # The engine still has the rows of devices forgotten before a restart.
-        self.forget_stale(now_ms())
+        # Devices that went stale while the gateway was stopped (or whose rows
+        # could not be deleted before it stopped) are forgotten now, rows too.
+        await self._forget_rows(self.forget_stale(now_ms()))
         self.metrics.devices_online.set(self.registry.online_count())
         await self.engine.open(self)
         self.commands.start()
@@ -290,7 +304,30 @@ class Hub:
     async def _forget_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.forget_interval())
-            self.forget_stale(now_ms())
+            await self._forget_rows(self.forget_stale(now_ms()))
+
+    async def _forget_rows(self, gone: list[str]) -> None:
+        """Have the engine let go of what it keeps of ``gone`` (and of earlier ones it could not).
+
+        Otherwise they would be loaded again, and forgotten again, at every
+        start. A device known again meanwhile keeps its entry. A storage that
+        fails leaves them for the next sweep; past ``max_known_devices`` names
+        waiting, the rest wait for the next start, which finds them stale again.
+        """
+        waiting = self._unforgotten
+        if waiting:
+            self._unforgotten = set()
+            gone = [*gone, *(d for d in waiting if d not in self.registry)]
+        if not gone:
+            return
+        try:
+            await self.engine.forget_devices(gone)
+        except StoreError as e:
+            self._forget_faults.failed(e)
+            room = self.config.max_known_devices - len(self._unforgotten)
+            self._unforgotten.update(gone[: max(0, room)])
+        else:
+            self._forget_faults.ok()
 
     # ---- dashboards -----------------------------------------------------------------------------
 
@@ -446,7 +483,17 @@ class Hub:
         d.held.targets.append(target)
         self.subscriptions.subscribe(d, target)
         d.push_control(dumps(reply("subscribed", request_id, {**target.echo(), "since": since})))
-        await replay(d, target, since, self.engine)
+        try:
+            await replay(d, target, since, self.engine)
+        except StoreError as e:
+            # The subscription stands and live telemetry flows; the replay left
+            # a lagged notice saying where history stopped (docs/api.md §3.2).
+            raise ClientError(
+                ErrorCode.UNAVAILABLE,
+                f"the history could not be read ({self._unavailable(e)}): subscribed, "
+                "live telemetry follows; subscribe again with since = resume_from - 1 "
+                "of the lagged notice once the storage works",
+            ) from e
 
     # ---- commands and queries -------------------------------------------------------------------
 
@@ -481,6 +528,17 @@ class Hub:
         return self.registry.online_count()
 
     async def history(self, device: str, after: int, limit: int) -> list[TelemetryRecord]:
-        """A device's kept telemetry after ``after``, oldest first (``GET .../telemetry``)."""
-        await self.engine.flush()
-        return await self.engine.history(after, device=device, limit=limit)
+        """A device's kept telemetry after ``after``, oldest first (``GET .../telemetry``).
+
+        Raises ``StorageUnavailable`` when the storage cannot be read now (or
+        cannot commit what was published before, which the answer must hold).
+        """
+        try:
+            await self.engine.flush()
+            return await self.engine.history(after, device=device, limit=limit)
+        except StoreError as e:
+            raise StorageUnavailable(self._unavailable(e)) from e
+
+    def _unavailable(self, error: StoreError) -> str:
+        """Why the storage could not serve a request, for whoever made it."""
+        return f"storage unavailable: {self.engine.health().failing or error}"

@@ -120,7 +120,16 @@ class Engine(Protocol):
         ...
 
     async def known_devices(self) -> list[DeviceRecord]:
-        """Every device ever seen."""
+        """Every device ever seen, and not forgotten since."""
+        ...
+
+    async def forget_devices(self, devices: list[str]) -> None:
+        """Let devices' registry entries go for good (the hub forgot them: ``forget_after``).
+
+        The hub forgets only devices offline and unseen for a while; one that
+        comes back after this call (its ``publish_presence`` later) is kept
+        again. Raises ``StoreError`` when it cannot be done now.
+        """
         ...
 
     # ---- the offline command queue --------------------------------------------------------------
@@ -290,6 +299,10 @@ class LocalEngine:
     async def known_devices(self) -> list[DeviceRecord]:
         """From storage."""
         return await self.storage.devices()
+
+    async def forget_devices(self, devices: list[str]) -> None:
+        """From storage, durably (the storage orders it with the registry rows queued)."""
+        await self.storage.delete_devices(devices)
 
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
         """Into storage, committed before returning."""

@@ -55,6 +55,15 @@ class StoreError(Exception):
     """
 
 
+class StorageUnavailable(StoreError):
+    """The hub could not answer a request because its store failed (``Hub.history``).
+
+    Not the caller's fault: the message says why (it begins with "storage
+    unavailable"), and asking again once ``/healthz`` is ``ok`` may succeed
+    (the HTTP API answers it with 503 ``storage_unavailable``, docs/api.md §2).
+    """
+
+
 class QueueFull(Exception):
     """A bound of the offline command queue is reached; ``limit`` names its config key."""
 

@@ -15,7 +15,7 @@ from collections import deque
 from typing import Protocol
 
 from .messages import Target, dumps, telemetry_message
-from .records import TelemetryRecord
+from .records import StoreError, TelemetryRecord
 
 # Rounds a replay may take to catch up with live traffic before it gives up
 # and sends a lagged notice instead.
@@ -112,23 +112,31 @@ async def replay(d: ReplayOutbox, target: Target, since: int, history: History) 
 
     The caller subscribed ``d`` to ``target`` and called ``d.held.targets.append(target)``
     before the seam was taken; this removes it again and releases the held messages.
+
+    A ``StoreError`` from the history (its storage failing) ends the replay
+    and is raised after a lagged notice at the first offset not replayed, so
+    the dashboard knows where to resume, as when a replay cannot catch up.
     """
-    cut = history.seam()
-    after = since
+    progress = _Progress(since)
     held = d.held
     try:
+        cut = history.seam()
         for _ in range(REPLAY_ROUNDS):
             await history.flush()
-            after = await _replay_range(d, target, after, cut, history)
-            after = await _release_held(d, target, after)
+            await _replay_range(d, target, progress, cut, history)
+            await _release_held(d, target, progress)
             if d.closed or not held.overflowed:
                 break  # caught up: held is empty, live flows straight in
             # Live traffic outran the hold buffer: read on to a new seam.
             held.overflowed = False
             cut = history.seam()
         else:
-            d.note_drop(after + 1)  # could not catch up: say where to resume
+            d.note_drop(progress.after + 1)  # could not catch up: say where to resume
             held.overflowed = False
+    except StoreError:
+        d.note_drop(progress.after + 1)
+        held.overflowed = False
+        raise
     finally:
         held.targets.remove(target)
         if not held.active:
@@ -137,11 +145,20 @@ async def replay(d: ReplayOutbox, target: Target, since: int, history: History) 
                 d.append_telemetry(offset, text, received)
 
 
-async def _release_held(d: ReplayOutbox, target: Target, after: int) -> int:
+class _Progress:
+    """The offset up to which a replay has given ``target``'s telemetry to the dashboard."""
+
+    __slots__ = ("after",)
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+
+async def _release_held(d: ReplayOutbox, target: Target, progress: _Progress) -> None:
     """Move held live telemetry to the queue, waiting for room as the replay did.
 
     New live messages keep landing in the held buffer meanwhile, so order holds.
-    Returns the offset of the last released message of ``target``.
+    ``progress`` moves to the last released message of ``target``.
     """
     held = d.held
     while held.items and not held.overflowed and not d.closed:
@@ -150,18 +167,21 @@ async def _release_held(d: ReplayOutbox, target: Target, after: int) -> int:
             offset, text, received, device, protocol = held.items.popleft()
             d.append_telemetry(offset, text, received)
             if target.matches(device, protocol):
-                after = offset
-    return after
+                progress.after = offset
 
 
 async def _replay_range(
-    d: ReplayOutbox, target: Target, after: int, cut: int, history: History
-) -> int:
-    """Queue stored telemetry of ``target`` with ``after < offset <= cut``; wait for room."""
+    d: ReplayOutbox, target: Target, progress: _Progress, cut: int, history: History
+) -> None:
+    """Queue stored telemetry of ``target`` with ``progress.after < offset <= cut``.
+
+    Waits for room; ``progress`` follows each message queued, so a read that
+    fails half way leaves it at the last one the dashboard will get.
+    """
     kind = str(target.kind)
     while not d.closed:
         records = await history.history(
-            after,
+            progress.after,
             until=cut,
             device=target.value if kind == "device" else None,
             protocol=target.value if kind == "protocol" else None,
@@ -172,5 +192,5 @@ async def _replay_range(
         for rec in records:
             await d.room()
             d.append_telemetry(rec.offset, dumps(telemetry_message(rec)))
-        after = records[-1].offset
-    return max(after, cut)
+            progress.after = rec.offset
+    progress.after = max(progress.after, cut)

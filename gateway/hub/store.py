@@ -126,7 +126,16 @@ class Store(typing.Protocol):
         ...
 
     async def devices(self) -> list[DeviceRecord]:
-        """Every device ever seen, by name."""
+        """Every device ever seen and not deleted since, by name."""
+        ...
+
+    async def delete_devices(self, devices: Sequence[str]) -> None:
+        """Delete devices' registry rows (unknown ones are ignored), durably before returning.
+
+        Ordered with ``upsert_device``: a row upserted before the call is
+        deleted, one upserted after it is kept. The devices' telemetry is
+        left to retention and their queued commands to ``command_ttl``.
+        """
         ...
 
 

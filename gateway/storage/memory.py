@@ -255,6 +255,12 @@ class MemoryStorage:
         self._devices[record.device] = record
 
     async def devices(self) -> list[DeviceRecord]:
-        """Every device ever seen, by name."""
+        """Every device ever seen and not deleted since, by name."""
         self._check("devices")
         return sorted(self._devices.values(), key=lambda d: d.device)
+
+    async def delete_devices(self, devices: Sequence[str]) -> None:
+        """Delete devices' registry rows (unknown ones are ignored)."""
+        self._write("delete_devices")
+        for device in devices:
+            self._devices.pop(device, None)

@@ -483,6 +483,24 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
 
         await self._submit(delete, "remove_commands", durable=False)
 
+    # ------------------------------------------------------------ the registry
+
+    async def delete_devices(self, devices: Sequence[str]) -> None:
+        """Delete devices' registry rows (unknown ones are ignored); committed and fsynced
+        before returning.
+
+        It rides the writer's queue like `upsert_device`, so an upsert queued
+        before it is deleted too and one queued after it (the device back) stays.
+        """
+        if not devices:
+            return
+        encoded = _encode(list(devices))
+
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute(f"DELETE FROM devices WHERE device IN {_KEYS}", (encoded,))
+
+        await self._submit(delete, "delete_devices", durable=True)
+
     async def interrupted_commands(self) -> list[QueuedCommand]:
         """The commands found marked as being sent at `open()`: returned once."""
         found, self._interrupted = self._interrupted, []

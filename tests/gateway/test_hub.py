@@ -8,7 +8,8 @@ import gc
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,12 +33,14 @@ from gateway.hub import (
     HubConfig,
     LocalEngine,
     Role,
+    StorageUnavailable,
+    StoreError,
     dumps,
     now_ms,
     telemetry_message,
     telemetry_text,
 )
-from gateway.storage import DeviceRecord, MemoryStorage, TelemetryRecord
+from gateway.storage import DeviceRecord, MemoryStorage, SQLiteStorage, Storage, TelemetryRecord
 
 
 def info(client_id: str, protocol: str = "env-sensor", session: str = "s1") -> DeviceInfo:
@@ -187,6 +190,93 @@ async def test_replay_since_skips_older(hub: Hub) -> None:
     assert [m["offset"] for m in drain(e) if m["op"] == "telemetry"] == all_offsets[3:]
 
 
+# ---- history while the storage fails (docs/api.md §3.2) --------------------------------------
+
+
+def local(h: Hub) -> tuple[LocalEngine, MemoryStorage]:
+    engine = h.engine
+    assert isinstance(engine, LocalEngine)
+    assert isinstance(engine.storage, MemoryStorage)
+    return engine, engine.storage
+
+
+async def test_a_subscribe_with_since_while_the_storage_fails_is_answered(hub: Hub) -> None:
+    """An ``unavailable`` error and a lagged notice; the socket's handler never sees the fault."""
+    _, storage = local(hub)
+    for i in range(3):
+        hub.device_event(telemetry("a", i))
+    d = hub.connect_dashboard(Role.VIEWER, "x")
+    storage.fault = "disk full"
+    await hub.handle(d, {"op": "subscribe", "device": "a", "since": 0, "id": "s"})
+    got = drain(d)
+    assert [m["op"] for m in got] == ["lagged", "subscribed", "error"]
+    assert got[0]["resume_from"] == 1  # nothing replayed: everything after since
+    error = got[2]
+    assert (error["id"], error["code"]) == ("s", "unavailable")
+    assert "storage unavailable: disk full" in error["message"]
+    # Subscribed, nothing held back: live telemetry flows; other requests are answered.
+    assert not d.held.active
+    hub.device_event(telemetry("a", 3))
+    assert [m["seq"] for m in drain(d) if m["op"] == "telemetry"] == [3]
+    await hub.handle(d, {"op": "devices", "id": "d"})
+    assert [m["op"] for m in drain(d)] == ["devices"]
+    # Once the storage works, the same request replays.
+    storage.fault = None
+    await hub.handle(d, {"op": "subscribe", "device": "a", "since": 0, "id": "s2"})
+    assert [m["seq"] for m in drain(d) if m["op"] == "telemetry"] == [0, 1, 2, 3]
+
+
+async def test_a_replay_cut_short_by_the_storage_says_where_to_resume(hub: Hub) -> None:
+    engine, _ = local(hub)
+    for i in range(5):
+        hub.device_event(telemetry("a", i))
+    offsets = [r.offset for r in await engine.history(0)]
+    reads = 0
+    real = engine.history
+
+    async def failing_second_read(after: int, **kw: Any) -> list[TelemetryRecord]:
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            raise StoreError("storage unavailable: an I/O error")
+        return (await real(after, **kw))[:2]  # a short page: the replay reads on
+
+    engine.history = failing_second_read  # type: ignore[method-assign]
+    d = hub.connect_dashboard(Role.VIEWER, "x")
+    await hub.handle(d, {"op": "subscribe", "device": "a", "since": 0, "id": "s"})
+    got = drain(d)
+    assert [m["offset"] for m in got if m["op"] == "telemetry"] == offsets[:2]
+    (lagged,) = [m for m in got if m["op"] == "lagged"]
+    assert lagged["resume_from"] == offsets[2]  # the first one the dashboard did not get
+    assert [m["code"] for m in got if m["op"] == "error"] == ["unavailable"]
+
+
+async def test_a_seam_the_storage_cannot_give_holds_nothing_back(hub: Hub) -> None:
+    """No offset to cut history at (the writer stalled): live telemetry must not stay held."""
+    engine, _ = local(hub)
+
+    def no_seam() -> int:
+        raise StoreError("offsets are not reserved yet")
+
+    engine.seam = no_seam  # type: ignore[method-assign]
+    d = hub.connect_dashboard(Role.VIEWER, "x")
+    await hub.handle(d, {"op": "subscribe", "device": "a", "since": 0, "id": "s"})
+    assert [m["op"] for m in drain(d)] == ["lagged", "subscribed", "error"]
+    assert not d.held.active
+    hub.device_event(telemetry("a", 7))
+    assert [m["seq"] for m in drain(d) if m["op"] == "telemetry"] == [7]
+
+
+async def test_history_while_the_storage_fails_is_storage_unavailable(hub: Hub) -> None:
+    _, storage = local(hub)
+    hub.device_event(telemetry("a", 0))
+    storage.fault = "disk full"
+    with pytest.raises(StorageUnavailable, match=r"^storage unavailable: disk full$"):
+        await hub.history("a", 0, 10)
+    storage.fault = None
+    assert [r.seq for r in await hub.history("a", 0, 10)] == [0]
+
+
 async def test_max_dashboards_refused() -> None:
     storage = MemoryStorage()
     await storage.open()
@@ -315,12 +405,83 @@ async def test_the_hub_forgets_by_itself_and_at_start() -> None:
     await h.start()
     try:
         assert "gone" not in h.devices  # unseen since 1970: forgotten as it is loaded
+        assert await storage.devices() == []  # and its row with it
         h.device_event(DeviceOnline(info("a")))
         h.device_event(DeviceOffline(info("a"), CloseReason.CLOSED))
-        async with asyncio.timeout(10):
-            while "a" in h.devices:
-                await asyncio.sleep(0.05)
+        await until(lambda: "a" not in h.devices, "a forgotten")
         assert h.counters.forgotten == 2
+        await until_rows(storage, [], "a's row deleted")
+    finally:
+        await h.stop()
+        await storage.close()
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Poll the hub's own state (a sweep has no event to await), with a deadline."""
+    async with asyncio.timeout(10):
+        while not check():
+            await asyncio.sleep(0.01)
+    assert check(), what
+
+
+async def until_rows(storage: Storage, devices: list[str], what: str) -> None:
+    async with asyncio.timeout(10):
+        while [r.device for r in await storage.devices()] != devices:
+            await asyncio.sleep(0.01)
+    assert [r.device for r in await storage.devices()] == devices, what
+
+
+async def test_a_forgotten_device_stays_forgotten_after_a_restart(tmp_path: Path) -> None:
+    """Its SQLite row goes too: it is neither listed nor forgotten again at the next start."""
+    path = tmp_path / "gateway.sqlite3"
+    storage = SQLiteStorage(path)
+    await storage.open()
+    h = Hub(LocalEngine(storage), HubConfig(forget_after=0.2))
+    await h.start()
+    try:
+        for name in ("old", "kept"):
+            h.device_event(DeviceOnline(info(name, session=name)))
+        h.device_event(DeviceOffline(info("old", session="old"), CloseReason.CLOSED))
+        await until(lambda: "old" not in h.devices, "old forgotten")
+        await until_rows(storage, ["kept"], "old's row deleted")
+    finally:
+        await h.stop()
+        await storage.close()
+
+    storage = SQLiteStorage(path)
+    await storage.open()
+    # Forgetting off: only the storage can have let it go.
+    h = Hub(LocalEngine(storage), HubConfig())
+    await h.start()
+    try:
+        assert sorted(h.devices) == ["kept"]
+        assert h.counters.forgotten == 0
+        assert [e["device"] for e in h.devices_listing()] == ["kept"]
+    finally:
+        await h.stop()
+        await storage.close()
+
+
+async def test_rows_a_failing_storage_kept_are_deleted_once_it_works() -> None:
+    storage = MemoryStorage()
+    await storage.open()
+    h = Hub(LocalEngine(storage), HubConfig(forget_after=0.2))
+    await h.start()
+    try:
+        for name in ("gone", "back"):
+            h.device_event(DeviceOnline(info(name, session=name)))
+            h.device_event(DeviceOffline(info(name, session=name), CloseReason.CLOSED))
+        await until_rows(storage, ["back", "gone"], "both rows")
+        storage.fault = "disk full"
+        await until(lambda: not h.devices, "both forgotten")
+        await until(lambda: h._unforgotten == {"back", "gone"}, "their rows left to delete")
+        assert [r.device for r in await storage.devices()] == ["back", "gone"]
+        # One comes back meanwhile: known again, its row must stay.
+        h.device_event(DeviceOnline(info("back", session="again")))
+        storage.fault = None
+        await until(lambda: not h._unforgotten, "the next sweep")
+        await until_rows(storage, ["back"], "gone's row deleted, back's kept")
+        assert h.devices["back"].online
     finally:
         await h.stop()
         await storage.close()
@@ -581,6 +742,7 @@ async def test_a_group_command_to_no_online_device_is_still_not_found() -> None:
         ("max_subscriptions", 0),
         ("control_queue_bytes", 1023),
         ("max_pending_commands", 0),
+        ("max_command_id", 0),
     ],
 )
 def test_a_bound_out_of_range_is_refused_naming_its_key(key: str, value: float) -> None:

@@ -301,6 +301,32 @@ async def test_upsert_device_keeps_first_seen(make_storage: MakeStorage) -> None
     ]
 
 
+async def test_deleted_devices_are_gone_for_good_and_come_back_new(
+    make_storage: MakeStorage,
+) -> None:
+    """The hub forgets devices (dashboards.forget_after): their rows must not come back."""
+    storage = await make_storage()
+    for name in ("a", "b", "c"):
+        await storage.upsert_device(DeviceRecord(name, "env-sensor", "tcp", 10, 20))
+    # Queued behind the upserts, not yet committed: the delete is ordered after them.
+    await storage.delete_devices(["a", "c", "never-seen"])
+    await storage.delete_devices([])
+    assert [d.device for d in await storage.devices()] == ["b"]
+    # Durable when the call returns: the next process does not load them.
+    again = await restarted(storage)
+    try:
+        assert [d.device for d in await again.devices()] == ["b"]
+    finally:
+        await again.close()
+    # A device deleted then seen again is a new one: its first_seen is new too.
+    await storage.upsert_device(DeviceRecord("a", "relay-4", "tcp", 500, 600))
+    await storage.flush()
+    assert [(d.device, d.first_seen_ms) for d in await storage.devices()] == [
+        ("a", 500),
+        ("b", 10),
+    ]
+
+
 async def test_calls_after_close_are_refused(make_storage: MakeStorage) -> None:
     storage = await make_storage()
     append(storage)

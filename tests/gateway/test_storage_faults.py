@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from gateway.storage import QueuedCommand, SQLiteStorage, StorageError
+from gateway.storage import DeviceRecord, QueuedCommand, SQLiteStorage, StorageError
 from tests.gateway import storage_support
 from tests.gateway.storage_support import (
     NOW_MS,
@@ -210,3 +210,22 @@ async def test_the_queue_bounds_hold_within_one_transaction(open_sqlite: OpenSQL
     )
     assert sum(isinstance(m, QueuedCommand) for m in made) == 2
     assert len(await storage.pending_commands("a", NOW_MS)) == 2
+
+
+async def test_deleting_devices_while_failing_raises_and_keeps_them(
+    open_sqlite: OpenSQLite,
+) -> None:
+    """The hub keeps the names and tries again; nothing is half deleted meanwhile."""
+    storage = await open_sqlite(batch_interval=0.001)
+    for name in ("a", "b"):
+        await storage.upsert_device(DeviceRecord(name, "env-sensor", "tcp", 1, 2))
+    await storage.flush()
+    breaker = Breaker(storage)
+    breaker.broken.set()
+    with pytest.raises(StorageError, match="storage unavailable"):
+        await storage.delete_devices(["a"])
+    assert [d.device for d in await storage.devices()] == ["a", "b"]
+    breaker.broken.clear()
+    await storage.delete_devices(["a"])  # the hub's next sweep
+    assert [d.device for d in await storage.devices()] == ["b"]
+    assert storage.health().ok

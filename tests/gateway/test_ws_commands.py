@@ -9,6 +9,7 @@ transactions here; tests/resilience/test_storage_faults.py makes real ones.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from typing import Any
@@ -16,9 +17,12 @@ from typing import Any
 import pytest
 
 import frames
+from gateway.app import Runtime
+from gateway.hub import now_ms
 from gateway.storage import SQLiteStorage
+from tests.devices.support import Client
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
-from tests.gateway.support import dash, device, runtime_of
+from tests.gateway.support import ENV_DATA, OPEN_DEVICES, Dash, dash, device, runtime_of
 from tests.support.wait import wait_until
 
 
@@ -270,3 +274,146 @@ async def test_an_id_over_128_characters_is_refused(make_app: AppFactory) -> Non
     assert (await resp.json())["code"] == "bad_request"
     metrics = await (await client.get("/metrics")).text()
     assert 'iot_commands_refused_total{reason="max_command_id"} 2.0' in metrics
+
+
+async def test_a_configured_max_command_id_holds_on_the_websocket_and_http(
+    make_app: AppFactory,
+) -> None:
+    client = await make_app(dashboards={"max_command_id": 8})
+    rt = runtime_of(client)
+    assert rt.hub.config.command_settings().max_command_id == 8
+    d = await dash(client)
+    await device(rt, "idc")
+    await d.send({"op": "command", "id": "i" * 8, "device": "idc", "command": {"hex": "01"}})
+    await d.expect("command_status", id="i" * 8, status="sent")
+    await d.send({"op": "command", "id": "i" * 9, "device": "idc", "command": {"hex": "01"}})
+    err = await d.expect("error", id="i" * 9)
+    assert err["code"] == "bad_request"
+    assert "8 characters" in err["message"]
+    resp = await client.post(
+        "/api/devices/idc/commands",
+        json={"command": {"hex": "01"}, "id": "i" * 9},
+        headers={"Authorization": f"Bearer {OPERATOR}"},
+    )
+    assert resp.status == 400
+
+
+# ---- a device whose link cannot take a command (docs/protocol.md §4) --------------------------
+
+
+async def deaf_device(rt: Runtime, client_id: str) -> Client:
+    """A device whose link the gateway finds full from its HELLO on, and never again free.
+
+    The gateway side's transport is told ``pause_writing``, as asyncio tells it
+    once a device that stopped reading has let the socket buffers fill; the
+    real filling is in tests/resilience/test_hostile_devices.py (a gateway
+    process, megabytes of unread answers). Its WELCOME still goes out: only
+    commands wait for room.
+    """
+    host, port = rt.device_server.address
+    reader, writer = await asyncio.open_connection(host, port)
+    c = Client(reader, writer)
+    OPEN_DEVICES.append(c)
+    local = writer.get_extra_info("sockname")
+    peer = f"{local[0]}:{local[1]}"
+
+    def link() -> Any:
+        return next((c for c in rt.device_server.connections if c.peer == peer), None)
+
+    await wait_until(lambda: link() is not None, f"the gateway's end of {peer}", timeout=10)
+    link().pause_writing()
+    await c.hello(client_id)
+    return c
+
+
+def statuses(d: Dash, request_id: str) -> list[dict[str, Any]]:
+    return [m for m in d.seen if m.get("op") == "command_status" and m.get("id") == request_id]
+
+
+async def test_a_command_the_link_never_took_is_timeout_at_once_never_sent(
+    make_app: AppFactory,
+) -> None:
+    """Direct and queued alike: ``timeout`` with "device not reading", no ``sent`` before it.
+
+    The queued one was marked as being sent; never written, it leaves the queue
+    with that final status, and the commands queued after it wait for the
+    device's next session (docs/api.md §3.1).
+    """
+    client = await make_app(devices={"ack_timeout": 0.3})
+    rt = runtime_of(client)
+    d = await dash(client)
+
+    await deaf_device(rt, "deaf")
+    await d.send({"op": "command", "id": "direct", "device": "deaf", "command": {"hex": "01"}})
+    final = await d.expect("command_status", id="direct", timeout=10)
+    assert (final["status"], final["error"]) == ("timeout", "device not reading")
+
+    first = await device(rt, "deafq")
+    await first.aclose()
+    await wait_until(lambda: not rt.hub.devices["deafq"].online, "deafq offline", timeout=10)
+    for rid in ("q1", "q2"):
+        await d.send({"op": "command", "id": rid, "device": "deafq", "command": {"hex": "02"}})
+        await d.expect("command_status", id=rid, status="queued")
+    await deaf_device(rt, "deafq")
+    final = await d.expect("command_status", id="q1", timeout=10)
+    assert (final["status"], final["error"]) == ("timeout", "device not reading")
+    assert [m["status"] for m in statuses(d, "direct")] == ["timeout"]
+    assert [m["status"] for m in statuses(d, "q1")] == ["queued", "timeout"]
+
+    async def only_q2_waits() -> bool:
+        waiting = await rt.hub.engine.pending_commands("deafq", now_ms())
+        return [c.command_id for c in waiting] == ["q2"]
+
+    await wait_until(only_q2_waits, "q2 unmarked, q1 gone from the queue", timeout=10)
+    # The device's next session (a link that reads) gets q2, and only q2.
+    again = await device(rt, "deafq")
+    cmd = await again.expect(frames.Command)
+    assert cmd.body == b"\x02"
+    again.send(frames.Ack(cmd.seq, 0))
+    await d.expect("command_status", id="q2", status="acked")
+    assert [m["status"] for m in statuses(d, "q2")] == ["queued", "sent", "acked"]
+    assert await rt.hub.engine.pending_commands("deafq", now_ms()) == []
+    metrics = await (await client.get("/metrics")).text()
+    assert 'iot_command_results_total{status="sent"} 1.0' in metrics
+
+
+# ---- history while the storage fails (docs/api.md §3.2) --------------------------------------
+
+
+async def test_a_subscribe_with_since_while_the_storage_fails_is_answered(
+    make_app: AppFactory,
+) -> None:
+    client = await make_app()
+    rt = runtime_of(client)
+    assert isinstance(rt.storage, SQLiteStorage)
+    disk = DiskFull(rt.storage)
+    d = await dash(client)
+    dev = await device(rt, "hs")
+    dev.send(frames.Data(dev.next_seq(), ENV_DATA))
+    await wait_until(lambda: rt.hub.devices["hs"].last is not None, "hs's first reading")
+    await rt.hub.engine.flush()
+
+    disk.on.set()
+    # A reading the storage cannot commit: the replay cannot promise it.
+    dev.send(frames.Data(dev.next_seq(), ENV_DATA))
+    await wait_until(lambda: not rt.storage.health().ok, "the storage failing", timeout=10)
+    await d.send({"op": "subscribe", "device": "hs", "since": 0, "id": "h"})
+    await d.expect("subscribed", id="h")
+    err = await d.expect("error", id="h")
+    assert err["code"] == "unavailable"
+    assert "database or disk is full" in err["message"]
+    lagged = [m for m in d.seen if m.get("op") == "lagged"]
+    assert lagged, d.seen
+    assert lagged[0]["resume_from"] == 1  # nothing replayed: resume from the start
+    # The socket stays and answers; live telemetry of the subscription flows.
+    assert (await d.request({"op": "devices", "id": "after"}, "devices"))["id"] == "after"
+    dev.send(frames.Data(dev.next_seq(), ENV_DATA))
+    live = await d.expect("telemetry", device="hs")
+
+    disk.on.clear()
+    await wait_until(lambda: rt.storage.health().ok, "the storage healed", timeout=10)
+    await d.send({"op": "subscribe", "device": "hs", "since": 0, "id": "h2"})
+    await d.expect("subscribed", id="h2")
+    replayed = [await d.expect("telemetry", device="hs") for _ in range(3)]
+    assert [m["offset"] for m in replayed][-1] == live["offset"]
+    assert not [m for m in d.seen if m.get("op") == "error" and m.get("id") == "h2"]
