@@ -423,3 +423,36 @@ async def test_a_failed_history_read_is_503_without_the_file_name(make_app: AppF
     body = await resp.json()
     assert body["code"] == "storage_unavailable"
     assert path not in body["message"]
+
+
+async def test_the_health_answers_in_deployment_md_are_the_real_ones(make_app: AppFactory) -> None:
+    """docs/deployment.md showed a /healthz body the gateway no longer gave (no ``storage``)."""
+    doc = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    shown = [json.loads(line) for line in doc.splitlines() if line.startswith('    {"status": ')]
+    examples = {body["status"]: body for body in shown}
+    assert set(examples) == {"ok", "degraded"}, shown
+
+    def shape(body: dict[str, Any]) -> dict[str, Any]:
+        return {k: shape(v) if isinstance(v, dict) else type(v).__name__ for k, v in body.items()}
+
+    client = await make_app()
+    rt = runtime_of(client)
+    assert isinstance(rt.storage, SQLiteStorage)
+    disk = DiskFull(rt.storage)
+    ok = await client.get("/healthz")
+    assert ok.status == 200
+    assert shape(await ok.json()) == shape(examples["ok"])
+    dev = await device(rt, "hz")
+    disk.on.set()
+    dev.send(frames.Data(1, ENV_DATA))
+    answers: list[Any] = []
+
+    async def degraded() -> bool:
+        resp = await client.get("/healthz")
+        status: int = resp.status
+        answers[:] = [status, await resp.json()]
+        return status == 503
+
+    await wait_until(degraded, "/healthz degraded", timeout=10)
+    assert shape(answers[1]) == shape(examples["degraded"])
+    disk.on.clear()
