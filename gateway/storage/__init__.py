@@ -11,10 +11,10 @@ How `SQLiteStorage` keeps SQLite off the event loop:
 * One writer thread owns the only write connection. `append_telemetry` and
   `upsert_device` only put a row on its queue; the thread commits what has
   gathered every `batch_interval` seconds or `batch_rows` rows, whichever comes
-  first. Calls that must be durable before they return (`enqueue_command`,
-  `remove_command`, `expire_commands`) and `flush` barriers ride the same queue,
-  so they are ordered with the telemetry before them, and they cut the batch
-  window short.
+  first. Calls that must be committed before they return (`enqueue_command`,
+  `mark_sending`, `remove_commands`, `expire_commands`, `delete_devices`) and
+  `flush` barriers ride the same queue, so they are ordered with the telemetry
+  and registry rows before them, and they cut the batch window short.
 * Reads run on a small pool of reader threads, each with its own read-only
   connection. The database is in WAL mode, so readers never block the writer
   and always see the last committed batch.
