@@ -221,7 +221,7 @@ async def test_without_a_token_one_is_made_and_printed(
     # In the fragment (which browsers never send), never in the query (docs/api.md §1).
     assert "?token=" not in gw.stderr()
     base = gw.url
-    assert await get_json(f"{base}/api/devices", token) == (200, {"devices": []})
+    assert await get_json(f"{base}/api/devices", token) == (200, {"devices": [], "next": None})
     status, body = await get_json(f"{base}/api/devices")
     assert (status, body["code"]) == (401, "unauthorized")
     status, _ = await get_json(f"{base}/api/devices", token + "x")
