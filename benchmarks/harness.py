@@ -350,12 +350,14 @@ async def start_gateway(
     token: str = "bench-token",
     name: str = "gateway",
     timeout: float = 30.0,
+    log_level: str = "warning",
 ) -> Server:
     """``iot-gateway serve`` on free ports, with ``IOT_GATEWAY_LOOP`` set to ``loop``.
 
     Started by the tests' own helper (``tests.support.gateway``): config file,
     ready line and shutdown are handled as in the tests. Its stderr goes to
-    ``workdir/NAME.log``.
+    ``workdir/NAME.log``; ``log_level`` is ``--log-level`` (``benchmarks.hostile``
+    keeps the default ``info``, whose lines the attacks can provoke).
     """
     # BENCH_GATEWAY_CMD runs another build (e.g. a patched one) in the gateway's place.
     command = os.environ.get("BENCH_GATEWAY_CMD") or str(
@@ -365,7 +367,7 @@ async def start_gateway(
         workdir,
         config,
         token=token,
-        args=["--log-level", "warning"],
+        args=["--log-level", log_level],
         env={"IOT_GATEWAY_LOOP": loop},
         command=command.split(),
         cwd=ROOT,  # BENCH_GATEWAY_CMD may name the venv relative to the repository
