@@ -32,10 +32,10 @@ own process (``--role attack``), so that its CPU is read apart:
     50 viewer dashboards that subscribe to all and never read again (a 4 KiB
     receive buffer), and a loop of device sessions: connect, HELLO, WELCOME,
     close, over 200 client_ids.
-``all``
-    the three attacks at once.
 ``quiet-after``
     nothing again: does the gateway come back, and does it give memory back?
+``all``
+    the three attacks at once.
 
 ``--phases`` picks and orders them; ``stalled-only`` (no churn) and
 ``churn-only`` (no stalled dashboards) take the fourth attack apart. The
@@ -104,8 +104,8 @@ PHASES: Final = (
     Phase("flood", ("flood",)),
     Phase("takeover", ("takeover",)),
     Phase("stalled+churn", ("stalled",)),
-    Phase("all", ATTACKS),
     Phase("quiet-after", ()),
+    Phase("all", ATTACKS),
 )
 # Not run unless named in --phases: the two halves of stalled+churn apart.
 EXTRA_PHASES: Final = (
@@ -882,7 +882,7 @@ def ratio(a: float, b: float) -> float:
 
 def verdict(x: float) -> str:
     if math.isnan(x):
-        return "n/a"
+        return "MISSED: nothing arrived"
     return "met" if x <= TARGET_RATIO else "MISSED"
 
 
@@ -926,6 +926,11 @@ INTERESTING: Final = (
 )
 
 
+def num(x: float, spec: str = ".2f", suffix: str = "") -> str:
+    """``x`` formatted, or ``-`` when it is NaN (no sample: nothing answered)."""
+    return "-" if math.isnan(x) else f"{x:{spec}}{suffix}"
+
+
 def print_report(result: Mapping[str, Any]) -> None:
     rows = result["phases"]
     print()
@@ -940,10 +945,11 @@ def print_report(result: Mapping[str, Any]) -> None:
         lat, h, rss = r["devices"]["latency"], r["healthz"], r["rss"]
         attack_cores = sum(v for k, v in r["cores"].items() if k.startswith("attack-"))
         print(
-            f"| {r['phase']} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | {r['p99_ratio']:.2f}x "
-            f"| {lat['p99_9_ms']:.2f} | {r['devices']['delivered']:,} | {r['devices']['lost']:,} "
-            f"| {h['latency']['p50_ms']:.2f} | {h['latency']['p99_ms']:.2f} "
-            f"| {r['healthz_p99_ratio']:.2f}x | {h['ok']}/{h['polls']} "
+            f"| {r['phase']} | {num(lat['p50_ms'])} | {num(lat['p99_ms'])} "
+            f"| {num(r['p99_ratio'], '.2f', 'x')} | {num(lat['p99_9_ms'])} "
+            f"| {r['devices']['delivered']:,} | {r['devices']['lost']:,} "
+            f"| {num(h['latency']['p50_ms'])} | {num(h['latency']['p99_ms'])} "
+            f"| {num(r['healthz_p99_ratio'], '.2f', 'x')} | {h['ok']}/{h['polls']} "
             f"| {rss['phase_start'] / mib:.1f} -> {rss['window_end'] / mib:.1f} "
             f"({rss['peak'] / mib:.1f}) | {r['cores']['gateway']:.2f} | {attack_cores:.2f} |"
         )
@@ -962,16 +968,22 @@ def print_report(result: Mapping[str, Any]) -> None:
             f"{r['metrics_scrape_s'][0]:.2f}, {r['metrics_scrape_s'][1]:.2f} s; others "
             f"{r['other_cores']:.2f} cores; loadgen lag max {r['devices']['loadgen_max_lag_s']} s"
         )
-        print(f"  /metrics: {json.dumps(moved, sort_keys=True)}")
+        if r["metrics_scraped"]:
+            print(f"  /metrics: {json.dumps(moved, sort_keys=True)}")
+        else:
+            print("  /metrics: not scraped (no answer within 10 s)")
+        if r["other_cores"] > 0.25:
+            print(f"  NOISY: other processes used {r['other_cores']:.2f} cores in this window")
     print()
     for r in rows:
         if r["phase"] == "quiet":
             continue
+        h = r["healthz"]
         print(
-            f"target {r['phase']}: device p99 {r['p99_ratio']:.2f}x of quiet "
-            f"({verdict(r['p99_ratio'])}), /healthz p99 {r['healthz_p99_ratio']:.2f}x "
-            f"({verdict(r['healthz_p99_ratio'])}), RSS {r['rss']['growth'] / mib:+.1f} MiB "
-            f"over the phase"
+            f"target {r['phase']}: device p99 {num(r['p99_ratio'], '.2f', 'x')} of quiet "
+            f"({verdict(r['p99_ratio'])}), /healthz p99 {num(r['healthz_p99_ratio'], '.2f', 'x')} "
+            f"({verdict(r['healthz_p99_ratio'])}; {h['ok']} of {h['polls']} answered), "
+            f"RSS {r['rss']['growth'] / mib:+.1f} MiB over the phase"
         )
     first, last = rows[0]["rss"], rows[-1]["rss"]
     print(
