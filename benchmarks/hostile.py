@@ -491,6 +491,7 @@ async def stalled_and_churn(
                 n += 1
 
         await asyncio.gather(*(churn(k) for k in range(churners)))
+        await sleep_until(until)  # with no churn loop, the stalled dashboards stay to the end
         # A stalled dashboard reads nothing, so it cannot see its own close: the
         # gateway's closes are in /metrics (iot_dashboards_closed_total, ...).
     finally:
