@@ -132,45 +132,14 @@ def emit(obj: Mapping[str, Any]) -> None:
 # ---- role: the real devices (benchmarks.loadgen's, with the device token) ---------------------
 
 
-class TokenDevice(loadgen.Device):
-    """``loadgen.Device`` that says HELLO with a device token."""
-
-    def __init__(self, client_id: str, protocol: str, totals: loadgen.Totals, token: str) -> None:
-        super().__init__(client_id, protocol, totals)
-        self.handshake.token = token
-
-
-async def connect_devices(
-    host: str, port: int, ids: Sequence[str], token: str, totals: loadgen.Totals, concurrency: int
-) -> list[loadgen.Device]:
-    """``loadgen.connect_all`` for ``TokenDevice``: HELLO, WELCOME, ``concurrency`` at a time."""
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(concurrency)
-    devices: list[loadgen.Device] = []
-
-    async def one(client_id: str) -> None:
-        async with gate:
-            try:
-                _, dev = await loop.create_connection(
-                    lambda: TokenDevice(client_id, "env-sensor", totals, token), host, port
-                )
-                await asyncio.wait_for(dev.welcome, 10.0)
-            except (OSError, TimeoutError, ConnectionError):
-                totals.failed += 1
-                return
-            totals.welcomed += 1
-            devices.append(dev)
-
-    await asyncio.gather(*(one(i) for i in ids))
-    return devices
-
-
 async def devices_role(args: argparse.Namespace) -> dict[str, Any]:
     host, _, port = args.gateway.rpartition(":")
     totals = loadgen.Totals((0.0, 0.0))
     ids = [f"{DEVICE_PREFIX}-{i:05d}" for i in range(args.devices)]
     t0 = time.monotonic()
-    devices = await connect_devices(host, int(port), ids, DEVICE_TOKEN, totals, 200)
+    devices = await loadgen.connect_all(
+        host, int(port), ids, "env-sensor", totals, 200, token=DEVICE_TOKEN
+    )
     emit(
         {
             "event": "ready",

@@ -53,13 +53,13 @@ class Totals:
 class Device(asyncio.Protocol):
     """One device connection."""
 
-    def __init__(self, client_id: str, protocol: str, totals: Totals) -> None:
+    def __init__(self, client_id: str, protocol: str, totals: Totals, token: str = "") -> None:
         self.client_id = client_id
         self.protocol = protocol
         self.totals = totals
         self.transport: asyncio.Transport | None = None
         self.reader = MessageReader()
-        self.handshake = DeviceHandshake(client_id, protocol, next_seq=self._next_seq)
+        self.handshake = DeviceHandshake(client_id, protocol, token, next_seq=self._next_seq)
         self.welcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.seq = 0
 
@@ -125,9 +125,15 @@ class Device(asyncio.Protocol):
 
 
 async def connect_all(
-    host: str, port: int, ids: Sequence[str], protocol: str, totals: Totals, concurrency: int
+    host: str,
+    port: int,
+    ids: Sequence[str],
+    protocol: str,
+    totals: Totals,
+    concurrency: int,
+    token: str = "",
 ) -> list[Device]:
-    """Open every connection and wait for its WELCOME, ``concurrency`` at a time."""
+    """Open every connection (HELLO with ``token``), await each WELCOME, ``concurrency`` at once."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     devices: list[Device] = []
@@ -136,7 +142,7 @@ async def connect_all(
         async with gate:
             try:
                 _, dev = await loop.create_connection(
-                    lambda: Device(client_id, protocol, totals), host, port
+                    lambda: Device(client_id, protocol, totals, token), host, port
                 )
                 await asyncio.wait_for(dev.welcome, 10.0)
             except (OSError, TimeoutError, ConnectionError):
