@@ -162,3 +162,44 @@ class Telemetry:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         await self.dash.ws.close()
+
+
+GOOD = "steady-1"
+
+
+class Steady:
+    """One well-behaved device streaming at 20 Hz to one dashboard, for the whole test."""
+
+    def __init__(self, gw: GatewayProcess, session: aiohttp.ClientSession) -> None:
+        self.gw = gw
+        self.session = session
+        self.stop = asyncio.Event()
+        self.sent: list[float] = []
+
+    async def __aenter__(self) -> Steady:
+        self.watcher = Telemetry(await connect_dashboard(self.gw, self.session, {"device": GOOD}))
+        self.device = await connect_device(self.gw, GOOD)
+        self.task = asyncio.ensure_future(stream(self.device, 20.0, self.stop, self.sent))
+        await self.watcher.wait_for(lambda: self.watcher.count(GOOD) >= 3)
+        return self
+
+    async def flowing(self, seconds: float = 1.0) -> None:
+        """New telemetry arrives: at least a few messages within ``seconds``."""
+        since = time.monotonic()
+        await self.watcher.wait_for(lambda: self.watcher.count(GOOD, since) >= 3, seconds + 5)
+
+    async def all_arrived(self) -> list[float]:
+        """Stop sending; every frame sent reaches the dashboard. Their delays, in order."""
+        self.stop.set()
+        await self.task
+        n = len(self.sent)
+        await self.watcher.wait_for(lambda: self.watcher.count(GOOD) >= n, 20, "every frame")
+        arrived = [at for _, at in self.watcher.by_device[GOOD]]
+        assert len(arrived) == n, (len(arrived), n)
+        return [a - s for s, a in zip(self.sent, arrived, strict=True)]
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await self.task
+        await self.device.aclose()
+        await self.watcher.aclose()

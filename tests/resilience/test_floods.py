@@ -20,46 +20,15 @@ import pytest
 import frames
 from tests.resilience.conftest import GatewayFactory
 from tests.resilience.support import (
-    Telemetry,
+    Steady,
     connect_dashboard,
     connect_device,
-    stream,
     track,
 )
-from tests.support.gateway import OPERATOR, GatewayProcess
+from tests.support.gateway import OPERATOR
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.resilience
-
-GOOD = "steady-1"
-
-
-class Steady:
-    """One well-behaved device streaming to one dashboard, for the whole test."""
-
-    def __init__(self, gw: GatewayProcess, session: aiohttp.ClientSession) -> None:
-        self.gw = gw
-        self.session = session
-        self.stop = asyncio.Event()
-        self.sent: list[float] = []
-
-    async def __aenter__(self) -> Steady:
-        self.watcher = Telemetry(await connect_dashboard(self.gw, self.session, {"device": GOOD}))
-        self.device = await connect_device(self.gw, GOOD)
-        self.task = asyncio.ensure_future(stream(self.device, 20.0, self.stop, self.sent))
-        await self.watcher.wait_for(lambda: self.watcher.count(GOOD) >= 3)
-        return self
-
-    async def flowing(self, seconds: float = 1.0) -> None:
-        """New telemetry arrives: at least a few messages within ``seconds``."""
-        since = time.monotonic()
-        await self.watcher.wait_for(lambda: self.watcher.count(GOOD, since) >= 3, seconds + 5)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        await self.task
-        await self.device.aclose()
-        await self.watcher.aclose()
 
 
 async def _close(writers: list[asyncio.StreamWriter]) -> None:

@@ -26,10 +26,9 @@ from tests.devices.support import Client
 from tests.resilience.conftest import GatewayFactory
 from tests.resilience.support import (
     OPEN,
-    Telemetry,
+    Steady,
     connect_dashboard,
     connect_device,
-    stream,
     track,
 )
 from tests.support.gateway import GatewayProcess
@@ -37,42 +36,8 @@ from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.resilience
 
-GOOD = "steady-1"
 PING = frames.encode_frame(frames.Ping(1).encode())
 MALFORMED = frames.encode_frame(b"\x10")  # a message with no seq: ERROR MALFORMED
-
-
-class Steady:
-    """One well-behaved device streaming at 20 Hz to one dashboard, for the whole test."""
-
-    def __init__(self, gw: GatewayProcess, session: aiohttp.ClientSession) -> None:
-        self.gw = gw
-        self.session = session
-        self.stop = asyncio.Event()
-        self.sent: list[float] = []
-
-    async def __aenter__(self) -> Steady:
-        self.watcher = Telemetry(await connect_dashboard(self.gw, self.session, {"device": GOOD}))
-        self.device = await connect_device(self.gw, GOOD)
-        self.task = asyncio.ensure_future(stream(self.device, 20.0, self.stop, self.sent))
-        await self.watcher.wait_for(lambda: self.watcher.count(GOOD) >= 3)
-        return self
-
-    async def all_arrived(self) -> list[float]:
-        """Stop sending; every frame sent reaches the dashboard. Their delays, in order."""
-        self.stop.set()
-        await self.task
-        n = len(self.sent)
-        await self.watcher.wait_for(lambda: self.watcher.count(GOOD) >= n, 20, "every frame")
-        arrived = [at for _, at in self.watcher.by_device[GOOD]]
-        assert len(arrived) == n, (len(arrived), n)
-        return [a - s for s, a in zip(self.sent, arrived, strict=True)]
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        await self.task
-        await self.device.aclose()
-        await self.watcher.aclose()
 
 
 async def healthz_latencies(gw: GatewayProcess, stop: asyncio.Event) -> list[float]:
