@@ -7,6 +7,7 @@ A test file uses a fixture from here by binding it at module level
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -126,3 +127,20 @@ def swap_page(path: Path, page: int, page_size: int, data: bytes) -> bytes:
         f.seek((page - 1) * page_size)
         f.write(data)
     return old
+
+
+class DiskFull:
+    """Fails the storage writer's transactions as a full disk does, while ``on``."""
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self.on = threading.Event()
+        real = storage._transaction
+
+        def transaction(chunk: list[Any], lease_want: int, durable: bool) -> Any:
+            if self.on.is_set():
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(chunk, lease_want, durable)
+
+        storage._transaction = transaction  # type: ignore[method-assign]
+        storage.retry_first = 0.01
+        storage.retry_max = 0.05

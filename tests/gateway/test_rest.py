@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pytest
 import frames
 from gateway.storage import SQLiteStorage, StorageError
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
+from tests.gateway.storage_support import DiskFull
 from tests.gateway.support import ENV_DATA, dash, device, runtime_of
 from tests.support.wait import wait_until
 
@@ -346,23 +345,6 @@ async def test_bad_listing_parameters_are_400(make_app: AppFactory, query: str) 
 
 
 # ---- the telemetry history while the storage fails (docs/api.md §4) ----------------------------
-
-
-class DiskFull:
-    """Fails the storage writer's transactions as a full disk does, while ``on``."""
-
-    def __init__(self, storage: SQLiteStorage) -> None:
-        self.on = threading.Event()
-        real = storage._transaction
-
-        def transaction(chunk: list[Any], lease_want: int, durable: bool) -> Any:
-            if self.on.is_set():
-                raise sqlite3.OperationalError("database or disk is full")
-            return real(chunk, lease_want, durable)
-
-        storage._transaction = transaction  # type: ignore[method-assign]
-        storage.retry_first = 0.01
-        storage.retry_max = 0.05
 
 
 async def test_history_while_the_storage_fails_is_503_and_heals(make_app: AppFactory) -> None:

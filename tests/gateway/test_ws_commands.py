@@ -10,8 +10,6 @@ transactions here; tests/resilience/test_storage_faults.py makes real ones.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-import threading
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from gateway.hub import now_ms
 from gateway.storage import SQLiteStorage
 from tests.devices.support import Client
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
+from tests.gateway.storage_support import DiskFull
 from tests.gateway.support import ENV_DATA, OPEN_DEVICES, Dash, dash, device, runtime_of
 from tests.support.wait import wait_until
 
@@ -180,23 +179,6 @@ async def test_link_lost_before_ack_reports_timeout(make_app: AppFactory) -> Non
     final = await d.expect("command_status", id="z")
     assert final["status"] == "timeout"
     assert "link lost" in final["error"]
-
-
-class DiskFull:
-    """Fails the storage writer's transactions as a full disk does, while ``on``."""
-
-    def __init__(self, storage: SQLiteStorage) -> None:
-        self.on = threading.Event()
-        real = storage._transaction
-
-        def transaction(chunk: list[Any], lease_want: int, durable: bool) -> Any:
-            if self.on.is_set():
-                raise sqlite3.OperationalError("database or disk is full")
-            return real(chunk, lease_want, durable)
-
-        storage._transaction = transaction  # type: ignore[method-assign]
-        storage.retry_first = 0.01
-        storage.retry_max = 0.05
 
 
 async def test_while_the_storage_fails_every_caller_gets_an_answer(make_app: AppFactory) -> None:
