@@ -113,9 +113,10 @@ async def pipeline(
         if dash.telemetry_queued >= batch:
             text = "\n".join(dash.take(batch))
             delivered += text.count("\n") + 1
-    while dash.queue:
-        text = "\n".join(dash.take(batch))
-        delivered += text.count("\n") + 1
+    # take() until empty, not a look at the queue: the same script runs on
+    # older trees whose Dashboard queue had another shape.
+    while items := dash.take(batch):
+        delivered += len(items)
     if profile is not None:
         profile.disable()
     thread_s = time.thread_time() - t_thread

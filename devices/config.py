@@ -68,6 +68,12 @@ class SessionConfig:
     max_takeovers: int = 10
     max_client_id_changes: int = 10
     churn_window: float = 60.0
+    # Per source address (IPv6: per /64): TCP links that end without going online
+    # (over the budget, no HELLO, refused); past max_failed_links within
+    # failed_links_window, new connections from it are held unread (devices/strikes.py).
+    # 0 turns it off.
+    max_failed_links: int = 20
+    failed_links_window: float = 20.0
     # Devices with no token configured for them, on a device port that is not loopback.
     allow_anonymous: bool = False
     # Log lines a peer can cause (wrong tokens, takeovers, sessions...): per kind and window.
@@ -85,6 +91,7 @@ class SessionConfig:
             "frame_timeout": self.frame_timeout,
             "serial_frame_timeout": self.serial_frame_timeout,
             "churn_window": self.churn_window,
+            "failed_links_window": self.failed_links_window,
             "log_window": self.log_window,
         }
         for name, value in positive.items():
@@ -106,6 +113,8 @@ class SessionConfig:
         }.items():
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, not {count}")
+        if self.max_failed_links < 0:
+            raise ValueError(f"max_failed_links must be >= 0, not {self.max_failed_links}")
         if self.max_inflight_commands > 255:
             raise ValueError("max_inflight_commands must be <= 255 (one seq byte)")
         if self.rate_burst < 1:

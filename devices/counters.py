@@ -52,6 +52,7 @@ class DeviceCounters:
     auth_failed: int = 0  # HELLOs with a wrong token
     garbage_closed: int = 0  # TCP links closed by the garbage rule
     refused_connections: int = 0  # TCP connections refused at max_connections
+    refused_failed_links: int = 0  # TCP connections held: their address failed too often
     refused_max_devices: int = 0  # HELLOs refused at max_devices
     refused_takeovers: int = 0  # HELLOs refused at max_takeovers
     refused_client_id_changes: int = 0  # HELLOs refused at max_client_id_changes

@@ -27,6 +27,7 @@ from .events import CloseReason, Transport
 from .manager import DeviceManager
 from .policy import LinkPolicy
 from .session import DeviceSession
+from .strikes import FailedLinks
 from .writer import LinkWriter
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         self.server = server
         self.kind = Transport.TCP
         self.peer = "?"
+        self.host = ""
         self._session: DeviceSession | None = None
+        self._release: asyncio.TimerHandle | None = None  # set while held at the door
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -48,7 +51,10 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         self.transport = cast(asyncio.Transport, transport)
         peer: Any = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.host = str(peer[0]) if isinstance(peer, tuple) else self.peer
         server = self.server
+        if server.failed_links.max_failed and self._hold():
+            return
         if len(server.connections) >= server.max_connections:
             server.manager.counters.refused_connections += 1
             server.manager.logs.log(
@@ -64,6 +70,40 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         self._session = DeviceSession(server.manager, self, policy=server.policy)
         self._session.start()
 
+    def _hold(self) -> bool:
+        """Hold the connection unread if its address failed too often (devices/strikes.py)."""
+        server = self.server
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        until = server.failed_links.held_until(self.host, now)
+        if not until:
+            return False
+        counters = server.manager.counters
+        counters.refused_failed_links += 1
+        server.manager.logs.log(
+            "held",
+            logging.WARNING,
+            "holding connections from %s: %d links failed before HELLO within %g s "
+            "(devices.max_failed_links)",
+            self.host,
+            server.failed_links.max_failed,
+            server.failed_links.window,
+        )
+        if len(server.held) >= server.max_held:
+            self.transport.abort()  # the waiting room is full: not even a file descriptor
+            return True
+        # Never read, closed once the address may connect again: a client that
+        # reconnects in a loop waits here instead of costing a budget's decoding.
+        self.transport.pause_reading()
+        server.held.add(self)
+        self._release = loop.call_at(until, self._let_go)
+        return True
+
+    def _let_go(self) -> None:
+        self._release = None
+        if self.transport is not None:
+            self.transport.abort()
+
     def data_received(self, data: bytes) -> None:
         if self._session is not None:
             self._session.data_received(data)
@@ -73,9 +113,18 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.resume()
-        self.server.connections.discard(self)
-        if self._session is not None:
-            self._session.link_lost(CloseReason.CLOSED if exc is None else CloseReason.LOST)
+        server = self.server
+        server.connections.discard(self)
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        server.held.discard(self)
+        session = self._session
+        if session is not None:
+            session.link_lost(CloseReason.CLOSED if exc is None else CloseReason.LOST)
+            if session.info is None and not server.closing:
+                # Never went online: over the budget, no HELLO, refused, or silent.
+                server.failed_links.failed(self.host, asyncio.get_running_loop().time())
         self.transport = None
 
     def shut_down(self) -> None:
@@ -119,6 +168,7 @@ class DeviceServer:
         frame_options: FrameOptions | None = None,
         max_connections: int = MAX_CONNECTIONS,
         backlog: int = 1024,
+        max_held: int = 1024,
     ) -> None:
         self.manager = manager
         self.host = host
@@ -130,6 +180,12 @@ class DeviceServer:
         self.backlog = backlog
         # This port's open connections: what max_connections bounds and close() ends.
         self.connections: set[_DeviceConnection] = set()
+        # Connections held unread at the door (devices/strikes.py); at most max_held.
+        config = manager.config
+        self.failed_links = FailedLinks(config.max_failed_links, config.failed_links_window)
+        self.held: set[_DeviceConnection] = set()
+        self.max_held = max_held
+        self.closing = False
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -186,7 +242,10 @@ class DeviceServer:
 
     async def close(self) -> None:
         """Stop accepting and close every device connection."""
+        self.closing = True
         await self.stop_accepting()
+        for connection in list(self.held):
+            connection._let_go()
         for connection in list(self.connections):
             connection.shut_down()
         if self._server is not None:

@@ -172,6 +172,7 @@ def _link_metrics(rt: Runtime) -> list[Any]:
             "limit",
             {
                 "max_connections": c.refused_connections,
+                "max_failed_links": c.refused_failed_links,
                 "max_devices": c.refused_max_devices,
                 "max_known_devices": rt.hub.counters.refused_known_devices,
                 "max_takeovers": c.refused_takeovers,

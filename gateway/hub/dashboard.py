@@ -62,10 +62,17 @@ class Dashboard:
     # Called once when ``control_limit`` is passed; the hub disconnects the dashboard.
     on_overflow: Callable[[Dashboard], None] | None = None
     subscriptions: set[Target] = field(default_factory=set)
-    # (kind, offset, text, loop time the device frame arrived; 0 when unknown)
-    queue: deque[tuple[Kind, int, str, float]] = field(default_factory=deque)
+    # Two FIFOs instead of one, so that dropping the oldest telemetry is O(1)
+    # even behind thousands of queued control messages (a stalled dashboard
+    # during session churn): each entry carries a sequence number, and
+    # ``take`` merges the two by it, so the order pushed is the order sent.
+    # control: (seq, text); telemetry: (seq, offset, text, loop time the
+    # device frame arrived, 0 when unknown)
+    _control: deque[tuple[int, str]] = field(default_factory=deque)
+    _telemetry: deque[tuple[int, int, str, float]] = field(default_factory=deque)
+    _seq: int = 0
     telemetry_queued: int = 0
-    control_queued: int = 0  # characters of the control messages in ``queue``
+    control_queued: int = 0  # characters of the control messages queued
     dropped: int = 0  # telemetry dropped since the last lagged notice
     resume_from: int | None = None
     dropped_total: int = 0
@@ -97,7 +104,8 @@ class Dashboard:
             self.overflow()
             return
         self.control_queued += size
-        self.queue.append((Kind.CONTROL, 0, text, 0.0))
+        self._seq += 1
+        self._control.append((self._seq, text))
         self._ready.set()
 
     def push_control_json(self, obj: dict[str, object]) -> None:
@@ -122,14 +130,12 @@ class Dashboard:
         dropped = 0
         if self.telemetry_queued >= self.limit:
             # Drop the oldest telemetry; replies and presence stay.
-            for i, (kind, off, _, _) in enumerate(self.queue):
-                if kind is Kind.TELEMETRY:
-                    del self.queue[i]
-                    self.telemetry_queued -= 1
-                    self.note_drop(off)
-                    dropped = 1
-                    break
-        self.queue.append((Kind.TELEMETRY, offset, text, received))
+            off = self._telemetry.popleft()[1]
+            self.telemetry_queued -= 1
+            self.note_drop(off)
+            dropped = 1
+        self._seq += 1
+        self._telemetry.append((self._seq, offset, text, received))
         self.telemetry_queued += 1
         self._ready.set()
         return dropped
@@ -144,6 +150,14 @@ class Dashboard:
         if self.resume_from is None or offset < self.resume_from:
             self.resume_from = offset
 
+    def queued_items(self) -> list[tuple[Kind, int, str]]:
+        """What waits to be sent, in order, as (kind, offset, text): for tests and debugging."""
+        merged: list[tuple[int, Kind, int, str]] = [
+            (seq, Kind.CONTROL, 0, text) for seq, text in self._control
+        ]
+        merged += [(seq, Kind.TELEMETRY, off, text) for seq, off, text, _ in self._telemetry]
+        return [(kind, off, text) for _, kind, off, text in sorted(merged)]
+
     @property
     def has_room(self) -> bool:
         """True while telemetry can be queued without dropping any."""
@@ -151,7 +165,7 @@ class Dashboard:
 
     async def wait(self) -> None:
         """Until there is something to send (or the dashboard is closed)."""
-        while not self.queue and not self.dropped and not self.closed:
+        while not self._control and not self._telemetry and not self.dropped and not self.closed:
             self._ready.clear()
             await self._ready.wait()
 
@@ -164,15 +178,16 @@ class Dashboard:
             )
             self.dropped = 0
             self.resume_from = None
-        q = self.queue
+        control, telemetry = self._control, self._telemetry
         self.batch_received = 0.0
-        while q and len(out) < max_items:
-            kind, _, text, received = q.popleft()
-            if kind is Kind.TELEMETRY:
+        while len(out) < max_items and (control or telemetry):
+            if telemetry and (not control or telemetry[0][0] < control[0][0]):
+                _, _, text, received = telemetry.popleft()
                 self.telemetry_queued -= 1
                 if received and not self.batch_received:
                     self.batch_received = received
             else:
+                text = control.popleft()[1]
                 self.control_queued -= len(text)
             out.append(text)
         if self.telemetry_queued < self._half:
@@ -208,7 +223,8 @@ class Dashboard:
 
     def discard(self) -> None:
         """Let go of everything queued or held: nobody will read it (call after ``close``)."""
-        self.queue.clear()
+        self._control.clear()
+        self._telemetry.clear()
         self.telemetry_queued = 0
         self.control_queued = 0
         self.dropped = 0

@@ -73,6 +73,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     )
     try:
         await ws.prepare(request)
+    except ConnectionError:
+        # The client went away during the upgrade (a reset, a closed tab):
+        # nothing to answer, and nothing to log past debug, since a peer that
+        # does it in a loop must not fill the log with tracebacks.
+        ctx.hub.disconnect_dashboard(dashboard)
+        log.debug("dashboard %d left during the upgrade", dashboard.id)
+        return web.Response(status=400)  # never sent: aiohttp finds the socket gone
     except BaseException:
         ctx.hub.disconnect_dashboard(dashboard)
         raise

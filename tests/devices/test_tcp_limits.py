@@ -250,3 +250,79 @@ async def test_a_loopback_port_says_so_at_start_and_takes_anonymous_devices(
     assert gateway.server.policy.allow_anonymous
     dev = await gateway.connect()
     await dev.hello("anon")
+
+
+# ---- an address whose links keep failing is held at the door (docs/devices.md) -----------------
+
+
+async def fail_once(gw: Gateway) -> None:
+    """One link that floods before HELLO until the gateway closes it."""
+    dev = await gw.connect()
+    dev.send_raw(PING * 100)
+    await dev.closed()
+
+
+async def test_an_address_that_keeps_failing_is_held_then_let_in_again(
+    make_gateway: GatewayFactory,
+) -> None:
+    # 3 failures per 3 s: past them, one is earned back a second.
+    gw: Gateway = await make_gateway(max_failed_links=3, failed_links_window=3.0)
+    for _ in range(3):
+        await fail_once(gw)
+    await wait_until(lambda: len(gw.server.failed_links) == 1, "the failures to be counted")
+    held = await gw.connect()
+    started = time.monotonic()
+    held.send(frames.Hello(1, "late", "env-sensor", ""))
+    # Never read: no WELCOME, and closed once the address may connect again.
+    assert await held.closed() == []
+    assert time.monotonic() - started < 8.0
+    assert gw.manager.counters.refused_failed_links == 1
+    assert not gw.manager.is_online("late")
+    assert not gw.server.held
+    # Let in again: a device says HELLO and is welcomed.
+    dev = await gw.connect()
+    await dev.hello("late")
+    assert gw.manager.is_online("late")
+
+
+async def test_links_that_go_online_never_count(make_gateway: GatewayFactory) -> None:
+    gw: Gateway = await make_gateway(max_failed_links=2, failed_links_window=60.0)
+    for i in range(5):
+        dev = await gw.connect()
+        await dev.hello(f"ok-{i}")
+        dev.writer.close()
+        await wait_until(lambda: not gw.server.connections, "the link to close")
+    assert len(gw.server.failed_links) == 0
+    assert gw.manager.counters.refused_failed_links == 0
+
+
+async def test_a_held_address_does_not_touch_devices_already_online(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw: Gateway = await make_gateway(max_failed_links=1, failed_links_window=60.0)
+    online = await gw.connect()
+    await online.hello("steady")
+    await fail_once(gw)
+    held = await gw.connect()
+    await wait_until(lambda: bool(gw.server.held), "the next connection to be held")
+    online.send(frames.Data(1, ENV_DATA))
+    await gw.sink.wait_for(lambda e: isinstance(e, DeviceTelemetry) and e.client_id == "steady")
+    assert gw.manager.is_online("steady")
+    assert held in gw.clients
+
+
+async def test_held_connections_are_bounded_and_go_at_shutdown(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw: Gateway = await make_gateway(max_failed_links=1, failed_links_window=600.0)
+    gw.server.max_held = 2
+    await fail_once(gw)
+    waiting = [await gw.connect() for _ in range(2)]
+    await wait_until(lambda: len(gw.server.held) == 2, "two connections to be held")
+    extra = await gw.connect()
+    assert await extra.closed() == []  # the waiting room is full: closed at once
+    assert gw.manager.counters.refused_failed_links == 3
+    await gw.server.close()
+    for client in waiting:
+        assert await client.closed() == []
+    assert not gw.server.held

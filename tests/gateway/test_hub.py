@@ -123,7 +123,7 @@ async def test_the_same_text_goes_to_every_dashboard(hub: Hub) -> None:
         await hub.handle(d, {"op": "subscribe", "all": True})
         d.take(10)
     hub.device_event(telemetry("a", 1))
-    texts = [d.queue[0][2] for d in ds]
+    texts = [d.queued_items()[0][2] for d in ds]
     assert texts[0] is texts[1] is texts[2]  # encoded once
 
 
@@ -147,7 +147,7 @@ async def test_disconnect_forgets_subscriptions(hub: Hub) -> None:
     assert hub.subscriptions.is_empty()
     assert d.closed
     hub.device_event(telemetry("a", 1))
-    assert not d.queue
+    assert not d.queued_items()
 
 
 async def test_replay_then_live_without_gap_or_duplicate(hub: Hub) -> None:
@@ -567,12 +567,12 @@ async def test_disconnect_lets_go_of_everything_the_dashboard_held() -> None:
         for i in range(10):
             h.device_event(telemetry("d1", i))
         await h.handle(d, {"op": "devices"})
-        assert d.queue
+        assert d.queued_items()
         assert d.dropped
         ref = weakref.ref(d)
         h.disconnect_dashboard(d)
         assert h.subscriptions.is_empty()
-        assert not d.queue
+        assert not d.queued_items()
         assert not d.subscriptions
         assert not d.dropped
         assert (d.telemetry_queued, d.control_queued) == (0, 0)
@@ -595,7 +595,7 @@ async def test_a_dashboard_that_lets_control_messages_pile_up_is_disconnected() 
             drain(reader)
         assert stalled.closed
         assert stalled.close_reason == "control_queue"
-        assert not stalled.queue
+        assert not stalled.queued_items()
         assert stalled.control_queued == 0
         assert stalled.id not in h.dashboards
         assert reader.id in h.dashboards
@@ -603,7 +603,7 @@ async def test_a_dashboard_that_lets_control_messages_pile_up_is_disconnected() 
         assert h.subscriptions.subscribers("d0", "env-sensor") == {reader}
         # Requests of a dashboard closed by a bound are not answered (the web layer closes it).
         await h.handle(stalled, {"op": "subscribe", "all": True})
-        assert not stalled.queue
+        assert not stalled.queued_items()
         assert h.subscriptions.subscribers("x", "y") == {reader}
 
 
@@ -663,7 +663,7 @@ async def test_a_command_to_a_device_that_does_not_read_holds_up_no_other_reques
         assert len(d.tasks) == 1
         links.release.set()  # the device reads again: the command goes on, statuses in order
         async with asyncio.timeout(5):
-            while d.tasks or len(d.queue) < 2:
+            while d.tasks or len(d.queued_items()) < 2:
                 await asyncio.sleep(0.01)
         statuses = [m["status"] for m in drain(d) if m["op"] == "command_status"]
         assert statuses == ["sent", "acked"]

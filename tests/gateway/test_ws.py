@@ -214,3 +214,25 @@ async def test_shutdown_closes_dashboards_with_1001(make_app: AppFactory) -> Non
     closing = asyncio.create_task(d.closed())
     await client.server.close()
     assert await closing == 1001
+
+
+async def test_a_client_gone_during_the_upgrade_logs_no_traceback(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reset itself cannot be timed from a test (it must land between the
+    # handler's checks and the 101), so the upgrade is made to meet it.
+    from aiohttp import web
+
+    client = await make_app()
+    hub = runtime_of(client).hub
+
+    async def reset(self: web.WebSocketResponse, request: web.BaseRequest) -> None:
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(web.WebSocketResponse, "prepare", reset)
+    with caplog.at_level("DEBUG"):
+        for _ in range(3):
+            with pytest.raises((WSServerHandshakeError, ConnectionError, Exception)):
+                await client.ws_connect(f"/ws?token={OPERATOR}")
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    assert not hub.dashboards

@@ -188,8 +188,28 @@ async def exchange(t: Target, text: str) -> tuple[list[dict[str, Any]], int | No
             for line in msg.data.split("\n"):
                 obj = json.loads(line)
                 if obj.get("op") == "devices" and obj.get("id") == sentinel:
+                    if _late_status(text, got):
+                        sentinel = ""  # read on: the status follows (docs/api.md §3.2)
+                        continue
                     return got, None
                 got.append(obj)
+                if not sentinel and obj.get("op") in REPLIES:
+                    return got, None
+
+
+def _late_status(text: str, got: list[dict[str, Any]]) -> bool:
+    """A command whose first status may come after the sentinel's reply, and has not yet.
+
+    A command does not hold up later requests (docs/api.md §3.2), so its
+    ``command_status`` (or its ``error``) may follow the reply to the sentinel.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(obj, dict) or obj.get("op") != "command":
+        return False
+    return not any(m.get("op") in REPLIES for m in got)
 
 
 def check_answer(text: str, got: list[dict[str, Any]], close_code: int | None) -> None:

@@ -295,7 +295,7 @@ def test_a_closed_dashboard_takes_nothing_more() -> None:
     d.push_control(ctl(0))
     d.push_control_json({"op": "presence"})
     assert d.push_telemetry(1, tele(1)) == 0
-    assert not d.queue
+    assert not d.queued_items()
     assert d.telemetry_queued == 0
 
 
@@ -312,7 +312,7 @@ def test_push_telemetry_during_a_hold_goes_to_the_hold() -> None:
     assert d.held.active
     assert d.push_telemetry(1, tele(1), 5.0, "a", "env-sensor") == 0
     assert d.push_telemetry(2, tele(2), 6.0, "b", "env-sensor") == 0
-    assert not d.queue
+    assert not d.queued_items()
     assert d.telemetry_queued == 0
     assert list(d.held.items) == [
         (1, tele(1), 5.0, "a", "env-sensor"),
@@ -358,7 +358,7 @@ def test_hold_overflow_is_reported_as_drops_of_the_dashboard() -> None:
     assert pushed == [0, 0, 0, 0, 3]  # 10, 11 kept; 12, 13, 14 dropped
     assert (d.dropped, d.resume_from, d.dropped_total) == (3, 12, 3)
     assert [item[0] for item in d.held.items] == [10, 11]
-    assert not d.queue
+    assert not d.queued_items()
 
 
 def test_held_replayed_matches_any_active_target() -> None:
@@ -430,9 +430,9 @@ def test_queue_invariants_over_random_pushes_and_takes(limit: int, ops: list[int
                 elif msg["op"] == "lagged":
                     assert msg["resume_from"] not in sent
                     announced += msg["dropped"]
-        assert d.telemetry_queued == sum(1 for k, *_ in d.queue if k is Kind.TELEMETRY)
+        assert d.telemetry_queued == sum(1 for k, *_ in d.queued_items() if k is Kind.TELEMETRY)
         assert d.telemetry_queued <= limit
-        assert d.control_queued == sum(len(t) for k, _, t, _ in d.queue if k is Kind.CONTROL)
+        assert d.control_queued == sum(len(t) for k, _, t in d.queued_items() if k is Kind.CONTROL)
     for text in d.take(10_000):
         msg = json.loads(text)
         if msg["op"] == "telemetry":
@@ -485,7 +485,7 @@ def test_passing_the_control_limit_closes_the_dashboard_and_lets_go_of_its_queue
     assert closed == [d]
     assert d.closed
     assert d.close_reason == "control_queue"
-    assert not d.queue
+    assert not d.queued_items()
     assert not d.held.items
     assert (d.telemetry_queued, d.control_queued, d.dropped, d.resume_from) == (0, 0, 0, None)
     assert d.take(10) == []  # the writer finds nothing and ends
