@@ -67,6 +67,8 @@ class SessionConfig:
     # HELLOs changing the client_id of one link; beyond either, RATE_LIMITED and closed.
     max_takeovers: int = 10
     max_client_id_changes: int = 10
+    # TCP sessions of one client_id within churn_window (a device reconnecting in a loop).
+    max_sessions_per_client: int = 30
     churn_window: float = 60.0
     # Per source address (IPv6: per /64): TCP links that end without going online
     # (over the budget, no HELLO, refused); past max_failed_links within
@@ -109,6 +111,7 @@ class SessionConfig:
             "hello_budget_frames": self.hello_budget_frames,
             "max_takeovers": self.max_takeovers,
             "max_client_id_changes": self.max_client_id_changes,
+            "max_sessions_per_client": self.max_sessions_per_client,
             "max_log_lines": self.max_log_lines,
         }.items():
             if count < 1:

@@ -55,6 +55,7 @@ class DeviceCounters:
     refused_failed_links: int = 0  # TCP connections held: their address failed too often
     refused_max_devices: int = 0  # HELLOs refused at max_devices
     refused_takeovers: int = 0  # HELLOs refused at max_takeovers
+    refused_sessions: int = 0  # HELLOs refused at max_sessions_per_client
     refused_client_id_changes: int = 0  # HELLOs refused at max_client_id_changes
     refused_anonymous: int = 0  # HELLOs with no token on a port that needs one
     commands_not_reading: int = 0  # commands not written: no room on the link in time

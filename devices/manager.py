@@ -34,6 +34,7 @@ from .events import (
     DeviceOffline,
     DeviceOnline,
     DeviceTelemetry,
+    Transport,
 )
 from .logs import LogLimiter
 from .ports import ManagedSession
@@ -48,6 +49,7 @@ class _Churn:
     since: float
     takeovers: int = 0
     refused: int = 0
+    sessions: int = 0  # TCP sessions admitted (max_sessions_per_client)
 
 
 class DeviceManager:
@@ -98,6 +100,17 @@ class DeviceManager:
 
         Returns None to admit, or the reason for refusing.
         """
+        if info.transport is not Transport.TCP:
+            return self._admit(session, info)
+        churn = self._churn_of(info.client_id)
+        refusal = self._sessions_bound(info.client_id, churn)
+        if refusal is None:
+            refusal = self._admit(session, info)
+            if refusal is None:
+                churn.sessions += 1  # only sessions that start count
+        return refusal
+
+    def _admit(self, session: ManagedSession, info: DeviceInfo) -> str | None:
         client_id = info.client_id
         older = self.online.get(client_id)
         if older is not None and older is not session:
@@ -114,6 +127,34 @@ class DeviceManager:
         # The hub's say (it bounds the devices it knows); a sink without one admits all.
         if isinstance(self.sink, DeviceAdmission):
             return self.sink.admit_device(client_id)
+        return None
+
+    def _sessions_bound(self, client_id: str, churn: _Churn) -> str | None:
+        """Past ``max_sessions_per_client`` TCP sessions of ``client_id``, refuse.
+
+        A device that connects, says HELLO and leaves in a loop (with a valid
+        token) costs a session, two presence messages and two registry writes
+        each time; a real device reconnects a few times a minute at worst.
+        Serial links are not counted: nothing can loop on them.
+        """
+        config = self.config
+        if churn.sessions >= config.max_sessions_per_client:
+            churn.refused += 1
+            self.counters.refused_sessions += 1
+            if churn.refused == 1:
+                self.logs.warning(
+                    "takeovers",
+                    "device %s: %d sessions within %g s (a device reconnecting in a loop?); "
+                    "refusing HELLOs for it for the rest of the window",
+                    client_id,
+                    churn.sessions,
+                    config.churn_window,
+                )
+            return (
+                f"client_id {client_id} reconnects too often: "
+                f"max_sessions_per_client={config.max_sessions_per_client} "
+                f"per {config.churn_window:g} s"
+            )
         return None
 
     def _take_over(
@@ -162,7 +203,7 @@ class DeviceManager:
             if now - oldest.since < window:
                 break
             del churn[oldest_id]
-            if oldest.takeovers > 1 or oldest.refused:
+            if oldest.takeovers > 1 or oldest.refused:  # a quiet window is not logged
                 self.logs.warning(
                     "takeovers",
                     "device %s: %d takeovers and %d refused HELLOs in %g s",

@@ -176,6 +176,7 @@ def _link_metrics(rt: Runtime) -> list[Any]:
                 "max_devices": c.refused_max_devices,
                 "max_known_devices": rt.hub.counters.refused_known_devices,
                 "max_takeovers": c.refused_takeovers,
+                "max_sessions_per_client": c.refused_sessions,
                 "max_client_id_changes": c.refused_client_id_changes,
                 "anonymous": c.refused_anonymous,
             },

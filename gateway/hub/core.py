@@ -267,10 +267,9 @@ class Hub:
         if subscribers:
             text = telemetry_text(record, data_json)  # once, for every dashboard
             dropped = 0
+            offset, device, protocol = record.offset, record.device, record.protocol
             for d in subscribers:
-                dropped += d.push_telemetry(
-                    record.offset, text, received, record.device, record.protocol
-                )
+                dropped += d.push_telemetry(offset, text, received, device, protocol)
             if dropped:
                 self.metrics.telemetry_dropped.inc(dropped)
         # Counted on the node whose device sent it (``received`` is 0 elsewhere).

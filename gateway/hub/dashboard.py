@@ -119,7 +119,24 @@ class Dashboard:
         if self.closed:
             return 0
         if not self.held.targets:
-            return self.append_telemetry(offset, text, received)
+            # append_telemetry inlined: this runs once per message per subscribed
+            # dashboard, and a stalled dashboard takes it on every message.
+            self._seq = seq = self._seq + 1
+            queue = self._telemetry
+            if self.telemetry_queued < self.limit:
+                queue.append((seq, offset, text, received))
+                self.telemetry_queued += 1
+                self._ready.set()
+                return 0
+            # Full: the oldest telemetry goes, replies and presence stay. The
+            # writer needs no wake-up: what is queued already woke it.
+            off = queue.popleft()[1]
+            queue.append((seq, offset, text, received))
+            self.dropped += 1
+            self.dropped_total += 1
+            if self.resume_from is None or off < self.resume_from:
+                self.resume_from = off
+            return 1
         dropped = self.held.offer((offset, text, received, device, protocol))
         for off in dropped:
             self.note_drop(off)

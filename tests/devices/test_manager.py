@@ -217,7 +217,9 @@ async def test_a_takeover_storm_logs_a_few_lines_not_one_per_takeover(
     caplog.set_level(logging.INFO, logger="devices")
     clock = Clock()
     manager = DeviceManager(
-        Recorder(), SessionConfig(max_takeovers=50, churn_window=60.0), clock=clock
+        Recorder(),
+        SessionConfig(max_takeovers=50, max_sessions_per_client=1000, churn_window=60.0),
+        clock=clock,
     )
     fight(manager, "storm", 500)
     assert manager.counters.replaced == 50

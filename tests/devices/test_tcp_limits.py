@@ -326,3 +326,25 @@ async def test_held_connections_are_bounded_and_go_at_shutdown(
     for client in waiting:
         assert await client.closed() == []
     assert not gw.server.held
+
+
+async def test_a_device_reconnecting_in_a_loop_is_refused_for_the_window(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw: Gateway = await make_gateway(max_sessions_per_client=3, max_failed_links=0)
+    for _ in range(3):
+        dev = await gw.connect()
+        await dev.hello("looper")
+        dev.writer.close()
+        await wait_until(lambda: not gw.manager.is_online("looper"), "the session to end")
+    refused = await gw.connect()
+    refused.send(frames.Hello(1, "looper", "env-sensor", ""))
+    [error] = await refused.closed()
+    assert isinstance(error, frames.Error)
+    assert error.code == ErrorCode.RATE_LIMITED
+    assert "max_sessions_per_client" in error.reason
+    assert gw.manager.counters.refused_sessions == 1
+    # Other client_ids are not touched.
+    other = await gw.connect()
+    await other.hello("steady")
+    assert gw.manager.is_online("steady")
