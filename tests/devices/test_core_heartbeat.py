@@ -8,6 +8,8 @@ silent after ``misses`` x that interval, not the global one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -57,8 +59,8 @@ def test_other_protocols_keep_the_global_heartbeat() -> None:
     assert b.core.deadline == b.clock.now + 90.0
 
 
-def _serial_bench(port_heartbeat: int | None, **config: object) -> Bench:
-    session = SessionConfig(**config)  # type: ignore[arg-type]
+def _serial_bench(port_heartbeat: int | None, **config: Any) -> Bench:
+    session = SessionConfig(**config)
     port = SerialPortConfig("/dev/ttyUSB9", heartbeat=port_heartbeat)
     return Bench("serial", policy=LinkPolicy.serial(session, port), **config)
 
