@@ -249,8 +249,16 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a TOML file; a missing or invalid file is a ConfigError naming it."""
     p = Path(path)
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = p.read_bytes()
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 (a file saved as Latin-1, UTF-16...): say where, in one line.
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"config file {p} is not UTF-8: byte {e.start} (line {line}, column {column}) "
+            f"is 0x{raw[e.start]:02x}; save it as UTF-8"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
     except tomllib.TOMLDecodeError as e:
