@@ -108,6 +108,13 @@ def test_overrides_outside_1_to_65535_are_refused(bad: int) -> None:
         SerialPortConfig("/dev/ttyUSB0", heartbeat=bad)
 
 
+def test_override_keys_no_hello_could_carry_are_refused() -> None:
+    with pytest.raises(ValueError, match="'Env Sensor' is not a protocol name"):
+        HeartbeatOverrides(protocols={"Env Sensor": 300})
+    with pytest.raises(ValueError, match="'sensor 7' is not a client_id"):
+        HeartbeatOverrides(devices={"sensor 7": 300})
+
+
 def test_serial_cli_form_takes_a_heartbeat() -> None:
     port = SerialPortConfig.parse("/dev/ttyUSB0,heartbeat=300")
     assert port.heartbeat == 300
