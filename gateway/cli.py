@@ -237,8 +237,8 @@ def _load_protocols(modules: list[str]) -> None:
 def protocol_warnings(config: GatewayConfig) -> list[str]:
     """One line per protocol name in the config that no module registered.
 
-    Unknown names stay legal (their DATA is carried as hex, docs/protocol.md
-    §3), but a typo such as ``env_sensor`` for ``env-sensor`` would otherwise
+    Unknown names stay legal (their DATA is carried as hex, docs/protocols.md,
+    "Unknown protocols"), but a typo such as ``env_sensor`` for ``env-sensor`` would otherwise
     go unnoticed until a dashboard shows hex: name the closest known one.
     """
     known = known_protocols()
