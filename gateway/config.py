@@ -316,6 +316,15 @@ def _check(config: GatewayConfig, source: str) -> None:
     for name, number in (("http_port", config.http_port), ("device_port", config.device_port)):
         if not 0 <= number <= 65535:
             raise bad(f"{name} must be 0..65535, not {number}")
+    device_host = config.host if config.device_host is None else config.device_host
+    wildcard = ("0.0.0.0", "::", "")
+    if config.http_port == config.device_port != 0 and (
+        device_host == config.host or device_host in wildcard or config.host in wildcard
+    ):
+        # Caught here, not as "in use" by the second listener after the storage has opened.
+        raise bad(
+            f"http_port and device_port are both {config.http_port}: give them different ports"
+        )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise bad(f"log_level must be debug, info, warning or error, not {config.log_level!r}")
     if config.demo < 0:
