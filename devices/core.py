@@ -35,6 +35,7 @@ from typing import Any
 from frames import (
     Ack,
     Command,
+    ConstructProtocol,
     Data,
     DecoderEvent,
     Discarded,
@@ -55,6 +56,7 @@ from frames import (
     get_protocol,
     max_frame_size,
 )
+from frames.fixed import static_size
 
 from .commands import TIMED_OUT, CommandTracker
 from .config import SessionConfig
@@ -118,6 +120,32 @@ def admit_all(info: DeviceInfo) -> str | None:
     return None
 
 
+def bad_data_reason(protocol: str, body: bytes, error: RemoteProtocolError) -> str:
+    """What is wrong with a DATA body, in the protocol's terms (docs/protocols.md).
+
+    The codec's own message speaks construct ("stream read less than specified
+    amount, expected 2, found 1"); a device's author needs "env-sensor DATA is
+    5 bytes, got 4", or the field and what is wrong with it.
+    """
+    impl = get_protocol(protocol)
+    size = None
+    if isinstance(impl, ConstructProtocol):
+        # ``data`` is Struct("values" / schema, Terminated): the schema is its first field.
+        size = static_size(impl.data.subcons[0])
+    if size is not None and len(body) != size:
+        unit = "byte" if size == 1 else "bytes"
+        return f"{protocol} DATA is {size} {unit}, got {len(body)}"
+    text = str(error)
+    field = (error.field or "").removeprefix("data").lstrip(".")
+    if "stream read less than" in text:
+        return f"{protocol} DATA ends before its field {field or '(first)'} ({len(body)} bytes)"
+    if "expected end of stream" in text:
+        return f"{protocol} DATA has bytes after its last field ({len(body)} bytes)"
+    # A value the schema refuses: the field, and the codec's words after "(N bytes): ".
+    why = text.split("): ", 1)[-1]
+    return f"{protocol} DATA field {field}: {why}" if field else f"{protocol} DATA: {why}"
+
+
 def _not_online(body: bytes) -> dict[str, Any]:
     raise AssertionError("DATA decoded before the session went online")  # pragma: no cover
 
@@ -166,6 +194,8 @@ class SessionCore:
         self._hello_at = now + config.hello_timeout if policy.hello_deadline else None
         self._last_seen = now
         self._silence_limit = config.silence_limit
+        # This session's heartbeat (per device, port or protocol), set when it goes online.
+        self.heartbeat = config.heartbeat
         # The online session's identity, flat for the per-frame path.
         self._client_id = ""
         self._protocol = ""
@@ -456,7 +486,17 @@ class SessionCore:
         try:
             data = self._decode_data(message.body)
         except RemoteProtocolError as e:
-            self._send_error(e.code, str(e))
+            reason = bad_data_reason(self._protocol, message.body, e)
+            # A device sending what its protocol does not allow is worth an operator's look,
+            # but a device doing it 100 times a second must not flood the log: limited.
+            self.logs.warning(
+                "bad_data",
+                "device %s sent DATA seq %d that its protocol refuses: %s",
+                self._client_id,
+                message.seq,
+                reason,
+            )
+            self._send_error(e.code, reason)
             return
         events.append(
             DeviceTelemetry(
@@ -564,7 +604,7 @@ class SessionCore:
         if self.state is SessionState.ONLINE:
             if client_id == self._client_id and self.session_id is not None:
                 # A repeated HELLO on a live session: answer it again, same session.
-                self._send(Welcome(hello.seq, self.session_id, self.config.heartbeat))
+                self._send(Welcome(hello.seq, self.session_id, self.heartbeat))
                 return
             self._end_session(CloseReason.REHELLO, NEW_HELLO, events)
         self._go_online(client_id, protocol, hello.seq, events)
@@ -601,10 +641,14 @@ class SessionCore:
         self._client_id = client_id
         self._protocol = protocol
         self._decode_data = get_protocol(protocol).decode_data
+        # Chosen once per session, so the per-frame path only reads _silence_limit.
+        config = self.config
+        self.heartbeat = config.heartbeat_for(client_id, protocol, self.policy.heartbeat)
+        self._silence_limit = float(config.misses * self.heartbeat)
         self._hello_at = None
         self._budget_bytes = None  # the budget is for links that have not said who they are
         if hello_seq is not None:
-            self._send(Welcome(hello_seq, session_id, self.config.heartbeat))
+            self._send(Welcome(hello_seq, session_id, self.heartbeat))
         events.append(DeviceOnline(info))
         return True
 

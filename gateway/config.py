@@ -85,6 +85,7 @@ class SerialSection:
     crc_covers_header: bool = _default(FrameOptions, "crc_covers_header")
     backoff_base: float = _default(BackoffPolicy, "base")
     backoff_cap: float = _default(BackoffPolicy, "cap")
+    heartbeat: int | None = None  # this port's devices' heartbeat (docs/configuration.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,9 @@ def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
-        return {str(k): _coerce(v, str, f"{name}.{k}", source) for k, v in value.items()}
+        # The values' own type: dict[str, str] for tokens, dict[str, int] for heartbeats.
+        value_type = typing.get_args(tp)[1] if typing.get_args(tp) else str
+        return {str(k): _coerce(v, value_type, f"{name}.{k}", source) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -237,7 +240,7 @@ def _build(cls: type[Any], table: Any, where: str, source: str) -> Any:
     except ValueError as e:
         # A section's own checks name the field first: prefix it with the section.
         text = str(e)
-        sep = "." if text.split(" ", 1)[0] in known else ": "
+        sep = "." if text.split(" ", 1)[0].split(".", 1)[0] in known else ": "
         prefix = f"{where}{sep}" if where else ""
         raise ConfigError(f"{prefix}{text} (in {source})") from None
 
@@ -246,8 +249,16 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a TOML file; a missing or invalid file is a ConfigError naming it."""
     p = Path(path)
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = p.read_bytes()
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 (a file saved as Latin-1, UTF-16...): say where, in one line.
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"config file {p} is not UTF-8: byte {e.start} (line {line}, column {column}) "
+            f"is 0x{raw[e.start]:02x}; save it as UTF-8"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
     except tomllib.TOMLDecodeError as e:
@@ -305,6 +316,15 @@ def _check(config: GatewayConfig, source: str) -> None:
     for name, number in (("http_port", config.http_port), ("device_port", config.device_port)):
         if not 0 <= number <= 65535:
             raise bad(f"{name} must be 0..65535, not {number}")
+    device_host = config.host if config.device_host is None else config.device_host
+    wildcard = ("0.0.0.0", "::", "")
+    if config.http_port == config.device_port != 0 and (
+        device_host == config.host or device_host in wildcard or config.host in wildcard
+    ):
+        # Caught here, not as "in use" by the second listener after the storage has opened.
+        raise bad(
+            f"http_port and device_port are both {config.http_port}: give them different ports"
+        )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise bad(f"log_level must be debug, info, warning or error, not {config.log_level!r}")
     if config.demo < 0:
@@ -349,4 +369,5 @@ def _serial_port(s: SerialSection) -> SerialPortConfig:
         frame=FrameOptions(s.crc, s.crc_byteorder, s.crc_covers_header),  # type: ignore[arg-type]
         frame_timeout=s.frame_timeout,
         backoff=BackoffPolicy(s.backoff_base, s.backoff_cap),
+        heartbeat=s.heartbeat,
     )
