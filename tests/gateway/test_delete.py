@@ -130,7 +130,7 @@ async def test_a_delete_the_storage_cannot_do_keeps_the_device(make_app: AppFact
     client = await make_app()
     rt = runtime_of(client)
     await known_offline(rt, "f1")
-    disk = DiskFull(rt.storage)
+    disk = DiskFull(rt.storage)  # type: ignore[arg-type]
     disk.on.set()
     resp = await client.delete("/api/devices/f1", headers=AUTH)
     assert resp.status == 503
