@@ -52,7 +52,7 @@ from .messages import (
     request_id_of,
     telemetry_text,
 )
-from .ranges import RangeTable
+from .ranges import RangeTable, flag
 from .records import (
     CommandLog,
     DeviceRecord,
@@ -174,6 +174,7 @@ class Hub:
         self.metrics = metrics or Metrics()
         #: The value ranges checked on every telemetry message (docs/api.md §3.1).
         self.ranges = RangeTable(self.config.ranges)
+        self._range_checks = self.ranges.by_protocol
         self.registry = Registry(
             {device: dict(labels) for device, labels in self.config.labels.items()}, self.ranges
         )
@@ -302,7 +303,8 @@ class Hub:
     def deliver_telemetry(self, record: TelemetryRecord, data_json: str, received: float) -> None:
         """Fan a sequenced message out to its subscribers' queues."""
         # One dict lookup for a protocol without ranges (docs/api.md §3.1 out_of_range).
-        out_of_range = self.ranges.check(record.protocol, record.data)
+        checks = self._range_checks.get(record.protocol)
+        out_of_range = None if checks is None else flag(checks, record.data)
         self.registry.telemetry(record, out_of_range is not None)
         subscribers = self.subscriptions.subscribers(record.device, record.protocol)
         if subscribers:
@@ -606,7 +608,7 @@ class Hub:
         except StoreError as e:
             raise StorageUnavailable(self._unavailable(e)) from e
 
-    def out_of_range(self, record: TelemetryRecord) -> list[str] | None:
+    def out_of_range(self, record: TelemetryRecord) -> tuple[str, ...] | None:
         """The fields of a stored message outside their range (for replay and history)."""
         return self.ranges.check(record.protocol, record.data)
 

@@ -46,17 +46,17 @@ def test_overrides_replace_a_protocols_range_field_by_field() -> None:
     table = RangeTable({"env-sensor": {"battery_pct": (0, 50)}, "meter": {"kwh": (0, 10)}})
     assert table.ranges("env-sensor")["battery_pct"] == (0, 50)
     assert table.ranges("env-sensor")["temperature_c"] == (-40, 85)
-    assert table.check("env-sensor", {"battery_pct": 97, "temperature_c": 20}) == ["battery_pct"]
+    assert table.check("env-sensor", {"battery_pct": 97, "temperature_c": 20}) == ("battery_pct",)
     # An unknown protocol may be given ranges too (its DATA is hex unless a module decodes it).
-    assert table.check("meter", {"kwh": 11.5}) == ["kwh"]
+    assert table.check("meter", {"kwh": 11.5}) == ("kwh",)
 
 
 def test_bounds_are_included_and_only_numbers_are_checked() -> None:
     table = RangeTable({"p": {"a": (0, 10)}}, protocols=[])
     assert table.check("p", {"a": 0}) is None
     assert table.check("p", {"a": 10.0}) is None
-    assert table.check("p", {"a": 10.01}) == ["a"]
-    assert table.check("p", {"a": math.nan}) == ["a"]  # a NaN reading is no reading
+    assert table.check("p", {"a": 10.01}) == ("a",)
+    assert table.check("p", {"a": math.nan}) == ("a",)  # a NaN reading is no reading
     for not_a_number in (True, "11", None, [11], {"x": 11}):
         assert table.check("p", {"a": not_a_number}) is None
     assert table.check("p", {}) is None
@@ -83,10 +83,12 @@ def test_check_flags_exactly_the_numbers_outside_their_range(
     ranges: dict[str, tuple[float, float]], data: dict[str, Any]
 ) -> None:
     table = RangeTable({"p": ranges}, protocols=[])
-    expected = sorted(
-        field
-        for field, (low, high) in ranges.items()
-        if type(data.get(field)) in (int, float) and not low <= data[field] <= high
+    expected = tuple(
+        sorted(
+            field
+            for field, (low, high) in ranges.items()
+            if type(data.get(field)) in (int, float) and not low <= data[field] <= high
+        )
     )
     assert table.check("p", data) == (expected or None)
 
@@ -97,7 +99,7 @@ def test_the_message_carries_out_of_range_only_when_some_value_is() -> None:
     plain = json.loads(telemetry_text(rec, data_json))
     assert "out_of_range" not in plain
     assert plain == telemetry_message(rec)
-    flagged = json.loads(telemetry_text(rec, data_json, ["battery_pct"]))
+    flagged = json.loads(telemetry_text(rec, data_json, ("battery_pct",)))
     assert flagged["out_of_range"] == ["battery_pct"]
     assert flagged == telemetry_message(rec, ["battery_pct"])
     assert flagged["data"] == {"battery_pct": 255}  # kept as sent
