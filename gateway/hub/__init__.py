@@ -32,10 +32,10 @@ from .subscriptions import SubscriptionIndex
 __all__ = [
     "REPLAY_ROUNDS",
     "ClientError",
+    "CommandLog",
     "CommandRequest",
     "CommandRouter",
     "CommandSettings",
-    "CommandLog",
     "Dashboard",
     "DeviceIsOnline",
     "DeviceLinks",
