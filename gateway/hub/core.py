@@ -17,6 +17,7 @@ A failing storage is an answer (``unavailable``), never a dead socket.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,13 +54,7 @@ from .messages import (
     telemetry_text,
 )
 from .ranges import RangeTable, flag
-from .records import (
-    CommandLog,
-    DeviceRecord,
-    StorageUnavailable,
-    StoreError,
-    TelemetryRecord,
-)
+from .records import CommandLog, StorageUnavailable, StoreError, TelemetryRecord
 from .registry import LABEL_FIELDS, DeviceState, Labels, Registry
 from .replay import replay
 from .store import FaultLog
@@ -229,17 +224,9 @@ class Hub:
         now = now_ms()
         for state in self.registry.devices.values():
             if state.online:
-                record = state.record(now)
-                await self.engine.remember(
-                    DeviceRecord(
-                        record.device,
-                        record.protocol,
-                        record.transport,
-                        record.first_seen_ms,
-                        record.last_seen_ms,
-                        "shutdown",
-                    )
-                )
+                # Offline from now on, for the reason the next start shows.
+                record = dataclasses.replace(state.record(now), offline_reason="shutdown")
+                await self.engine.remember(record)
         await self.engine.close()
         for d in list(self.dashboards.values()):
             d.close()
