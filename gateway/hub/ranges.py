@@ -69,10 +69,18 @@ class RangeTable:
 def flag(checks: Checks, data: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The fields of ``data`` outside their range under ``checks`` (see ``RangeTable.check``)."""
     bad: tuple[str, ...] | None = None
+    get = data.get
     for field, low, high in checks:
-        value: Any = data.get(field)
+        value: Any = get(field)
+        # The common case first: a number in its range. A missing field, a
+        # string or a list cannot be compared (TypeError: not checked); a bool
+        # can, and is left alone below. A NaN is in no range: it is flagged.
+        try:
+            if low <= value <= high:
+                continue
+        except TypeError:
+            continue
         kind = type(value)
-        # "not low <= v <= high" is true for NaN too: a NaN reading is flagged.
-        if (kind is int or kind is float) and not low <= value <= high:
+        if kind is int or kind is float:
             bad = (field,) if bad is None else (*bad, field)
     return bad
