@@ -294,7 +294,7 @@ class CommandRouter:
             else:
                 return self._sent(handle, report, f"ack {device}")
         elif state.online:
-            forwarded = await self.engine.forward_command(device, body, reply)
+            forwarded = await self.engine.forward_command(device, body, reply, command_id)
             if forwarded is not None:
                 return forwarded
         return await self._enqueue(request, device, body, reply, report, command_id)
