@@ -13,11 +13,11 @@ set -euo pipefail
 
 # package -> a file it installs (what we check for: a file test, no dpkg query)
 declare -A NEEDED=(
-    [chromium]=/usr/bin/chromium  # the dashboard page's browser tests
+    [chromium]=/usr/bin/chromium         # the dashboard page's browser tests
+    [redis-server]=/usr/bin/redis-server # private Redis servers of the cluster tests
+    [mosquitto]=/usr/sbin/mosquitto      # private brokers of the MQTT tests
+    [nginx]=/usr/sbin/nginx              # the deployment recipe, run as written
 )
-# Later issues will need these; each is as cheap to check (one file test), so
-# adding one is a line here once the lead decides:
-#   [redis-server]=/usr/bin/redis-server  [mosquitto]=/usr/sbin/mosquitto  [nginx]=/usr/sbin/nginx
 
 if [ -n "${TEST_DEPS_NEEDED:-}" ]; then
     NEEDED=()
