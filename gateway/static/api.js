@@ -113,3 +113,134 @@ export async function loadHistory(device, token, options) {
   }
   return rows.slice(-wanted);
 }
+
+// ---- issue 13: device pages, labels, delete, serial ports -----------------------------------
+
+/** An HTTP answer that is not 2xx, with the gateway's error code (docs/api.md §2). */
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+let onUnauthorized = () => {};
+
+/** Who to tell when an HTTP call gets 401: the token stopped working (a restarted gateway). */
+export function whenUnauthorized(callback) {
+  onUnauthorized = callback;
+}
+
+async function call(path, token, { method = 'GET', body, accept = 'application/json' } = {}) {
+  const init = { method, cache: 'no-store', headers: { ...headers(token), Accept: accept } };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  if (response.status === 401) onUnauthorized();
+  if (!response.ok) {
+    let code = null;
+    let message = `HTTP ${response.status}`;
+    try {
+      const error = await response.json(); // errors are always JSON (docs/api.md §2)
+      code = error.code ?? null;
+      message = error.message ?? message;
+    } catch {
+      // not JSON: an older gateway or a proxy; the status says enough
+    }
+    throw new ApiError(response.status, code, message);
+  }
+  return response;
+}
+
+const devicePath = (device) => `api/devices/${encodeURIComponent(device)}`;
+
+/** GET /api/devices/{id}: the device entry (labels, counters, offline reason). */
+export async function getDevice(device, token) {
+  return (await call(devicePath(device), token)).json();
+}
+
+/** PUT /api/devices/{id}/labels (operator): the device entry as it now is. */
+export async function putLabels(device, token, labels) {
+  return (await call(`${devicePath(device)}/labels`, token, { method: 'PUT', body: labels })).json();
+}
+
+/** DELETE /api/devices/{id} (operator; offline devices only, else 409 conflict). */
+export async function deleteDevice(device, token) {
+  return (await call(devicePath(device), token, { method: 'DELETE' })).json();
+}
+
+/** GET /api/serial's ports, or null when the gateway has no such endpoint (an older one). */
+export async function getSerialPorts(token) {
+  try {
+    const body = await (await call('api/serial', token)).json();
+    return Array.isArray(body.ports) ? body.ports : [];
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) return null;
+    throw error;
+  }
+}
+
+/**
+ * One time range's stored telemetry of a device, oldest first:
+ * GET .../telemetry?from=&to= a page at a time. Each next page starts at the
+ * last reading's time; the readings at that very time that were already had are
+ * dropped by offset, so a page boundary inside one millisecond loses nothing.
+ * Stops after `maxRows` (the chart has a few hundred pixels; `truncated` says so).
+ */
+export async function loadRange(device, token, { from, to, maxRows = 20000 }) {
+  let rows = [];
+  let start = from;
+  let lastOffset = -1;
+  let truncated = false;
+  for (;;) {
+    const path = `${devicePath(device)}/telemetry?from=${start}&to=${to}&limit=${PAGE_LIMIT}`;
+    const body = await (await call(path, token)).json();
+    const batch = (Array.isArray(body.telemetry) ? body.telemetry : []).filter(
+      (row) => row.offset > lastOffset || row.ts > start,
+    );
+    rows = rows.concat(batch);
+    const full = (body.telemetry?.length ?? 0) >= PAGE_LIMIT;
+    if (!full || !batch.length) break; // the end, or a millisecond holding a whole page
+    if (rows.length >= maxRows) {
+      truncated = true;
+      break;
+    }
+    const last = batch[batch.length - 1];
+    start = last.ts;
+    lastOffset = last.offset;
+  }
+  return { rows, truncated };
+}
+
+/**
+ * A time range as CSV (format=csv), every page of it joined under one header.
+ * Fetched with the token in a header, then handed to the browser as a file.
+ */
+export async function loadCsv(device, token, { from, to }) {
+  let text = '';
+  let start = from;
+  let lastOffset = -1;
+  let header = null;
+  for (let pages = 0; pages < 1000; pages += 1) {
+    const path = `${devicePath(device)}/telemetry?from=${start}&to=${to}&limit=${PAGE_LIMIT}&format=csv`;
+    const body = await (await call(path, token, { accept: 'text/csv' })).text();
+    const lines = body.split(/\r?\n/).filter((line) => line !== '');
+    if (header === null) {
+      header = lines[0] ?? 'offset,ts,seq';
+      text = `${header}\n`;
+    }
+    const rows = lines.slice(1).map((line) => {
+      const [offset, ts] = line.split(',', 2).map(Number);
+      return { line, offset, ts };
+    });
+    const fresh = rows.filter((row) => row.offset > lastOffset || row.ts > start);
+    for (const row of fresh) text += `${row.line}\n`;
+    if (rows.length < PAGE_LIMIT || !fresh.length) break;
+    start = fresh[fresh.length - 1].ts;
+    lastOffset = fresh[fresh.length - 1].offset;
+  }
+  return text;
+}
