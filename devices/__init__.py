@@ -26,7 +26,7 @@ from .events import (
     Transport,
 )
 from .logs import LogLimiter
-from .manager import DeviceManager
+from .manager import DeviceManager, PortState, SerialPortStatus
 from .policy import LinkPolicy
 from .ports import LinkPort, ManagedSession, ReadFlow, SessionHost
 from .serial_link import SerialLink
@@ -58,9 +58,11 @@ __all__ = [
     "LinkPort",
     "LogLimiter",
     "ManagedSession",
+    "PortState",
     "ReadFlow",
     "SerialLink",
     "SerialPortConfig",
+    "SerialPortStatus",
     "SessionConfig",
     "SessionCore",
     "SessionEvent",

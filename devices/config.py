@@ -34,6 +34,30 @@ class DeviceAuth:
         return hmac.compare_digest(expected.encode(), token.encode())
 
 
+def _check_heartbeat(name: str, value: int) -> None:
+    """A heartbeat goes in WELCOME as a u16 (docs/protocol.md §3): 1..65535 seconds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 0xFFFF:
+        raise ValueError(f"{name} must be 1..65535 seconds, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOverrides:
+    """Heartbeat intervals that differ from ``SessionConfig.heartbeat``.
+
+    ``devices`` by client_id, ``protocols`` by protocol name. With the
+    serial port's own ``heartbeat`` the order is: device > serial port >
+    protocol > the global ``heartbeat`` (``SessionConfig.heartbeat_for``).
+    """
+
+    protocols: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, table in (("protocols", self.protocols), ("devices", self.devices)):
+            for key, value in table.items():
+                _check_heartbeat(f"{kind}.{key}", value)
+
+
 # Defaults that more than one part takes: written once here.
 BAUD: Final = 115200
 MAX_CONNECTIONS: Final = 20_000  # TCP device connections at once
@@ -75,6 +99,8 @@ class SessionConfig:
     log_window: float = 60.0
     token: str | None = None  # one device token for every device
     tokens: dict[str, str] = field(default_factory=dict)  # per client_id; wins over token
+    # Heartbeats per device and per protocol (a serial port may have its own too).
+    heartbeat_overrides: HeartbeatOverrides = field(default_factory=HeartbeatOverrides)
 
     def __post_init__(self) -> None:
         positive = {
@@ -90,8 +116,7 @@ class SessionConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, not {value}")
-        if not 1 <= self.heartbeat <= 0xFFFF:
-            raise ValueError(f"heartbeat must be 1..65535 seconds, not {self.heartbeat}")
+        _check_heartbeat("heartbeat", self.heartbeat)
         for name, count in {
             "misses": self.misses,
             "max_inflight_commands": self.max_inflight_commands,
@@ -124,8 +149,19 @@ class SessionConfig:
 
     @property
     def silence_limit(self) -> float:
-        """Seconds of silence after which a session ends."""
+        """Seconds of silence after which a session ends (at the global heartbeat)."""
         return float(self.misses * self.heartbeat)
+
+    def heartbeat_for(self, client_id: str, protocol: str, port: int | None = None) -> int:
+        """The heartbeat of one device: its own override, else its serial ``port``'s,
+        else its protocol's, else the global ``heartbeat`` (docs/configuration.md)."""
+        overrides = self.heartbeat_overrides
+        own = overrides.devices.get(client_id)
+        if own is not None:
+            return own
+        if port is not None:
+            return port
+        return overrides.protocols.get(protocol, self.heartbeat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +176,7 @@ class SerialPortConfig:
     frame_timeout: float | None = None  # None: SessionConfig.serial_frame_timeout
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     health_interval: float = 1.0  # how often to check that the port is still the one opened
+    heartbeat: int | None = None  # this port's devices' heartbeat (see heartbeat_for)
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -151,6 +188,8 @@ class SerialPortConfig:
                 f"serial {self.url}: give both client_id and protocol for a fixed identity, "
                 "or neither (then the device sends HELLO)"
             )
+        if self.heartbeat is not None:
+            _check_heartbeat(f"serial {self.url}: heartbeat", self.heartbeat)
         if self.client_id is not None and not valid_client_id(self.client_id):
             raise ValueError(
                 f"serial {self.url}: client_id {self.client_id!r} must be 1..64 characters "
@@ -169,7 +208,7 @@ class SerialPortConfig:
 
     @classmethod
     def parse(cls, spec: str) -> SerialPortConfig:
-        """Parse the CLI form ``URL,client_id=ID,protocol=NAME,baud=N``."""
+        """Parse the CLI form ``URL,client_id=ID,protocol=NAME,baud=N,heartbeat=S``."""
         url, *pairs = spec.split(",")
         values: dict[str, str] = {}
         for pair in pairs:
@@ -177,20 +216,26 @@ class SerialPortConfig:
             key = key.strip()
             if not sep or not value:
                 raise ValueError(f"--serial {spec!r}: expected key=value, got {pair!r}")
-            if key not in ("client_id", "protocol", "baud"):
+            if key not in SERIAL_KEYS:
                 raise ValueError(
-                    f"--serial {spec!r}: unknown key {key!r} (client_id, protocol, baud)"
+                    f"--serial {spec!r}: unknown key {key!r} ({', '.join(SERIAL_KEYS)})"
                 )
             values[key] = value.strip()
-        baud = BAUD
-        if "baud" in values:
-            try:
-                baud = int(values["baud"])
-            except ValueError:
-                raise ValueError(f"--serial {spec!r}: baud must be an integer") from None
+        numbers: dict[str, int] = {}
+        for key in ("baud", "heartbeat"):
+            if key in values:
+                try:
+                    numbers[key] = int(values[key])
+                except ValueError:
+                    raise ValueError(f"--serial {spec!r}: {key} must be an integer") from None
         return cls(
             url=url.strip(),
-            baud=baud,
+            baud=numbers.get("baud", BAUD),
             client_id=values.get("client_id"),
             protocol=values.get("protocol"),
+            heartbeat=numbers.get("heartbeat"),
         )
+
+
+# The keys of ``--serial URL,key=value,...``.
+SERIAL_KEYS: Final = ("client_id", "protocol", "baud", "heartbeat")

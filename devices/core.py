@@ -166,6 +166,8 @@ class SessionCore:
         self._hello_at = now + config.hello_timeout if policy.hello_deadline else None
         self._last_seen = now
         self._silence_limit = config.silence_limit
+        # This session's heartbeat (per device, port or protocol), set when it goes online.
+        self.heartbeat = config.heartbeat
         # The online session's identity, flat for the per-frame path.
         self._client_id = ""
         self._protocol = ""
@@ -564,7 +566,7 @@ class SessionCore:
         if self.state is SessionState.ONLINE:
             if client_id == self._client_id and self.session_id is not None:
                 # A repeated HELLO on a live session: answer it again, same session.
-                self._send(Welcome(hello.seq, self.session_id, self.config.heartbeat))
+                self._send(Welcome(hello.seq, self.session_id, self.heartbeat))
                 return
             self._end_session(CloseReason.REHELLO, NEW_HELLO, events)
         self._go_online(client_id, protocol, hello.seq, events)
@@ -601,10 +603,14 @@ class SessionCore:
         self._client_id = client_id
         self._protocol = protocol
         self._decode_data = get_protocol(protocol).decode_data
+        # Chosen once per session, so the per-frame path only reads _silence_limit.
+        config = self.config
+        self.heartbeat = config.heartbeat_for(client_id, protocol, self.policy.heartbeat)
+        self._silence_limit = float(config.misses * self.heartbeat)
         self._hello_at = None
         self._budget_bytes = None  # the budget is for links that have not said who they are
         if hello_seq is not None:
-            self._send(Welcome(hello_seq, session_id, self.config.heartbeat))
+            self._send(Welcome(hello_seq, session_id, self.heartbeat))
         events.append(DeviceOnline(info))
         return True
 

@@ -14,14 +14,16 @@ the ``SessionHost`` interface, so it imports no session code.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from frames import ErrorCode
 
-from .config import SessionConfig
+from .config import SerialPortConfig, SessionConfig
 from .counters import DeviceCounters, LinkCounters
 from .events import (
     CloseReason,
@@ -50,6 +52,41 @@ class _Churn:
     refused: int = 0
 
 
+class PortState(enum.StrEnum):
+    """Where a configured serial port is (docs/api.md, ``GET /api/serial``)."""
+
+    OPEN = "open"  # opened: its device can talk
+    RETRYING = "retrying"  # not open yet, failed to open or lost: opened again with backoff
+    MISSING = "missing"  # its device node does not exist (unplugged, wrong path)
+
+
+@dataclass(slots=True)
+class SerialPortStatus:
+    """One configured serial port's state, since when (unix ms), and the last error."""
+
+    url: str
+    client_id: str | None
+    protocol: str | None
+    state: PortState
+    since: int
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The port as ``GET /api/serial`` lists it."""
+        return {
+            "url": self.url,
+            "client_id": self.client_id,
+            "protocol": self.protocol,
+            "state": str(self.state),
+            "since": self.since,
+            "error": self.error,
+        }
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class DeviceManager:
     """All device sessions of one gateway, and the seam to the hub (a ``SessionHost``)."""
 
@@ -59,6 +96,7 @@ class DeviceManager:
         config: SessionConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = _wall_ms,
     ) -> None:
         self.sink = sink
         self.config = config = config or SessionConfig()
@@ -75,10 +113,42 @@ class DeviceManager:
         self.closed_totals = LinkCounters()
         # Counters that outlive a link: one set per serial port, across reopenings.
         self._port_counters: dict[str, LinkCounters] = {}
+        # Every configured serial port, by URL, from start: open, retrying or missing.
+        self.serial_ports: dict[str, SerialPortStatus] = {}
+        self._wall_ms = wall_ms
 
     def port_counters(self, port: str) -> LinkCounters:
         """The counters of ``port`` (a serial URL), the same set every time it reopens."""
         return self._port_counters.setdefault(port, LinkCounters())
+
+    def add_serial_port(self, port: SerialPortConfig) -> SerialPortStatus:
+        """Register a configured serial port (``retrying`` until it first opens); idempotent."""
+        status = self.serial_ports.get(port.url)
+        if status is None:
+            status = self.serial_ports[port.url] = SerialPortStatus(
+                port.url, port.client_id, port.protocol, PortState.RETRYING, self._wall_ms()
+            )
+        return status
+
+    def serial_port_changed(self, url: str, state: PortState, error: str | None) -> None:
+        """A serial link's port opened, failed to open, went missing or was lost."""
+        status = self.serial_ports.get(url)
+        if status is None:
+            status = self.serial_ports[url] = SerialPortStatus(
+                url, None, None, state, self._wall_ms(), error
+            )
+            return
+        if status.state is not state:
+            status.since = self._wall_ms()  # since the state, not since the last retry
+        status.state = state
+        status.error = error
+
+    def serial_summary(self) -> dict[str, int]:
+        """How many configured serial ports are in each state (for ``/healthz``)."""
+        out = {str(state): 0 for state in PortState}
+        for status in self.serial_ports.values():
+            out[str(status.state)] += 1
+        return out
 
     # ---- called by sessions (SessionHost) -----------------------------------------------------
 

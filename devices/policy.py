@@ -39,6 +39,8 @@ class LinkPolicy:
     hello_budget: bool = False
     # A device with no token configured for it may say HELLO (docs/protocol.md §4).
     allow_anonymous: bool = True
+    # The link's own heartbeat (a serial port's ``heartbeat``): see SessionConfig.heartbeat_for.
+    heartbeat: int | None = None
 
     @classmethod
     def tcp(
@@ -78,6 +80,7 @@ class LinkPolicy:
             silence_closes=False,
             fixed_identity=fixed,
             frame=port.frame if port is not None else FrameOptions(),
+            heartbeat=port.heartbeat if port is not None else None,
         )
 
     @classmethod

@@ -27,7 +27,7 @@ from frames.backoff import Backoff
 
 from .config import SerialPortConfig
 from .events import CloseReason, Transport
-from .manager import DeviceManager
+from .manager import DeviceManager, PortState
 from .policy import LinkPolicy
 from .session import DeviceSession
 from .writer import LinkWriter
@@ -83,7 +83,9 @@ class SerialLink(LinkWriter):
         self.counters = manager.port_counters(config.url)
         self.policy = LinkPolicy.serial(manager.config, config)
         self.session: DeviceSession | None = None
-        self.state = "closed"  # closed -> open -> lost/failed -> open ...
+        # Listed (GET /api/serial, /healthz) from now on, before any attempt to open it.
+        self.status = manager.add_serial_port(config)
+        self.state = "closed"  # closed -> open -> lost/failed/missing -> open ...
         self.last_error: str | None = None
         self.opened = asyncio.Event()  # set each time the port opens (tests await it)
         self._backoff = Backoff(config.backoff, rng or random.Random())
@@ -107,6 +109,8 @@ class SerialLink(LinkWriter):
             self._task = None
 
     def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != "closed":  # at shutdown the last state is kept for the listing
+            self.manager.serial_port_changed(self.config.url, _PORT_STATES[state], error)
         if state == self.state and error == self.last_error:
             return  # one log line per change of state, not per retry
         self.state = state
@@ -131,7 +135,7 @@ class SerialLink(LinkWriter):
                         baudrate=self.config.baud,
                     )
                 except (serial.SerialException, OSError, ValueError) as e:
-                    self._set_state("failed", _short(e))
+                    self._set_state("missing" if self._missing() else "failed", _short(e))
                     await asyncio.sleep(self._backoff.next_delay())
                     continue
                 await self._serve(transport, protocol)
@@ -170,6 +174,11 @@ class SerialLink(LinkWriter):
             await self._close_port(protocol)
             self.resume()
 
+    def _missing(self) -> bool:
+        """True when the port is a device path that does not exist (not a pyserial URL)."""
+        url = self.config.url
+        return "://" not in url and not os.path.exists(url)
+
     def _health_problem(self, transport: Any, identity: tuple[int, int] | None) -> str | None:
         port = getattr(transport, "serial", None)
         if port is None or not port.is_open:
@@ -193,6 +202,15 @@ class SerialLink(LinkWriter):
         if port is not None and port.is_open:
             with contextlib.suppress(Exception):
                 port.close()
+
+
+# This link's states, as the manager lists them: lost and failed ports are retried.
+_PORT_STATES = {
+    "open": PortState.OPEN,
+    "failed": PortState.RETRYING,
+    "lost": PortState.RETRYING,
+    "missing": PortState.MISSING,
+}
 
 
 def _short(exc: BaseException | None) -> str:

@@ -24,6 +24,7 @@ from .metrics import Metrics, counter, counters, gauge
 from .storage import SQLiteStorage, Storage
 from .web import WEB, WebContext, add_routes
 from .web.connections import HttpConnectionCap
+from .web.serial import SERIAL_PORTS, SERIAL_SUMMARY
 
 
 @dataclass(slots=True)
@@ -74,6 +75,8 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         storage=storage,
         manager=manager,
         device_server=server,
+        # Made (not started) now, so each configured port is listed from the start.
+        serial_links=[SerialLink(manager, port) for port in config.serial_ports()],
     )
     metrics.add_snapshot(lambda: _link_metrics(rt))
     metrics.add_snapshot(lambda: _hub_metrics(rt))
@@ -244,10 +247,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # aiohttp runs no cleanup for a context whose startup failed: undo it here.
         await shutdown(rt)
         raise
-    for port in rt.config.serial_ports():
-        link = SerialLink(rt.manager, port)
+    for link in rt.serial_links:
         link.start()
-        rt.serial_links.append(link)
     yield
     # Runs after on_shutdown and after the handlers ended: flush what was accepted.
     await stop_traffic(rt)
@@ -296,6 +297,9 @@ def create_app(config: GatewayConfig, tokens: TokenTable) -> web.Application:
     )
     app[RUNTIME] = rt
     app[WEB] = rt
+    ports = rt.manager.serial_ports
+    app[SERIAL_PORTS] = lambda: [status.to_json() for status in ports.values()]
+    app[SERIAL_SUMMARY] = rt.manager.serial_summary
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serial",
         action="append",
         type=_serial,
-        metavar="URL[,client_id=ID,protocol=NAME,baud=N]",
+        metavar="URL[,client_id=ID,protocol=NAME,baud=N,heartbeat=S]",
         help="a serial port (any pyserial URL); repeat for more ports",
     )
     serve.add_argument(
@@ -154,6 +154,8 @@ def config_from_args(
             if p.client_id is not None:
                 entry["client_id"] = p.client_id
                 entry["protocol"] = p.protocol
+            if p.heartbeat is not None:
+                entry["heartbeat"] = p.heartbeat
             serial.append(entry)
         overrides["serial"] = serial
     return build_config(table, source=source, overrides=overrides, environ=environ)

@@ -85,6 +85,7 @@ class SerialSection:
     crc_covers_header: bool = _default(FrameOptions, "crc_covers_header")
     backoff_base: float = _default(BackoffPolicy, "base")
     backoff_cap: float = _default(BackoffPolicy, "cap")
+    heartbeat: int | None = None  # this port's devices' heartbeat (docs/configuration.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,9 @@ def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
-        return {str(k): _coerce(v, str, f"{name}.{k}", source) for k, v in value.items()}
+        # The values' own type: dict[str, str] for tokens, dict[str, int] for heartbeats.
+        value_type = typing.get_args(tp)[1] if typing.get_args(tp) else str
+        return {str(k): _coerce(v, value_type, f"{name}.{k}", source) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -237,7 +240,7 @@ def _build(cls: type[Any], table: Any, where: str, source: str) -> Any:
     except ValueError as e:
         # A section's own checks name the field first: prefix it with the section.
         text = str(e)
-        sep = "." if text.split(" ", 1)[0] in known else ": "
+        sep = "." if text.split(" ", 1)[0].split(".", 1)[0] in known else ": "
         prefix = f"{where}{sep}" if where else ""
         raise ConfigError(f"{prefix}{text} (in {source})") from None
 
@@ -349,4 +352,5 @@ def _serial_port(s: SerialSection) -> SerialPortConfig:
         frame=FrameOptions(s.crc, s.crc_byteorder, s.crc_covers_header),  # type: ignore[arg-type]
         frame_timeout=s.frame_timeout,
         backoff=BackoffPolicy(s.backoff_base, s.backoff_cap),
+        heartbeat=s.heartbeat,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import rest
+from . import rest, serial
 from .context import WEB, WebContext
 from .errors import json_errors
 from .page import index, page_headers, static_dir
@@ -30,6 +30,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/devices/{id}", rest.get_device)
     app.router.add_get("/api/devices/{id}/telemetry", rest.device_telemetry)
     app.router.add_post("/api/devices/{id}/commands", rest.post_command)
+    app.router.add_get("/api/serial", serial.list_serial_ports)
     app.router.add_get("/healthz", rest.healthz)
     app.router.add_get("/metrics", rest.metrics)
     app.router.add_get("/", index)

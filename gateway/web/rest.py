@@ -17,6 +17,7 @@ from ..hub.records import StoreError
 from ..metrics import CONTENT_TYPE
 from .context import WEB
 from .errors import http_error, presented, require
+from .serial import serial_summary
 
 # The code of a 503 to a request that needs the storage while it fails.
 STORAGE_UNAVAILABLE_CODE = "storage_unavailable"
@@ -201,6 +202,8 @@ async def healthz(request: web.Request) -> web.Response:
         "devices_online": ctx.hub.online_count(),
         "dashboards": len(ctx.hub.dashboards),
         "storage": {"status": "ok"},
+        # A missing serial port is shown, not a failure of the node: the status stays 200.
+        "serial": serial_summary(request.app),
     }
     if health.ok:
         return web.json_response(body)

@@ -21,6 +21,7 @@ from devices import (
     CommandStatus,
     DeviceManager,
     DeviceTelemetry,
+    PortState,
     SerialLink,
     SerialPortConfig,
     SessionConfig,
@@ -351,7 +352,12 @@ async def test_missing_port_keeps_retrying_and_says_why_once(
     link, _ = await start_link(cfg)
     try:
         await wait_until(lambda: link._backoff.attempt >= 5, "five failed opens")
-        assert link.state == "failed"
+        assert link.state == "missing"
+        # The manager lists it too (GET /api/serial), since its first failed open.
+        status = link.manager.serial_ports[str(missing)]
+        assert status.state is PortState.MISSING
+        assert status.error is not None
+        assert "No such file" in status.error
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1
         assert str(missing) in warnings[0].getMessage()
@@ -373,6 +379,7 @@ def test_serial_spec_parsing() -> None:
         ("/dev/x,client_id=a", "both client_id and protocol"),
         ("/dev/x,speed=9600", "unknown key 'speed'"),
         ("/dev/x,baud=fast", "baud must be an integer"),
+        ("/dev/x,heartbeat=0", "heartbeat must be 1..65535"),
         ("/dev/x,baud", "expected key=value"),
         ("/dev/x,client_id=a b,protocol=p", "client_id"),
         (",client_id=a,protocol=p", "URL"),

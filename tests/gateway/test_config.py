@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from devices.config import HeartbeatOverrides
 from gateway.cli import build_parser, config_from_args
 from gateway.config import (
     AuthSection,
@@ -323,6 +324,49 @@ def test_serial_flags_add_to_the_files_ports(tmp_path: Path) -> None:
     assert (plain.client_id, plain.baud) == (None, 115200)
 
 
+def test_heartbeat_overrides_from_the_file_and_the_serial_flag(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[devices.heartbeat_overrides]\n"
+        "protocols = {'env-sensor' = 300}\n"
+        "devices = {'sensor-7' = 600}\n"
+        "[[serial]]\nurl = '/dev/ttyUSB0'\nheartbeat = 120\n",
+    )
+    config = from_flags("--config", str(path), "--serial", "/dev/ttyACM0,heartbeat=45")
+    overrides = config.devices.heartbeat_overrides
+    assert (overrides.protocols, overrides.devices) == ({"env-sensor": 300}, {"sensor-7": 600})
+    assert [p.heartbeat for p in config.serial_ports()] == [120, 45]
+    session = config.session_config()
+    assert session.heartbeat_for("sensor-7", "env-sensor", 120) == 600
+    assert session.heartbeat_for("s-1", "env-sensor", 120) == 120
+    assert session.heartbeat_for("s-1", "env-sensor") == 300
+    assert session.heartbeat_for("r-1", "relay-4") == 30
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "[devices.heartbeat_overrides]\nprotocols = {'env-sensor' = 0}\n",
+            ["devices.heartbeat_overrides.protocols.env-sensor", "1..65535", "not 0"],
+        ),
+        (
+            "[devices.heartbeat_overrides]\ndevices = {'s-1' = '300'}\n",
+            ["devices.heartbeat_overrides.devices.s-1", "expected an integer"],
+        ),
+        ("[[serial]]\nurl = '/dev/x'\nheartbeat = 70000\n", ["serial[0]", "heartbeat", "70000"]),
+        ("[devices.heartbeat_overrides]\nports = {}\n", ["devices.heartbeat_overrides.ports"]),
+    ],
+)
+def test_bad_heartbeat_overrides_name_the_key(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    for word in words:
+        assert word in str(e.value)
+    assert str(path) in str(e.value)
+
+
 # ---- defaults ----------------------------------------------------------------------------------
 
 
@@ -372,6 +416,7 @@ SECTIONS: dict[str, type[Any]] = {
     "Top level": GatewayConfig,
     "[auth]": AuthSection,
     "[devices]": DevicesSection,
+    "[devices.heartbeat_overrides]": HeartbeatOverrides,
     "[[serial]]": SerialSection,
     "[dashboards]": DashboardsSection,
     "[http]": HttpSection,
