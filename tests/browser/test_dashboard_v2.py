@@ -1,0 +1,276 @@
+"""Dashboard v2 (issue 13) in a real browser against a real gateway.
+
+Sparklines, offline cards dimmed with their reason, natural order, the state
+filter and summary bar, serial ports from the start, the phone layout, the
+signed-out state after a restart with another token, and codes in words.
+Every wait is on a condition on the page or on the gateway's HTTP API.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect
+
+from tests.browser.conftest import _started
+from tests.browser.support import (
+    OPERATOR,
+    TIMEOUT_MS,
+    VIEWER,
+    demo_gateway,
+    hello_device,
+    listed_devices,
+    page_url,
+    send_data,
+)
+from tests.support.gateway import GatewayProcess
+from tests.support.wait import wait_until_sync
+
+pytestmark = pytest.mark.browser
+
+MISSING_PORT = "/dev/ttyIOT-NOT-THERE"
+READING = {"temperature_c": 21.5, "humidity_pct": 40.0, "battery_pct": 80}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The demo's devices plus a configured serial port whose device node does not exist."""
+    workdir = tmp_path_factory.mktemp("gateway")
+    gw = demo_gateway(workdir)
+    gw.args += ["--serial", f"{MISSING_PORT},client_id=boiler-1,protocol=env-sensor"]
+    yield from _started(workdir, gw)
+
+
+def card(page: Page, device: str) -> Locator:
+    return page.locator(f'[data-testid="device-card"][data-device="{device}"]')
+
+
+def open_live(page: Page, gateway: GatewayProcess, token: str = OPERATOR) -> None:
+    page.goto(page_url(gateway, token))
+    expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "connected")
+    expect(card(page, "demo-1")).to_be_visible()
+
+
+def visible_ids(page: Page) -> list[str]:
+    ids: list[str] = page.eval_on_selector_all(
+        '[data-testid="device-card"]', "cards => cards.map((c) => c.dataset.device)"
+    )
+    return ids
+
+
+def test_cards_draw_live_sparklines(page: Page, gateway: GatewayProcess) -> None:
+    open_live(page, gateway)
+    sensor = card(page, "demo-1")
+    spark = sensor.locator('[data-testid="sparkline"][data-label="temperature_c"]')
+    expect(spark).to_have_count(1)
+    page.wait_for_function(
+        """() => {
+            const s = document.querySelector(
+                '[data-device="demo-1"] [data-testid="sparkline"][data-label="temperature_c"]');
+            return s && Number(s.dataset.points) >= 3;
+        }""",
+        timeout=TIMEOUT_MS,
+    )
+    points = spark.locator("polyline").get_attribute("points") or ""
+    assert len(points.split()) >= 3
+    # One sparkline per numeric value, and a step line per relay channel.
+    expect(sensor.get_by_test_id("sparkline")).to_have_count(3)
+    relay = card(page, "demo-2")
+    expect(relay.locator('[data-testid="relay-channel"] [data-testid="sparkline"]')).to_have_count(4)
+    # A card's sparklines stay inside it: the card is no taller than its neighbour's row needs.
+    box = sensor.bounding_box()
+    assert box is not None and box["height"] < 400
+
+
+def test_opened_card_takes_the_whole_row(page: Page, gateway: GatewayProcess) -> None:
+    open_live(page, gateway)
+    sensor = card(page, "demo-1")
+    other = card(page, "demo-3")
+    before = other.bounding_box()
+    sensor.get_by_test_id("toggle-details").click()
+    expect(sensor.get_by_test_id("history-state")).to_have_attribute("data-state", "loaded")
+    opened = sensor.bounding_box()
+    after = other.bounding_box()
+    assert before and opened and after
+    # The opened card spans the row; its neighbour is not stretched to its height.
+    assert after["height"] == pytest.approx(before["height"], abs=40)
+    assert opened["width"] > 1.5 * after["width"]
+
+
+def test_offline_card_is_dimmed_with_reason_and_since(page: Page, gateway: GatewayProcess) -> None:
+    sensor = hello_device(gateway, "gone-sensor")
+    send_data(sensor, "env-sensor", READING)
+    wait_until_sync(
+        lambda: (listed_devices(gateway).get("gone-sensor") or {}).get("last") is not None,
+        "gone-sensor's reading stored",
+        timeout=TIMEOUT_MS / 1000,
+    )
+    relay = hello_device(gateway, "gone-relay", "relay-4")
+    send_data(relay, "relay-4", {"channels": [True, False, True, False]})
+    wait_until_sync(
+        lambda: (listed_devices(gateway).get("gone-relay") or {}).get("last") is not None,
+        "gone-relay's reading stored",
+        timeout=TIMEOUT_MS / 1000,
+    )
+    open_live(page, gateway)
+    online_value = card(page, "demo-1").get_by_test_id("value-temperature_c")
+    expect(card(page, "gone-sensor")).to_have_attribute("data-online", "true")
+    sensor.close()
+    relay.close()
+
+    gone = card(page, "gone-sensor")
+    expect(gone).to_have_attribute("data-online", "false")
+    expect(gone.get_by_test_id("device-online")).to_have_text("Offline")
+    info = gone.get_by_test_id("offline-info")
+    expect(info).to_be_visible()
+    expect(info).to_contain_text("Offline since")
+    expect(gone.get_by_test_id("offline-reason")).to_contain_text("closed")
+    expect(gone.get_by_test_id("offline-since")).to_have_text(re.compile(r"\d\d:\d\d:\d\d"))
+    # The values are kept but muted: not bold, not in the text colour of an online card.
+    value = gone.get_by_test_id("value-temperature_c")
+    expect(value).to_have_text("21.50 °C")
+    style = "el => [getComputedStyle(el).fontWeight, getComputedStyle(el).color]"
+    assert value.evaluate(style) != online_value.evaluate(style)
+    assert value.evaluate("el => getComputedStyle(el).fontWeight") == "400"
+    # The relay's switches show their last state but cannot be pressed.
+    switches = card(page, "gone-relay").get_by_test_id("relay-channel")
+    expect(switches).to_have_count(4)
+    for i in range(4):
+        expect(switches.nth(i)).to_be_disabled()
+    expect(switches.nth(0)).to_contain_text("On")
+
+
+def test_natural_order_filters_and_summary(page: Page, gateway: GatewayProcess) -> None:
+    for name in ("sim-10", "sim-2", "sim-1"):
+        hello_device(gateway, name).close()
+    wait_until_sync(
+        lambda: all(n in listed_devices(gateway) for n in ("sim-1", "sim-2", "sim-10")),
+        "the three sims known",
+        timeout=TIMEOUT_MS / 1000,
+    )
+    open_live(page, gateway)
+    group = page.locator('[data-testid="group"][data-protocol="env-sensor"]')
+    expect(group.locator('[data-device="sim-10"]')).to_be_visible()
+    ids = [i for i in visible_ids(page) if i.startswith("sim-")]
+    assert ids == ["sim-1", "sim-2", "sim-10"]
+
+    listed = listed_devices(gateway)
+    online = sum(1 for d in listed.values() if d["online"])
+    summary = page.get_by_test_id("summary")
+    expect(summary.get_by_test_id("summary-total")).to_have_attribute("data-count", str(len(listed)))
+    expect(summary.get_by_test_id("summary-online")).to_have_text(f"{online} online")
+    offline = len(listed) - online
+    expect(summary.get_by_test_id("summary-offline")).to_have_text(f"{offline} offline")
+
+    # The state filter, from its select and from the summary bar.
+    page.get_by_label("State").select_option("offline")
+    expect(card(page, "demo-1")).to_have_count(0)
+    expect(card(page, "sim-2")).to_be_visible()
+    assert all(
+        c.get_attribute("data-online") == "false" for c in page.get_by_test_id("device-card").all()
+    )
+    page.get_by_label("State").select_option("")
+    summary.get_by_test_id("summary-online").click()
+    expect(summary.get_by_test_id("summary-online")).to_have_attribute("aria-pressed", "true")
+    expect(card(page, "sim-2")).to_have_count(0)
+    expect(page.get_by_test_id("device-card")).to_have_count(online)
+    summary.get_by_test_id("summary-online").click()
+    expect(card(page, "sim-2")).to_be_visible()
+
+    # The search matches part of an id (names and locations: test_device_page.py).
+    page.get_by_test_id("search").fill("sim-1")
+    expect(page.get_by_test_id("device-card")).to_have_count(2)  # sim-1, sim-10
+    assert visible_ids(page) == ["sim-1", "sim-10"]
+
+
+def test_serial_ports_listed_with_their_state(page: Page, gateway: GatewayProcess) -> None:
+    """A configured port that never opened is on the page, though no device ever spoke on it."""
+    open_live(page, gateway, VIEWER)
+    panel = page.get_by_test_id("serial-ports")
+    expect(panel).to_be_visible()
+    missing = panel.locator(f'[data-testid="serial-port"][data-url="{MISSING_PORT}"]')
+    expect(missing).to_have_attribute("data-state", "missing")
+    expect(missing).to_contain_text("Missing")
+    expect(missing).to_contain_text("boiler-1")
+    expect(missing.get_by_test_id("serial-error")).to_contain_text("No such file")
+    ports = gateway.get_json_sync("/api/serial")["ports"]
+    expect(panel.get_by_test_id("serial-port")).to_have_count(len(ports))
+
+
+def test_phone_header_stays_on_one_line_in_light_and_dark(
+    browser: Browser, gateway: GatewayProcess
+) -> None:
+    for scheme in ("light", "dark"):
+        context = browser.new_context(
+            viewport={"width": 375, "height": 667}, color_scheme=scheme, is_mobile=True
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            open_live(page, gateway)
+            bar = page.locator(".topbar")
+            box = bar.bounding_box()
+            heading = page.locator(".topbar h1").bounding_box()
+            assert box and heading
+            # One line: the bar is as tall as one row of its controls, and nothing scrolls sideways.
+            assert box["height"] < 60, box
+            for name in ("connection-state", "role", "change-token"):
+                item = page.get_by_test_id(name).bounding_box()
+                assert item is not None
+                assert item["y"] >= box["y"] and item["y"] + item["height"] <= box["y"] + box["height"]
+                assert item["x"] + item["width"] <= 375
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375
+            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+            dark = scheme == "dark"
+            # rgb(14, 19, 24) in the dark scheme, rgb(243, 245, 248) in the light one.
+            channel = int(re.findall(r"\d+", background)[0])
+            assert (channel < 60) is dark, background
+        finally:
+            context.close()
+
+
+def test_nack_in_words(page: Page, gateway: GatewayProcess) -> None:
+    """A raw command the relay does not know is refused, and the page says what that means."""
+    open_live(page, gateway)
+    relay = card(page, "demo-2")
+    relay.get_by_text("Commands", exact=True).click()
+    hex_input = relay.get_by_test_id("hex-input")
+    hex_input.fill("7f")
+    hex_input.press("Enter")
+    status = relay.locator('[data-testid="command-status"][data-origin="hex"]')
+    expect(status).to_have_attribute("data-status", "nacked")
+    expect(status).to_have_text("Raw 7f: nacked: unknown command")
+    expect(page.get_by_test_id("event-log")).to_contain_text("nacked: unknown command")
+
+
+def test_restart_with_another_token_signs_the_page_out(
+    page: Page, tmp_path: Path
+) -> None:
+    gateway = demo_gateway(tmp_path)
+    for _ in _started(tmp_path, gateway):
+        open_live(page, gateway)
+        expect(page.get_by_test_id("role")).to_have_text("Operator")
+        value = card(page, "demo-1").get_by_test_id("value-temperature_c")
+        expect(value).to_have_text(re.compile("°C"))
+
+        stopped = gateway.stop_sync()
+        assert stopped.code == 0, stopped
+        gateway.token_flag = gateway.token = "a-new-token-after-restart"
+        gateway.start_sync()
+
+        state = page.get_by_test_id("connection-state")
+        expect(state).to_have_attribute("data-state", "unauthorized")
+        # No role any more: the Operator badge is gone, and so are the controls.
+        expect(page.get_by_test_id("role")).to_have_text("Signed out")
+        expect(page.get_by_role("switch")).to_have_count(0)
+        expect(page.get_by_test_id("command-panel")).to_have_count(0)
+        expect(page.get_by_test_id("auth-message")).to_contain_text("new link")
+        # The old values stay on screen, marked out of date.
+        stale = page.get_by_test_id("stale-note")
+        expect(stale).to_be_visible()
+        expect(stale).to_contain_text("out of date")
+        expect(stale).to_contain_text("Signed out")
+        expect(value).to_be_visible()
