@@ -185,62 +185,91 @@ export async function getSerialPorts(token) {
 
 /**
  * One time range's stored telemetry of a device, oldest first:
- * GET .../telemetry?from=&to= a page at a time. Each next page starts at the
- * last reading's time; the readings at that very time that were already had are
- * dropped by offset, so a page boundary inside one millisecond loses nothing.
- * Stops after `maxRows` (the chart has a few hundred pixels; `truncated` says so).
+ * GET .../telemetry?from=&to= a page at a time, each next page from the
+ * answer's `next` (the `since` of the following page). Stops after `maxRows`
+ * (a chart has a few hundred pixels; `truncated` says so).
  */
 export async function loadRange(device, token, { from, to, maxRows = 20000 }) {
   let rows = [];
-  let start = from;
-  let lastOffset = -1;
+  let since = null;
   let truncated = false;
   for (;;) {
-    const path = `${devicePath(device)}/telemetry?from=${start}&to=${to}&limit=${PAGE_LIMIT}`;
+    const after = since === null ? '' : `&since=${since}`;
+    const path = `${devicePath(device)}/telemetry?from=${from}&to=${to}&limit=${PAGE_LIMIT}${after}`;
     const body = await (await call(path, token)).json();
-    const batch = (Array.isArray(body.telemetry) ? body.telemetry : []).filter(
-      (row) => row.offset > lastOffset || row.ts > start,
-    );
+    const batch = Array.isArray(body.telemetry) ? body.telemetry : [];
     rows = rows.concat(batch);
-    const full = (body.telemetry?.length ?? 0) >= PAGE_LIMIT;
-    if (!full || !batch.length) break; // the end, or a millisecond holding a whole page
+    if (!Number.isInteger(body.next) || !batch.length) break;
     if (rows.length >= maxRows) {
       truncated = true;
       break;
     }
-    const last = batch[batch.length - 1];
-    start = last.ts;
-    lastOffset = last.offset;
+    since = body.next;
   }
   return { rows, truncated };
 }
 
-/**
- * A time range as CSV (format=csv), every page of it joined under one header.
- * Fetched with the token in a header, then handed to the browser as a file.
- */
-export async function loadCsv(device, token, { from, to }) {
-  let text = '';
-  let start = from;
-  let lastOffset = -1;
-  let header = null;
-  for (let pages = 0; pages < 1000; pages += 1) {
-    const path = `${devicePath(device)}/telemetry?from=${start}&to=${to}&limit=${PAGE_LIMIT}&format=csv`;
-    const body = await (await call(path, token, { accept: 'text/csv' })).text();
-    const lines = body.split(/\r?\n/).filter((line) => line !== '');
-    if (header === null) {
-      header = lines[0] ?? 'offset,ts,seq';
-      text = `${header}\n`;
-    }
-    const rows = lines.slice(1).map((line) => {
-      const [offset, ts] = line.split(',', 2).map(Number);
-      return { line, offset, ts };
-    });
-    const fresh = rows.filter((row) => row.offset > lastOffset || row.ts > start);
-    for (const row of fresh) text += `${row.line}\n`;
-    if (rows.length < PAGE_LIMIT || !fresh.length) break;
-    start = fresh[fresh.length - 1].ts;
-    lastOffset = fresh[fresh.length - 1].offset;
+/** Split one CSV line into cells (RFC 4180 quoting). */
+export function csvCells(line) {
+  const cells = [];
+  let cell = '';
+  let quoted = false;
+  for (let i = 0; i < line.length; i += 1) {
+    const c = line[i];
+    if (quoted) {
+      if (c === '"' && line[i + 1] === '"') {
+        cell += '"';
+        i += 1;
+      } else if (c === '"') quoted = false;
+      else cell += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ',') {
+      cells.push(cell);
+      cell = '';
+    } else cell += c;
   }
-  return text;
+  cells.push(cell);
+  return cells;
+}
+
+const csvQuote = (cell) => (/[",\r\n]/.test(cell) ? `"${cell.replace(/"/g, '""')}"` : cell);
+
+/**
+ * A time range as CSV (format=csv), every page of it (the `X-Next` header)
+ * joined under one header row. A page's columns are the data fields it met,
+ * so a later page with other columns is mapped onto the first page's, and a
+ * column new in it is added at the end. Fetched with the token in a header,
+ * then handed to the browser as a file.
+ */
+export async function loadCsv(device, token, { from, to, maxPages = 1000 }) {
+  let header = null;
+  const rows = [];
+  let since = null;
+  for (let pages = 0; pages < maxPages; pages += 1) {
+    const after = since === null ? '' : `&since=${since}`;
+    const path = `${devicePath(device)}/telemetry?from=${from}&to=${to}&limit=${PAGE_LIMIT}&format=csv${after}`;
+    const response = await call(path, token, { accept: 'text/csv' });
+    const lines = (await response.text()).split(/\r?\n/).filter((line) => line !== '');
+    const columns = csvCells(lines[0] ?? 'offset,ts,seq');
+    if (header === null) header = columns;
+    for (const column of columns) if (!header.includes(column)) header.push(column);
+    const where = columns.map((column) => header.indexOf(column));
+    for (const line of lines.slice(1)) {
+      const cells = csvCells(line);
+      const row = [];
+      cells.forEach((cell, i) => {
+        row[where[i]] = cell;
+      });
+      rows.push(row);
+    }
+    const next = response.headers.get('X-Next');
+    if (!next || !lines.length) break;
+    since = next;
+  }
+  const width = header.length;
+  const out = [header.map(csvQuote).join(',')];
+  for (const row of rows) {
+    out.push(Array.from({ length: width }, (_, i) => csvQuote(row[i] ?? '')).join(','));
+  }
+  return `${out.join('\r\n')}\r\n`;
 }

@@ -672,6 +672,15 @@ export class View {
   }
 }
 
+/** A <details> whose content `build()` makes when it is first opened. */
+function lazyDetails(attrs, title, build) {
+  const details = h('details', attrs, h('summary', {}, title));
+  details.addEventListener('toggle', () => {
+    if (details.open && details.childElementCount === 1) details.append(build());
+  });
+  return details;
+}
+
 /** Put `el` at position `index` among `parent`'s children, moving nothing already there. */
 function placeAt(parent, el, index) {
   const current = parent.children[index] ?? null;
@@ -696,7 +705,13 @@ class Group {
         'aria-labelledby': titleId,
       },
       h('header', { class: 'group-head' }, h('h2', { id: titleId }, protocol), this.count),
-      view.operator ? this.commands() : null,
+      view.operator
+        ? lazyDetails(
+            { class: 'group-commands', 'data-testid': 'group-commands' },
+            `Command every online ${protocol} device`,
+            () => this.commands(),
+          )
+        : null,
       this.list,
     );
   }
@@ -734,12 +749,7 @@ class Group {
       parts.push(this.relayControl(target, origin));
     }
     parts.push(view.hexForm(target, origin));
-    return h(
-      'details',
-      { class: 'group-commands', 'data-testid': 'group-commands' },
-      h('summary', {}, `Command every online ${this.protocol} device`),
-      h('div', { class: 'cmd-grid' }, parts),
-    );
+    return h('div', { class: 'cmd-grid' }, parts);
   }
 
   relayControl(target, origin) {
@@ -877,7 +887,14 @@ class DeviceCard {
     this.view.dropOutputs(`device:${this.id}:`);
   }
 
+  /** The Commands panel; its forms are built when it is first opened (a page of cards stays light). */
   commands() {
+    return lazyDetails({ class: 'commands', 'data-testid': 'command-panel' }, 'Commands', () =>
+      this.commandForms(),
+    );
+  }
+
+  commandForms() {
     const view = this.view;
     const target = { device: this.id };
     const origin = `device:${this.id}`;
@@ -886,12 +903,7 @@ class DeviceCard {
       parts.push(view.intervalForm(target, origin, ''), view.rebootControl(target, origin, ''));
     }
     parts.push(view.hexForm(target, origin));
-    return h(
-      'details',
-      { class: 'commands', 'data-testid': 'command-panel' },
-      h('summary', {}, 'Commands'),
-      h('div', { class: 'cmd-grid' }, parts),
-    );
+    return h('div', { class: 'cmd-grid' }, parts);
   }
 
   setOpen(open) {
