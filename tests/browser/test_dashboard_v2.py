@@ -79,10 +79,13 @@ def test_cards_draw_live_sparklines(page: Page, gateway: GatewayProcess) -> None
     # One sparkline per numeric value, and a step line per relay channel.
     expect(sensor.get_by_test_id("sparkline")).to_have_count(3)
     relay = card(page, "demo-2")
-    expect(relay.locator('[data-testid="relay-channel"] [data-testid="sparkline"]')).to_have_count(4)
+    expect(relay.locator('[data-testid="relay-channel"] [data-testid="sparkline"]')).to_have_count(
+        4
+    )
     # A card's sparklines stay inside it: the card is no taller than its neighbour's row needs.
     box = sensor.bounding_box()
-    assert box is not None and box["height"] < 400
+    assert box is not None
+    assert box["height"] < 400
 
 
 def test_opened_card_takes_the_whole_row(page: Page, gateway: GatewayProcess) -> None:
@@ -94,7 +97,9 @@ def test_opened_card_takes_the_whole_row(page: Page, gateway: GatewayProcess) ->
     expect(sensor.get_by_test_id("history-state")).to_have_attribute("data-state", "loaded")
     opened = sensor.bounding_box()
     after = other.bounding_box()
-    assert before and opened and after
+    assert before is not None
+    assert opened is not None
+    assert after is not None
     # The opened card spans the row; its neighbour is not stretched to its height.
     assert after["height"] == pytest.approx(before["height"], abs=40)
     assert opened["width"] > 1.5 * after["width"]
@@ -160,7 +165,9 @@ def test_natural_order_filters_and_summary(page: Page, gateway: GatewayProcess) 
     listed = listed_devices(gateway)
     online = sum(1 for d in listed.values() if d["online"])
     summary = page.get_by_test_id("summary")
-    expect(summary.get_by_test_id("summary-total")).to_have_attribute("data-count", str(len(listed)))
+    expect(summary.get_by_test_id("summary-total")).to_have_attribute(
+        "data-count", str(len(listed))
+    )
     expect(summary.get_by_test_id("summary-online")).to_have_text(f"{online} online")
     offline = len(listed) - online
     expect(summary.get_by_test_id("summary-offline")).to_have_text(f"{offline} offline")
@@ -214,13 +221,15 @@ def test_phone_header_stays_on_one_line_in_light_and_dark(
             bar = page.locator(".topbar")
             box = bar.bounding_box()
             heading = page.locator(".topbar h1").bounding_box()
-            assert box and heading
+            assert box is not None
+            assert heading is not None
             # One line: the bar is as tall as one row of its controls, and nothing scrolls sideways.
             assert box["height"] < 60, box
             for name in ("connection-state", "role", "change-token"):
                 item = page.get_by_test_id(name).bounding_box()
                 assert item is not None
-                assert item["y"] >= box["y"] and item["y"] + item["height"] <= box["y"] + box["height"]
+                assert item["y"] >= box["y"]
+                assert item["y"] + item["height"] <= box["y"] + box["height"]
                 assert item["x"] + item["width"] <= 375
             assert page.evaluate("document.documentElement.scrollWidth") <= 375
             background = page.evaluate("getComputedStyle(document.body).backgroundColor")
@@ -246,9 +255,7 @@ def test_nack_in_words(page: Page, gateway: GatewayProcess) -> None:
     expect(page.get_by_test_id("event-log")).to_contain_text("nacked: unknown command")
 
 
-def test_restart_with_another_token_signs_the_page_out(
-    page: Page, tmp_path: Path
-) -> None:
+def test_restart_with_another_token_signs_the_page_out(page: Page, tmp_path: Path) -> None:
     gateway = demo_gateway(tmp_path)
     for _ in _started(tmp_path, gateway):
         open_live(page, gateway)

@@ -93,9 +93,7 @@ class FakeGateway:
         elif op == "devices":
             start = 0
             if request.get("after"):
-                start = 1 + next(
-                    i for i, e in enumerate(BY_ID) if e["device"] == request["after"]
-                )
+                start = 1 + next(i for i, e in enumerate(BY_ID) if e["device"] == request["after"])
             chunk = BY_ID[start : start + LISTING_PAGE]
             more = start + LISTING_PAGE < len(BY_ID)
             reply = {
@@ -170,7 +168,7 @@ def test_ten_thousand_devices_render_one_page(fleet_page: tuple[Page, FakeGatewa
     expect(page.get_by_test_id("summary-offline")).to_have_text(f"{offline:,} offline")
     expect(page.get_by_test_id("summary-errors")).to_have_text("9 with errors")
     expect(page.get_by_test_id("pager-text")).to_have_text(
-        re.compile(rf"^1–{size} of 10,000 \(page 1 of {-(-FLEET // size)}\)$")
+        re.compile(rf"^1\u2013{size} of 10,000 \(page 1 of {-(-FLEET // size)}\)$")
     )
 
     # The next page holds the next devices in order.
@@ -216,9 +214,9 @@ def test_live_updates_labels_and_removals_at_scale(fleet_page: tuple[Page, FakeG
     fake.send(*readings)
     first = page.locator('[data-device="sim-1"]')
     expect(first.get_by_test_id("value-temperature_c")).to_have_text("30.50 °C")
-    expect(first.locator('[data-testid="sparkline"][data-label="temperature_c"]')).to_have_attribute(
-        "data-points", "2"
-    )
+    expect(
+        first.locator('[data-testid="sparkline"][data-label="temperature_c"]')
+    ).to_have_attribute("data-points", "2")
     expect(cards(page)).to_have_count(size)
 
     # Labels from the gateway: the name replaces the id on the card, and the search finds it.
@@ -231,7 +229,11 @@ def test_live_updates_labels_and_removals_at_scale(fleet_page: tuple[Page, FakeG
         {
             "op": "labels",
             "device": "relay-1",
-            "labels": {"name": None, "location": None, "channels": ["pump", "fan", "light", "valve"]},
+            "labels": {
+                "name": None,
+                "location": None,
+                "channels": ["pump", "fan", "light", "valve"],
+            },
         },
     )
     named = page.locator('[data-device="sim-2"]')
