@@ -67,9 +67,17 @@ def _to_json(value: Any) -> Any:
 
 
 class Protocol(abc.ABC):
-    """How one device protocol turns bytes into JSON and back."""
+    """How one device protocol turns bytes into JSON and back.
+
+    ``ranges`` gives the plausible range ``(low, high)`` of numeric DATA fields
+    by name: a value outside is kept as sent and flagged (docs/api.md §3.1
+    ``out_of_range``). ``ack_codes`` names the device's non-zero ACK status
+    codes (docs/protocol.md §2 leaves them to the protocol), for ``nacked``.
+    """
 
     name: str
+    ranges: Mapping[str, tuple[float, float]] = {}
+    ack_codes: Mapping[int, str] = {}
 
     @abc.abstractmethod
     def decode_data(self, body: bytes) -> JsonObject:
@@ -164,11 +172,24 @@ class ConstructProtocol(Protocol):
     """
 
     def __init__(
-        self, name: str, data: Construct, commands: Mapping[str, CommandSchema] | None = None
+        self,
+        name: str,
+        data: Construct,
+        commands: Mapping[str, CommandSchema] | None = None,
+        *,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+        ack_codes: Mapping[int, str] | None = None,
     ) -> None:
         if not valid_protocol_name(name):
             raise ValueError(f"protocol name {name!r} must be 1..32 characters of a-z0-9._-")
         self.name = name
+        self.ranges = dict(ranges or {})
+        for field_name, (low, high) in self.ranges.items():
+            if not low <= high:
+                raise ValueError(f"range of {field_name!r} must have low <= high, not {low, high}")
+        self.ack_codes = dict(ack_codes or {})
+        if any(not 1 <= code <= 255 for code in self.ack_codes):
+            raise ValueError("ack_codes name ACK statuses 1..255 (0 is success)")
         self.data = Struct("values" / data, Terminated)
         # Compiled construct parses DATA about 3x faster, but its errors lose the
         # field path; on an error the interpreted struct parses again to name it.
@@ -319,6 +340,13 @@ def _lookup(args: Mapping[str, Any], where: str) -> Any:
 
 # ---- the built-in protocols (docs/protocols.md) ----------------------------------------
 
+#: The ACK status codes env-sensor and relay-4 devices answer with (docs/protocols.md);
+#: 0 is success.
+DEVICE_ACK_CODES: Mapping[int, str] = {
+    1: "unknown command",  # an opcode the device does not implement
+    2: "bad argument",  # a known command with an argument out of range
+}
+
 ENV_SENSOR = ConstructProtocol(
     "env-sensor",
     data=Struct(
@@ -331,6 +359,9 @@ ENV_SENSOR = ConstructProtocol(
         "set_interval": CommandSchema(0x01, Struct("seconds" / Integer(Int16ub, 1, 0xFFFF))),
         "reboot": CommandSchema(0x02),
     },
+    # What the sensor can measure; outside, a reading is flagged (docs/protocols.md).
+    ranges={"temperature_c": (-40, 85), "humidity_pct": (0, 100), "battery_pct": (0, 100)},
+    ack_codes=DEVICE_ACK_CODES,
 )
 
 RELAY_4 = ConstructProtocol(
@@ -339,6 +370,7 @@ RELAY_4 = ConstructProtocol(
     commands={
         "set": CommandSchema(0x01, Struct("channel" / Integer(Int8ub, 0, 3), "on" / Boolean())),
     },
+    ack_codes=DEVICE_ACK_CODES,
 )
 
 _registry: dict[str, Protocol] = {}

@@ -18,10 +18,11 @@ from typing import Any
 
 from devices import SerialPortConfig, SessionConfig
 from devices.config import MAX_CONNECTIONS
-from frames import FrameOptions
+from frames import FrameOptions, valid_client_id
 from frames.backoff import BackoffPolicy
 
 from .hub import HubConfig
+from .hub.registry import check_labels
 from .storage import StorageConfig
 
 
@@ -121,6 +122,26 @@ StorageSection = StorageConfig
 
 
 @dataclass(frozen=True, slots=True)
+class LabelsSection:
+    """One ``[labels."ID"]`` table: a device's display labels (docs/configuration.md)."""
+
+    name: str | None = None
+    location: str | None = None
+    channels: list[str] | None = None  # one name per relay channel, in channel order
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSection:
+    """One ``[protocols."NAME"]`` table: settings of one device protocol.
+
+    ``ranges`` maps a DATA field to ``[low, high]``: a value outside is flagged
+    ``out_of_range`` (docs/api.md §3.1); it overrides the protocol's own range.
+    """
+
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """Everything ``iot-gateway serve`` needs."""
 
@@ -131,6 +152,12 @@ class GatewayConfig:
     data_dir: str = "./data"
     log_level: str = "info"
     protocols: list[str] = field(default_factory=list)  # modules that register protocols
+    # [protocols."NAME"] tables (the file's ``protocols`` may be a table: see
+    # _split_protocols); filled from there, not a key of its own.
+    protocol_settings: dict[str, ProtocolSection] = field(
+        default_factory=dict, metadata={"section": False}
+    )
+    labels: dict[str, LabelsSection] = field(default_factory=dict)
     demo: int = 0
     auth: AuthSection = field(default_factory=AuthSection)
     devices: DevicesSection = field(default_factory=DevicesSection)
@@ -154,8 +181,16 @@ class GatewayConfig:
         return [_serial_port(s) for s in self.serial]
 
     def hub_config(self) -> HubConfig:
-        """The routing core's limits: the ``[dashboards]`` section is one."""
-        return self.dashboards
+        """The routing core's limits (the ``[dashboards]`` section is one), with the
+        ``[labels]`` and ``[protocols.NAME.ranges]`` it applies."""
+        return dataclasses.replace(
+            self.dashboards,
+            labels={
+                device: {"name": s.name, "location": s.location, "channels": s.channels}
+                for device, s in self.labels.items()
+            },
+            ranges={name: dict(p.ranges) for name, p in self.protocol_settings.items() if p.ranges},
+        )
 
 
 ENV_SECRETS = {
@@ -217,15 +252,26 @@ def _build(cls: type[Any], table: Any, where: str, source: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"{where or 'top level'} in {source}: expected a table")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    # A field marked {"section": False} is filled by the loader, never a key of the file.
+    known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("section", True)}
     values: dict[str, Any] = {}
     for key, value in table.items():
         name = f"{where}.{key}" if where else key
         if key not in known:
             raise ConfigError(f"unknown key {name!r} in {source}")
         tp = hints[key]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if cls is ProtocolSection and key == "ranges":
+            values[key] = _ranges(value, name, source)
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value, name, source)
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            # [labels."ID"], [protocols."NAME"]: a table of tables, by name.
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} in {source}: expected [{name}.NAME] tables")
+            values[key] = {
+                str(k): _build(typing.get_args(tp)[1], v, f"{name}.{k}", source)
+                for k, v in value.items()
+            }
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             if not isinstance(value, list):
                 raise ConfigError(f"{name} in {source}: expected [[{name}]] tables")
@@ -290,9 +336,61 @@ def build_config(
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
+    settings = _split_protocols(merged, source)
     config: GatewayConfig = _build(GatewayConfig, merged, "", source)
+    if settings:
+        config = dataclasses.replace(
+            config,
+            protocol_settings={
+                str(name): _build(ProtocolSection, table, f"protocols.{name}", source)
+                for name, table in settings.items()
+            },
+        )
     _check(config, source)
     return config
+
+
+def _split_protocols(merged: dict[str, Any], source: str) -> dict[str, Any]:
+    """``protocols`` as a table: ``modules`` (the list of modules, as the plain
+    list form) and ``[protocols."NAME"]`` tables (each protocol's settings).
+
+    TOML cannot have ``protocols = [...]`` beside ``[protocols."env-sensor"]``,
+    so a file with per-protocol settings gives its modules as
+    ``[protocols] modules = [...]`` (docs/configuration.md). Returns the
+    protocols' tables, by name, and leaves the modules in ``merged``.
+    """
+    table = merged.get("protocols")
+    if not isinstance(table, dict):
+        return {}
+    rest = dict(table)
+    merged["protocols"] = rest.pop("modules", [])
+    for name, value in rest.items():
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"protocols.{name} in {source}: expected a [protocols.{name}] table "
+                "(list modules as protocols.modules)"
+            )
+    return rest
+
+
+def _ranges(value: Any, name: str, source: str) -> dict[str, tuple[float, float]]:
+    """``[protocols.NAME.ranges]``: each DATA field -> ``[low, high]``, low <= high."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} in {source}: expected a table of field = [low, high]")
+    out: dict[str, tuple[float, float]] = {}
+    for key, bounds in value.items():
+        where = f"{name}.{key} in {source}"
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds)
+        ):
+            raise ConfigError(f"{where}: expected [low, high] (two numbers), got {bounds!r}")
+        low, high = float(bounds[0]), float(bounds[1])
+        if not low <= high:
+            raise ConfigError(f"{where}: low ({bounds[0]}) must not be above high ({bounds[1]})")
+        out[str(key)] = (low, high)
+    return out
 
 
 def _check(config: GatewayConfig, source: str) -> None:
@@ -335,6 +433,15 @@ def _check(config: GatewayConfig, source: str) -> None:
         )
     if not h.idle_timeout > 0:
         raise bad(f"http.idle_timeout must be > 0, not {h.idle_timeout}")
+    for device, labels in config.labels.items():
+        if not valid_client_id(device):
+            raise bad(f"labels.{device}: not a device id (1 to 64 characters of A-Za-z0-9._:-)")
+        try:
+            check_labels(
+                {"name": labels.name, "location": labels.location, "channels": labels.channels}
+            )
+        except ValueError as e:
+            raise bad(f"labels.{device}: {e}") from None
     # A serial port's own checks run by building what the device side will take.
     for i, port in enumerate(config.serial):
         try:

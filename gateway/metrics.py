@@ -59,6 +59,14 @@ class Metrics:
         self.command_results = Counter(
             "iot_command_results", "Command statuses reported, by status", ["status"], registry=r
         )
+        self.queued_command_results = Counter(
+            "iot_queued_command_results",
+            "Final results of commands that went through the offline queue, by status",
+            ["status"],
+            registry=r,
+        )
+        for status in ("acked", "nacked", "timeout", "expired"):
+            self.queued_command_results.labels(status)  # each series exists from the start
         self.refused = Counter(
             "iot_refused", "Requests or connections refused by a limit", ["limit"], registry=r
         )

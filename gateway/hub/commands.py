@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +40,7 @@ from frames import CommandError, get_protocol
 from ..metrics import Metrics
 from .engine import Engine, StatusCallback
 from .messages import ClientError, CommandRequest, ErrorCode, command_status, now_ms
-from .records import QueuedCommand, QueueFull, StoreError
+from .records import CommandEvent, QueuedCommand, QueueFull, StoreError
 from .registry import Registry
 from .store import FaultLog
 
@@ -54,6 +55,20 @@ MAX_COMMAND_ID = 128
 STORAGE_UNAVAILABLE = "storage unavailable"
 #: The error of a command found being sent at start-up (docs/api.md §3.1).
 GATEWAY_RESTARTED = "gateway restarted"
+#: The error of a queued command whose device was deleted (docs/api.md §4).
+DEVICE_DELETED = "device deleted"
+# Statuses after which a command has no other (docs/api.md §3.1).
+_FINAL = frozenset(
+    {
+        CommandStatus.ACKED,
+        CommandStatus.NACKED,
+        CommandStatus.TIMEOUT,
+        CommandStatus.EXPIRED,
+        CommandStatus.REJECTED,
+    }
+)
+# Queued commands' final results named one by one in the log per expiry pass.
+_NAMED_EXPIRED = 10
 # Expired commands taken from storage at once (memory stays bounded).
 _EXPIRE_BATCH = 1000
 # Commands named one by one in the log at start-up, of those interrupted.
@@ -90,6 +105,16 @@ def is_storage_unavailable(status: dict[str, Any]) -> bool:
         and isinstance(error, str)
         and error.startswith(STORAGE_UNAVAILABLE)
     )
+
+
+def new_command_id() -> str:
+    """A gateway command_id: unique, also across nodes and restarts (a random UUID)."""
+    return uuid.uuid4().hex
+
+
+def nack_message(protocol: str, code: int) -> str:
+    """What a device's ACK status ``code`` means, in words (docs/api.md §3.1 ``nacked``)."""
+    return get_protocol(protocol).ack_codes.get(code) or f"device error code {code}"
 
 
 def _write_error(error: BaseException) -> str:
@@ -194,11 +219,49 @@ class CommandRouter:
             )
 
     def _reporter(
-        self, request_id: Any, device: str, reply: StatusCallback
+        self,
+        request_id: Any,
+        device: str,
+        reply: StatusCallback,
+        command_id: str | None = None,
+        *,
+        queued: bool = False,
     ) -> Callable[..., CommandStatus]:
+        """The function that reports each status of one command: counted, logged in
+        the command log (when it has a ``command_id``), and sent to ``reply``.
+
+        ``queued``: the command went through the offline queue, so its final
+        result is also logged and counted apart (nobody may be left to hear it).
+        """
+
         def report(status: CommandStatus, **extra: Any) -> CommandStatus:
             self.metrics.command_results.labels(str(status)).inc()
-            reply(command_status(request_id, device, status, **extra))
+            if status is CommandStatus.NACKED:
+                state = self.registry.get(device)
+                if state is not None:
+                    state.nacks_count += 1
+                code = extra.get("code")
+                if isinstance(code, int):
+                    extra["message"] = nack_message(
+                        state.protocol if state is not None else "", code
+                    )
+            if command_id is not None:
+                self.engine.log_command(
+                    CommandEvent(command_id, request_id, device, str(status), now_ms(), extra)
+                )
+            if queued and status in _FINAL:
+                self.metrics.queued_command_results.labels(str(status)).inc()
+                if status is not CommandStatus.EXPIRED:
+                    # Expiry logs its own summary, a pass at a time.
+                    log.info(
+                        "queued command %s (id=%s) for %s: %s%s",
+                        command_id,
+                        request_id,
+                        device,
+                        status,
+                        "".join(f" {k}={v}" for k, v in extra.items()),
+                    )
+            reply(command_status(request_id, device, status, command_id, **extra))
             return status
 
         return report
@@ -206,10 +269,12 @@ class CommandRouter:
     async def _to_device(
         self, request: CommandRequest, device: str, reply: StatusCallback
     ) -> CommandStatus:
-        report = self._reporter(request.request_id, device, reply)
+        command_id = new_command_id()
+        report = self._reporter(request.request_id, device, reply, command_id)
         state = self.registry.get(device)
         if state is None:
             return report(CommandStatus.REJECTED, error=f"device {device!r} has never been seen")
+        state.commands_count += 1
         try:
             body = get_protocol(state.protocol).encode_command(request.command)
         except CommandError as e:
@@ -230,7 +295,7 @@ class CommandRouter:
             forwarded = await self.engine.forward_command(device, body, reply)
             if forwarded is not None:
                 return forwarded
-        return await self._enqueue(request, device, body, reply, report)
+        return await self._enqueue(request, device, body, reply, report, command_id)
 
     async def _enqueue(
         self,
@@ -239,6 +304,7 @@ class CommandRouter:
         body: bytes,
         reply: StatusCallback,
         report: Callable[..., CommandStatus],
+        command_id: str,
     ) -> CommandStatus:
         ts = now_ms()
         try:
@@ -251,6 +317,7 @@ class CommandRouter:
                     body,
                     ts,
                     ts + int(self._settings().command_ttl * 1000),
+                    command_id,
                 )
             )
         except QueueFull as e:
@@ -416,7 +483,23 @@ class CommandRouter:
 
     def _queued_reporter(self, cmd: QueuedCommand) -> Callable[..., CommandStatus]:
         owner = self._owners.pop(cmd.key, None)
-        return self._reporter(None, cmd.device, owner or _nobody)
+        # The owner puts back the request's own id (a number stays a number);
+        # the queue keeps it as text, for the log and whoever else hears it.
+        return self._reporter(
+            cmd.command_id, cmd.device, owner or _nobody, cmd.gateway_id, queued=True
+        )
+
+    def device_deleted(self, commands: Sequence[QueuedCommand]) -> None:
+        """The queued commands of a device deleted over the API: each ends ``expired``."""
+        for cmd in commands:
+            self._queued_reporter(cmd)(CommandStatus.EXPIRED, error=DEVICE_DELETED)
+        if commands:
+            log.info(
+                "%d queued commands for %s ended as expired (%s)",
+                len(commands),
+                commands[0].device,
+                DEVICE_DELETED,
+            )
 
     async def _settle_interrupted(self) -> None:
         """End the commands the last process was writing when it stopped (docs/api.md §3.1)."""
@@ -442,8 +525,9 @@ class CommandRouter:
                     cmd.device,
                     GATEWAY_RESTARTED,
                 )
-            # Whoever gave it was connected to the process that died: counted only.
-            self._reporter(cmd.command_id, cmd.device, _nobody)(
+            # Whoever gave it was connected to the process that died: counted only
+            # (and kept in the command log, where an HTTP caller finds it).
+            self._reporter(cmd.command_id, cmd.device, _nobody, cmd.gateway_id)(
                 CommandStatus.TIMEOUT, error=GATEWAY_RESTARTED
             )
 
@@ -454,8 +538,17 @@ class CommandRouter:
                 while True:
                     expired = await self.engine.expire_commands(now_ms(), _EXPIRE_BATCH)
                     for cmd in expired:
-                        owner = self._owners.pop(cmd.key, None)
-                        self._reporter(None, cmd.device, owner or _nobody)(CommandStatus.EXPIRED)
+                        self._queued_reporter(cmd)(CommandStatus.EXPIRED)
+                    if expired:
+                        log.info(
+                            "%d queued commands expired (command_ttl): %s%s",
+                            len(expired),
+                            ", ".join(
+                                f"{c.gateway_id} (id={c.command_id}) for {c.device}"
+                                for c in expired[:_NAMED_EXPIRED]
+                            ),
+                            ", ..." if len(expired) > _NAMED_EXPIRED else "",
+                        )
                     if len(expired) < _EXPIRE_BATCH:
                         break
             except Exception as e:
@@ -487,6 +580,7 @@ def _nobody(message: dict[str, Any]) -> None:
 
 
 __all__ = [
+    "DEVICE_DELETED",
     "GATEWAY_RESTARTED",
     "MAX_COMMAND_ID",
     "STORAGE_UNAVAILABLE",
@@ -494,4 +588,6 @@ __all__ = [
     "CommandSettings",
     "DeviceLinks",
     "is_storage_unavailable",
+    "nack_message",
+    "new_command_id",
 ]

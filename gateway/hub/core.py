@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,17 +41,26 @@ from .messages import (
     ErrorCode,
     dumps,
     error_message,
+    labels_text,
     now_ms,
     parse_command,
     parse_since,
     parse_target,
     presence_text,
+    removed_text,
     reply,
     request_id_of,
     telemetry_text,
 )
-from .records import StorageUnavailable, StoreError, TelemetryRecord
-from .registry import DeviceState, Registry
+from .ranges import RangeTable
+from .records import (
+    CommandLog,
+    DeviceRecord,
+    StorageUnavailable,
+    StoreError,
+    TelemetryRecord,
+)
+from .registry import LABEL_FIELDS, DeviceState, Labels, Registry
 from .replay import replay
 from .store import FaultLog
 from .subscriptions import SubscriptionIndex
@@ -88,6 +98,16 @@ class HubConfig:
     # Characters of a command's ``id``: it is kept with a queued command for up to
     # command_ttl, so a longer one is a bad request (docs/api.md §3).
     max_command_id: int = MAX_COMMAND_ID
+    # Not [dashboards] keys: the config file's [labels] and [protocols.NAME.ranges]
+    # sections, handed over by ``GatewayConfig.hub_config`` (docs/configuration.md).
+    # Labels by device (name, location, channels), as in the config file.
+    labels: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict, metadata={"section": False}
+    )
+    # Range overrides: protocol -> field -> (low, high).
+    ranges: Mapping[str, Mapping[str, tuple[float, float]]] = field(
+        default_factory=dict, metadata={"section": False}
+    )
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
@@ -126,6 +146,10 @@ class HubConfig:
         return min(60.0, self.forget_after / 4)
 
 
+class DeviceIsOnline(Exception):
+    """A request that needs the device offline (``DELETE /api/devices/{id}``: 409)."""
+
+
 @dataclass(slots=True)
 class HubCounters:
     """What the hub counts for ``/metrics`` (read at scrape time, like the device side's)."""
@@ -148,7 +172,11 @@ class Hub:
         self.engine = engine
         self.config = config or HubConfig()
         self.metrics = metrics or Metrics()
-        self.registry = Registry()
+        #: The value ranges checked on every telemetry message (docs/api.md §3.1).
+        self.ranges = RangeTable(self.config.ranges)
+        self.registry = Registry(
+            {device: dict(labels) for device, labels in self.config.labels.items()}, self.ranges
+        )
         self.subscriptions = SubscriptionIndex()
         self.commands = CommandRouter(
             self.registry, engine, self.metrics, lambda: self.config.command_settings()
@@ -175,6 +203,7 @@ class Hub:
     async def start(self) -> None:
         """Load the registry and latest values, start delivery and command expiry."""
         self.registry.load(await self.engine.known_devices(), await self.engine.latest())
+        self.registry.api_labels = await self.engine.labels()
         # Devices that went stale while the gateway was stopped (or whose rows
         # could not be deleted before it stopped) are forgotten now, rows too.
         await self._forget_rows(self.forget_stale(now_ms()))
@@ -199,7 +228,17 @@ class Hub:
         now = now_ms()
         for state in self.registry.devices.values():
             if state.online:
-                await self.engine.remember(state.record(now))
+                record = state.record(now)
+                await self.engine.remember(
+                    DeviceRecord(
+                        record.device,
+                        record.protocol,
+                        record.transport,
+                        record.first_seen_ms,
+                        record.last_seen_ms,
+                        "shutdown",
+                    )
+                )
         await self.engine.close()
         for d in list(self.dashboards.values()):
             d.close()
@@ -250,7 +289,7 @@ class Hub:
             self.commands.device_online(info.client_id, info.session)
         elif isinstance(event, DeviceOffline):
             ts = now_ms()
-            gone = self.registry.offline(event.info, ts)
+            gone = self.registry.offline(event.info, ts, event.reason)
             if gone is None:
                 return  # an older session of a device that is online again (takeover)
             self.metrics.devices_online.set(self.registry.online_count())
@@ -262,10 +301,12 @@ class Hub:
 
     def deliver_telemetry(self, record: TelemetryRecord, data_json: str, received: float) -> None:
         """Fan a sequenced message out to its subscribers' queues."""
-        self.registry.telemetry(record)
+        # One dict lookup for a protocol without ranges (docs/api.md §3.1 out_of_range).
+        out_of_range = self.ranges.check(record.protocol, record.data)
+        self.registry.telemetry(record, out_of_range is not None)
         subscribers = self.subscriptions.subscribers(record.device, record.protocol)
         if subscribers:
-            text = telemetry_text(record, data_json)  # once, for every dashboard
+            text = telemetry_text(record, data_json, out_of_range)  # once, for every dashboard
             dropped = 0
             for d in subscribers:
                 dropped += d.push_telemetry(
@@ -288,6 +329,13 @@ class Hub:
             for d in tuple(subscribers):
                 d.push_control(text)
 
+    def _tell(self, device: str, protocol: str, text: str) -> None:
+        """A control message about a device, to the dashboards subscribed to it."""
+        subscribers = self.subscriptions.subscribers(device, protocol)
+        # A copy: a dashboard whose control queue overflows leaves the index now.
+        for d in tuple(subscribers):
+            d.push_control(text)
+
     # ---- forgetting devices ---------------------------------------------------------------------
 
     def forget_stale(self, now: int) -> list[str]:
@@ -295,11 +343,17 @@ class Hub:
         after = self.config.forget_after
         if not after > 0:
             return []
-        gone = [d for d in self.registry.stale(now - int(after * 1000)) if self.registry.forget(d)]
-        if gone:
-            self.counters.forgotten += len(gone)
-            log.info("forgot %d devices unseen for %g s (forget_after)", len(gone), after)
-        return gone
+        stale = [
+            state
+            for d in self.registry.stale(now - int(after * 1000))
+            if (state := self.registry.get(d)) is not None and self.registry.forget(d)
+        ]
+        if stale:
+            self.counters.forgotten += len(stale)
+            log.info("forgot %d devices unseen for %g s (forget_after)", len(stale), after)
+            for state in stale:
+                self._tell(state.device, state.protocol, removed_text(state.device, "unseen"))
+        return [state.device for state in stale]
 
     async def _forget_loop(self) -> None:
         while True:
@@ -484,7 +538,7 @@ class Hub:
         self.subscriptions.subscribe(d, target)
         d.push_control(dumps(reply("subscribed", request_id, {**target.echo(), "since": since})))
         try:
-            await replay(d, target, since, self.engine)
+            await replay(d, target, since, self.engine, self.out_of_range)
         except StoreError as e:
             # The subscription stands and live telemetry flows; the replay left
             # a lagged notice saying where history stopped (docs/api.md §3.2).
@@ -527,17 +581,108 @@ class Hub:
         """Devices online now."""
         return self.registry.online_count()
 
-    async def history(self, device: str, after: int, limit: int) -> list[TelemetryRecord]:
-        """A device's kept telemetry after ``after``, oldest first (``GET .../telemetry``).
+    async def history(
+        self,
+        device: str,
+        after: int,
+        limit: int,
+        *,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
+    ) -> list[TelemetryRecord]:
+        """A device's kept telemetry after ``after`` (and ``from_ts <= ts < to_ts``),
+        oldest first: the oldest ``limit``, or with ``newest`` the newest
+        (``GET .../telemetry``, docs/api.md §4).
 
         Raises ``StorageUnavailable`` when the storage cannot be read now (or
         cannot commit what was published before, which the answer must hold).
         """
         try:
             await self.engine.flush()
-            return await self.engine.history(after, device=device, limit=limit)
+            return await self.engine.history(
+                after, device=device, limit=limit, from_ts=from_ts, to_ts=to_ts, newest=newest
+            )
         except StoreError as e:
             raise StorageUnavailable(self._unavailable(e)) from e
+
+    def out_of_range(self, record: TelemetryRecord) -> list[str] | None:
+        """The fields of a stored message outside their range (for replay and history)."""
+        return self.ranges.check(record.protocol, record.data)
+
+    def device_entry(self, device: str) -> dict[str, Any] | None:
+        """A device's listing entry (``GET /api/devices/{id}``), or None when unknown."""
+        return self.registry.entry(device)
+
+    async def command_log(self, command_id: str) -> CommandLog | None:
+        """A command's latest status and history (``GET /api/commands/{id}``), or None.
+
+        Raises ``StorageUnavailable`` when the storage cannot be read now.
+        """
+        try:
+            return await self.engine.command_log(command_id)
+        except StoreError as e:
+            raise StorageUnavailable(self._unavailable(e)) from e
+
+    async def set_labels(self, device: str, labels: Labels) -> dict[str, Any]:
+        """Set a device's labels over the API (``PUT .../labels``, docs/api.md §4).
+
+        ``labels`` holds ``LABEL_FIELDS`` (checked by the caller); a null field
+        falls back to the config file's value. Kept durably, then its
+        subscribers get ``{"op":"labels"}``. Returns the device's entry.
+        Raises ``KeyError`` for an unknown device, ``StorageUnavailable`` when
+        the labels cannot be kept now.
+        """
+        state = self.registry.get(device)
+        if state is None:
+            raise KeyError(device)
+        kept = {key: labels.get(key) for key in LABEL_FIELDS}
+        stored = kept if any(v is not None for v in kept.values()) else None
+        try:
+            await self.engine.set_labels(device, stored)
+        except StoreError as e:
+            raise StorageUnavailable(self._unavailable(e)) from e
+        if stored is None:
+            self.registry.api_labels.pop(device, None)
+        else:
+            self.registry.api_labels[device] = stored
+        effective = self.registry.labels(device)
+        self._tell(device, state.protocol, labels_text(device, effective))
+        entry = self.registry.entry(device)
+        if entry is None:  # deleted meanwhile
+            raise KeyError(device)
+        return entry
+
+    async def delete_device(self, device: str) -> None:
+        """Forget an offline device and everything kept of it (``DELETE /api/devices/{id}``).
+
+        Its queued commands end as ``expired`` (``device deleted``), its
+        subscribers get ``{"op":"removed","reason":"deleted"}``. Raises
+        ``KeyError`` for an unknown device, ``DeviceIsOnline`` for an online
+        one, ``StorageUnavailable`` when the storage cannot delete now (the
+        device is then still known).
+        """
+        state = self.registry.get(device)
+        if state is None:
+            raise KeyError(device)
+        if state.online:
+            raise DeviceIsOnline(device)
+        # Forgotten at once, so a HELLO while the storage works makes a new device.
+        self.registry.forget(device)
+        try:
+            deletion = await self.engine.delete_device(device)
+        except StoreError as e:
+            self.registry.restore(state)
+            raise StorageUnavailable(self._unavailable(e)) from e
+        self.registry.api_labels.pop(device, None)
+        self.commands.device_deleted(deletion.commands)
+        log.info(
+            "deleted device %s: %d telemetry rows, %d queued commands",
+            device,
+            deletion.telemetry,
+            len(deletion.commands),
+        )
+        self._tell(device, state.protocol, removed_text(device, "deleted"))
 
     def _unavailable(self, error: StoreError) -> str:
         """Why the storage could not serve a request, for whoever made it."""

@@ -24,7 +24,16 @@ from typing import Any, Protocol
 
 from devices import CommandStatus, DeviceTelemetry
 
-from .records import DeviceRecord, QueuedCommand, StoreError, StoreHealth, TelemetryRecord
+from .records import (
+    CommandEvent,
+    CommandLog,
+    DeviceDeletion,
+    DeviceRecord,
+    QueuedCommand,
+    StoreError,
+    StoreHealth,
+    TelemetryRecord,
+)
 from .store import FaultLog, Store
 
 log = logging.getLogger(__name__)
@@ -101,8 +110,12 @@ class Engine(Protocol):
         device: str | None = None,
         protocol: str | None = None,
         limit: int = 100,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
     ) -> list[TelemetryRecord]:
-        """Kept telemetry with ``after < offset <= until``, oldest first."""
+        """Kept telemetry with ``after < offset <= until`` and ``from_ts <= ts < to_ts``,
+        oldest first: the oldest ``limit`` such, or with ``newest`` the newest."""
         ...
 
     async def latest(self) -> dict[str, TelemetryRecord]:
@@ -130,6 +143,32 @@ class Engine(Protocol):
         comes back after this call (its ``publish_presence`` later) is kept
         again. Raises ``StoreError`` when it cannot be done now.
         """
+        ...
+
+    async def delete_device(self, device: str) -> DeviceDeletion:
+        """Let go of everything kept of an offline device (``DELETE /api/devices/{id}``):
+        registry entry, history, labels and queued commands (returned, to be reported).
+
+        Raises ``StoreError`` when it cannot be done now.
+        """
+        ...
+
+    async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        """Keep a device's labels set over the API (None drops them), durably."""
+        ...
+
+    async def labels(self) -> dict[str, dict[str, Any]]:
+        """The labels set over the API, by device."""
+        ...
+
+    # ---- the command log ------------------------------------------------------------------------
+
+    def log_command(self, event: CommandEvent) -> None:
+        """Keep one command status for ``command_log``; never blocks, never raises."""
+        ...
+
+    async def command_log(self, gateway_id: str) -> CommandLog | None:
+        """A command's statuses (everything logged before the call), or None."""
         ...
 
     # ---- the offline command queue --------------------------------------------------------------
@@ -202,6 +241,7 @@ class LocalEngine:
         self.unsequenced = 0
         self._publish_fault = FaultLog(log, "keeping telemetry")
         self._registry_fault = FaultLog(log, "keeping the device registry")
+        self._log_fault = FaultLog(log, "keeping the command log")
 
     @property
     def node(self) -> str:
@@ -275,10 +315,20 @@ class LocalEngine:
         device: str | None = None,
         protocol: str | None = None,
         limit: int = 100,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
     ) -> list[TelemetryRecord]:
         """From storage."""
         return await self.storage.telemetry_since(
-            after, until=until, device=device, protocol=protocol, limit=limit
+            after,
+            until=until,
+            device=device,
+            protocol=protocol,
+            limit=limit,
+            from_ts=from_ts,
+            to_ts=to_ts,
+            newest=newest,
         )
 
     async def latest(self) -> dict[str, TelemetryRecord]:
@@ -303,6 +353,30 @@ class LocalEngine:
     async def forget_devices(self, devices: list[str]) -> None:
         """From storage, durably (the storage orders it with the registry rows queued)."""
         await self.storage.delete_devices(devices)
+
+    async def delete_device(self, device: str) -> DeviceDeletion:
+        """From storage, durably (ordered with the rows queued before it)."""
+        return await self.storage.delete_device(device)
+
+    async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        """In storage, durably."""
+        await self.storage.set_labels(device, labels)
+
+    async def labels(self) -> dict[str, dict[str, Any]]:
+        """From storage."""
+        return await self.storage.labels()
+
+    def log_command(self, event: CommandEvent) -> None:
+        """To the storage writer's queue; a storage that cannot take it is logged, once."""
+        try:
+            self.storage.log_command(event)
+        except StoreError as e:
+            self._log_fault.failed(e)
+
+    async def command_log(self, gateway_id: str) -> CommandLog | None:
+        """From storage, once what was logged before is committed."""
+        await self.storage.flush()
+        return await self.storage.command_log(gateway_id)
 
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
         """Into storage, committed before returning."""

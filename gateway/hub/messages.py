@@ -57,21 +57,35 @@ class ClientError(Exception):
 # ---- telemetry --------------------------------------------------------------------------------
 
 
-def telemetry_text(rec: TelemetryRecord, data_json: str) -> str:
-    """``dumps(telemetry_message(rec))``, given ``data_json = dumps(rec.data)``.
+def telemetry_text(
+    rec: TelemetryRecord, data_json: str, out_of_range: list[str] | None = None
+) -> str:
+    """``dumps(telemetry_message(rec, out_of_range))``, given ``data_json = dumps(rec.data)``.
 
     The data is encoded once, for the dashboards and for the storage row; the
     rest of the message is a few scalars.
     """
+    if out_of_range:
+        return (
+            f'{{"op":"telemetry","device":{_encode(rec.device)},'
+            f'"protocol":{_encode(rec.protocol)},"offset":{rec.offset:d},"ts":{rec.ts:d},'
+            f'"seq":{rec.seq:d},"data":{data_json},"out_of_range":{_encode(out_of_range)}}}'
+        )
     return (
         f'{{"op":"telemetry","device":{_encode(rec.device)},"protocol":{_encode(rec.protocol)},'
         f'"offset":{rec.offset:d},"ts":{rec.ts:d},"seq":{rec.seq:d},"data":{data_json}}}'
     )
 
 
-def telemetry_message(rec: TelemetryRecord) -> dict[str, Any]:
-    """The ``telemetry`` event of docs/api.md §3.1, as a JSON object."""
-    return {
+def telemetry_message(
+    rec: TelemetryRecord, out_of_range: list[str] | None = None
+) -> dict[str, Any]:
+    """The ``telemetry`` event of docs/api.md §3.1, as a JSON object.
+
+    ``out_of_range`` names the values outside their range; the key is left out
+    when there are none.
+    """
+    message = {
         "op": "telemetry",
         "device": rec.device,
         "protocol": rec.protocol,
@@ -80,6 +94,9 @@ def telemetry_message(rec: TelemetryRecord) -> dict[str, Any]:
         "seq": rec.seq,
         "data": rec.data,
     }
+    if out_of_range:
+        message["out_of_range"] = out_of_range
+    return message
 
 
 def presence_text(device: str, protocol: str, online: bool, ts: int, reason: str) -> str:
@@ -97,16 +114,33 @@ def presence_text(device: str, protocol: str, online: bool, ts: int, reason: str
 
 
 def command_status(
-    request_id: Any, device: str, status: CommandStatus, **extra: Any
+    request_id: Any,
+    device: str,
+    status: CommandStatus,
+    command_id: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """A ``command_status`` event (docs/api.md §3.1); ``extra``: ``code``, ``error``."""
-    return {
-        "op": "command_status",
-        "id": request_id,
-        "device": device,
-        "status": str(status),
-        **extra,
-    }
+    """A ``command_status`` event (docs/api.md §3.1); ``extra``: ``code``, ``error``,
+    ``message``. ``command_id`` is the gateway's id of the command (left out when
+    the command has none: one queued by an older gateway)."""
+    message: dict[str, Any] = {"op": "command_status", "id": request_id}
+    if command_id is not None:
+        message["command_id"] = command_id
+    message["device"] = device
+    message["status"] = str(status)
+    message.update(extra)
+    return message
+
+
+def labels_text(device: str, labels: dict[str, Any]) -> str:
+    """``{"op":"labels","device","labels"}``: a device's labels changed (docs/api.md §3.1)."""
+    return dumps({"op": "labels", "device": device, "labels": labels})
+
+
+def removed_text(device: str, reason: str) -> str:
+    """``{"op":"removed","device","reason"}``: the gateway no longer knows a device
+    (``deleted`` over the API, or ``unseen`` for ``forget_after``; docs/api.md §3.1)."""
+    return dumps({"op": "removed", "device": device, "reason": reason})
 
 
 def reply(op: str, request_id: Any, body: dict[str, Any]) -> dict[str, Any]:

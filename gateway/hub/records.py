@@ -33,6 +33,9 @@ class QueuedCommand:
     body: bytes  # the encoded COMMAND body
     created_ms: int
     expires_ms: int
+    # The gateway's own id of the command (``command_id`` on the wire, docs/api.md
+    # §3.1); None for a command queued by a gateway older than that.
+    gateway_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,42 @@ class DeviceRecord:
     transport: str  # "tcp" | "serial"
     first_seen_ms: int
     last_seen_ms: int
+    # Why it last went offline (a presence reason); None while online or unknown.
+    offline_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEvent:
+    """One status of one command, for its history (``GET /api/commands/{id}``, docs/api.md §4).
+
+    ``extra`` holds the status's other fields (``code``, ``error``, ``message``).
+    """
+
+    gateway_id: str  # the gateway's command_id
+    request_id: str | int | None  # the client's ``id``
+    device: str
+    status: str
+    ts: int  # unix ms
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLog:
+    """A command's latest status and every status it had, oldest first."""
+
+    gateway_id: str
+    request_id: str | int | None
+    device: str
+    status: str
+    history: list[dict[str, Any]]  # {"status", "ts", ...extra}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDeletion:
+    """What deleting a device took with it (``Store.delete_device``)."""
+
+    telemetry: int  # rows of history removed
+    commands: list[QueuedCommand]  # queued commands removed, oldest first
 
 
 class StoreError(Exception):

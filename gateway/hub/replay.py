@@ -12,6 +12,7 @@ replay reads on to a new seam.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from .messages import Target, dumps, telemetry_message
@@ -107,11 +108,24 @@ class History(Protocol):
     ) -> list[TelemetryRecord]: ...
 
 
-async def replay(d: ReplayOutbox, target: Target, since: int, history: History) -> None:
+# The fields of a stored message outside their range, or None.
+Flag = Callable[[TelemetryRecord], list[str] | None]
+
+
+async def replay(
+    d: ReplayOutbox,
+    target: Target,
+    since: int,
+    history: History,
+    flag: Flag | None = None,
+) -> None:
     """Queue ``target``'s telemetry after ``since`` for ``d``, then its held live messages.
 
     The caller subscribed ``d`` to ``target`` and called ``d.held.targets.append(target)``
     before the seam was taken; this removes it again and releases the held messages.
+
+    ``flag`` names the fields of a stored message outside their range (its
+    ``out_of_range``, docs/api.md §3.1).
 
     A ``StoreError`` from the history (its storage failing) ends the replay
     and is raised after a lagged notice at the first offset not replayed, so
@@ -123,7 +137,7 @@ async def replay(d: ReplayOutbox, target: Target, since: int, history: History) 
         cut = history.seam()
         for _ in range(REPLAY_ROUNDS):
             await history.flush()
-            await _replay_range(d, target, progress, cut, history)
+            await _replay_range(d, target, progress, cut, history, flag)
             await _release_held(d, target, progress)
             if d.closed or not held.overflowed:
                 break  # caught up: held is empty, live flows straight in
@@ -171,7 +185,12 @@ async def _release_held(d: ReplayOutbox, target: Target, progress: _Progress) ->
 
 
 async def _replay_range(
-    d: ReplayOutbox, target: Target, progress: _Progress, cut: int, history: History
+    d: ReplayOutbox,
+    target: Target,
+    progress: _Progress,
+    cut: int,
+    history: History,
+    flag: Flag | None,
 ) -> None:
     """Queue stored telemetry of ``target`` with ``progress.after < offset <= cut``.
 
@@ -191,6 +210,7 @@ async def _replay_range(
             break
         for rec in records:
             await d.room()
-            d.append_telemetry(rec.offset, dumps(telemetry_message(rec)))
+            message = telemetry_message(rec, None if flag is None else flag(rec))
+            d.append_telemetry(rec.offset, dumps(message))
             progress.after = rec.offset
     progress.after = max(progress.after, cut)

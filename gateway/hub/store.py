@@ -15,8 +15,17 @@ import logging
 import time
 import typing
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from .records import DeviceRecord, QueuedCommand, StoreHealth, TelemetryRecord
+from .records import (
+    CommandEvent,
+    CommandLog,
+    DeviceDeletion,
+    DeviceRecord,
+    QueuedCommand,
+    StoreHealth,
+    TelemetryRecord,
+)
 
 
 class Store(typing.Protocol):
@@ -53,8 +62,12 @@ class Store(typing.Protocol):
         device: str | None = None,
         protocol: str | None = None,
         limit: int = 1000,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
     ) -> list[TelemetryRecord]:
-        """Committed records with `since < offset <= until`, oldest first, at most `limit`."""
+        """Committed records with `since < offset <= until` and `from_ts <= ts < to_ts`,
+        oldest first, at most `limit`: the oldest such, or with `newest` the newest."""
         ...
 
     async def latest_telemetry(self) -> dict[str, TelemetryRecord]:
@@ -136,6 +149,36 @@ class Store(typing.Protocol):
         deleted, one upserted after it is kept. The devices' telemetry is
         left to retention and their queued commands to ``command_ttl``.
         """
+        ...
+
+    async def delete_device(self, device: str) -> DeviceDeletion:
+        """Delete everything kept of ``device`` (registry row, history, labels, queued
+        commands, which are returned), durably before returning.
+
+        Ordered with ``append_telemetry`` and ``upsert_device`` like ``delete_devices``.
+        """
+        ...
+
+    # ---- labels and the command log -------------------------------------------------------------
+
+    async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        """Keep the labels set over the API for ``device`` (None drops them), durably."""
+        ...
+
+    async def labels(self) -> dict[str, dict[str, Any]]:
+        """The labels set over the API, by device."""
+        ...
+
+    def log_command(self, event: CommandEvent) -> None:
+        """Queue one command status for the command log; never blocks.
+
+        Readable by ``command_log`` after a ``flush``; kept at least a day
+        after the command's last status.
+        """
+        ...
+
+    async def command_log(self, gateway_id: str) -> CommandLog | None:
+        """The statuses of the command with this gateway id, or None."""
         ...
 
 

@@ -55,6 +55,9 @@ from __future__ import annotations
 from .base import Storage
 from .memory import MemoryStorage
 from .records import (
+    CommandEvent,
+    CommandLog,
+    DeviceDeletion,
     DeviceRecord,
     QueuedCommand,
     QueueFull,
@@ -70,6 +73,9 @@ from .records import (
 from .sqlite import SQLiteStorage
 
 __all__ = [
+    "CommandEvent",
+    "CommandLog",
+    "DeviceDeletion",
     "DeviceRecord",
     "MemoryStorage",
     "QueueFull",

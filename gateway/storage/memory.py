@@ -13,10 +13,14 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .records import (
     MAX_QUEUED_COMMANDS,
     MAX_QUEUED_COMMANDS_PER_DEVICE,
+    CommandEvent,
+    CommandLog,
+    DeviceDeletion,
     DeviceRecord,
     QueuedCommand,
     QueueFull,
@@ -62,6 +66,8 @@ class MemoryStorage:
         self._interrupted: list[QueuedCommand] = []
         self._next_key = 1
         self._devices: dict[str, DeviceRecord] = {}
+        self._labels: dict[str, dict[str, Any]] = {}
+        self._log: dict[str, CommandLog] = {}
 
     def _check(self, what: str) -> None:
         if not self._open or self._closed:
@@ -95,6 +101,8 @@ class MemoryStorage:
         other._interrupted = [c for k, c in sorted(self._commands.items()) if k in self._sending]
         other._next_key = self._next_key
         other._devices = dict(self._devices)
+        other._labels = dict(self._labels)
+        other._log = dict(self._log)
         return other
 
     async def open(self) -> None:
@@ -150,8 +158,12 @@ class MemoryStorage:
         device: str | None = None,
         protocol: str | None = None,
         limit: int = 1000,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
     ) -> list[TelemetryRecord]:
-        """Records with `since < offset <= until`, oldest first, at most `limit`."""
+        """Records with `since < offset <= until` and `from_ts <= ts < to_ts`, oldest
+        first, at most `limit`: the oldest such, or with `newest` the newest."""
         self._check("telemetry_since")
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -162,7 +174,11 @@ class MemoryStorage:
             and (until is None or r.offset <= until)
             and device in (None, r.device)
             and protocol in (None, r.protocol)
+            and (from_ts is None or r.ts >= from_ts)
+            and (to_ts is None or r.ts < to_ts)
         ]
+        if newest:
+            return found[max(0, len(found) - limit) :] if limit else []
         return found[:limit]
 
     async def latest_telemetry(self) -> dict[str, TelemetryRecord]:
@@ -264,3 +280,49 @@ class MemoryStorage:
         self._write("delete_devices")
         for device in devices:
             self._devices.pop(device, None)
+
+    async def delete_device(self, device: str) -> DeviceDeletion:
+        """Delete the device's row, history, labels and queued commands (returned)."""
+        self._write("delete_device")
+        offsets = self._by_device.pop(device, collections.deque())
+        for offset in offsets:
+            self._telemetry.pop(offset, None)
+        commands = [c for _, c in sorted(self._commands.items()) if c.device == device]
+        for c in commands:
+            del self._commands[c.key]
+            self._sending.discard(c.key)
+        self._labels.pop(device, None)
+        self._devices.pop(device, None)
+        return DeviceDeletion(len(offsets), commands)
+
+    async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        """Keep (or with None, drop) the device's API labels."""
+        self._write("set_labels")
+        if labels is None:
+            self._labels.pop(device, None)
+        else:
+            self._labels[device] = json.loads(json.dumps(labels))
+
+    async def labels(self) -> dict[str, dict[str, Any]]:
+        """The API labels, by device."""
+        self._check("labels")
+        return {d: dict(v) for d, v in self._labels.items()}
+
+    def log_command(self, event: CommandEvent) -> None:
+        """Append the status to the command's history."""
+        self._check("log_command")
+        entry = json.loads(json.dumps({"status": event.status, "ts": event.ts, **event.extra}))
+        old = self._log.get(event.gateway_id)
+        if old is None:
+            self._log[event.gateway_id] = CommandLog(
+                event.gateway_id, event.request_id, event.device, event.status, [entry]
+            )
+        else:
+            self._log[event.gateway_id] = dataclasses.replace(
+                old, status=event.status, history=[*old.history, entry]
+            )
+
+    async def command_log(self, gateway_id: str) -> CommandLog | None:
+        """The command's statuses, or None."""
+        self._check("command_log")
+        return self._log.get(gateway_id)

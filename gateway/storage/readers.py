@@ -8,6 +8,7 @@ committed batch without ever blocking the writer or the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 from ..hub.store import FaultLog
 from .records import (
+    CommandLog,
     DeviceRecord,
     QueuedCommand,
     StorageClosedError,
@@ -26,6 +28,7 @@ from .records import (
 )
 from .schema import (
     _COMMAND_COLUMNS,
+    _DEVICE_COLUMNS,
     _TELEMETRY_COLUMNS,
     _connect,
     _row_to_command,
@@ -97,8 +100,12 @@ class SQLiteReaders:
         device: str | None = None,
         protocol: str | None = None,
         limit: int = 1000,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
     ) -> list[TelemetryRecord]:
-        """Committed records with `since < offset <= until`, oldest first, at most `limit`."""
+        """Committed records with `since < offset <= until` and `from_ts <= ts < to_ts`,
+        oldest first, at most `limit`: the oldest such, or with `newest` the newest."""
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         where = ['"offset" > ?']
@@ -112,14 +119,23 @@ class SQLiteReaders:
         if protocol is not None:
             where.append("protocol = ?")
             params.append(protocol)
+        if from_ts is not None:
+            where.append("ts >= ?")
+            params.append(from_ts)
+        if to_ts is not None:
+            where.append("ts < ?")
+            params.append(to_ts)
         params.append(limit)
         sql = (
             f"SELECT {_TELEMETRY_COLUMNS} FROM telemetry WHERE {' AND '.join(where)}"
-            ' ORDER BY "offset" LIMIT ?'
+            f' ORDER BY "offset"{" DESC" if newest else ""} LIMIT ?'
         )
 
         def query(conn: sqlite3.Connection) -> list[TelemetryRecord]:
-            return [_row_to_telemetry(row) for row in conn.execute(sql, params).fetchall()]
+            found = [_row_to_telemetry(row) for row in conn.execute(sql, params).fetchall()]
+            if newest:
+                found.reverse()
+            return found
 
         return await self._read(query, "telemetry_since")
 
@@ -166,12 +182,40 @@ class SQLiteReaders:
 
     async def devices(self) -> list[DeviceRecord]:
         """Every device ever seen (committed upserts), by name."""
-        sql = (
-            "SELECT device, protocol, transport, first_seen_ms, last_seen_ms FROM devices"
-            " ORDER BY device"
-        )
+        sql = f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device"
 
         def query(conn: sqlite3.Connection) -> list[DeviceRecord]:
             return [DeviceRecord(*row) for row in conn.execute(sql).fetchall()]
 
         return await self._read(query, "devices")
+
+    async def command_log(self, gateway_id: str) -> CommandLog | None:
+        """A command's committed statuses, or None when it is unknown (or no longer kept)."""
+        sql = (
+            "SELECT gateway_id, request_id, device, status, history FROM command_log"
+            " WHERE gateway_id = ?"
+        )
+
+        def query(conn: sqlite3.Connection) -> CommandLog | None:
+            row = conn.execute(sql, (gateway_id,)).fetchone()
+            if row is None:
+                return None
+            gid, request_id, device, status, history = row
+            return CommandLog(
+                gid,
+                None if request_id is None else json.loads(request_id),
+                device,
+                status,
+                json.loads(history),
+            )
+
+        return await self._read(query, "command_log")
+
+    async def labels(self) -> dict[str, dict[str, Any]]:
+        """The labels set over the API, by device."""
+
+        def query(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            rows = conn.execute("SELECT device, labels FROM labels").fetchall()
+            return {device: json.loads(labels) for device, labels in rows}
+
+        return await self._read(query, "labels")

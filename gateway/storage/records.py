@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from frames.errors import FrameGatewayError
 
 from ..hub.records import (
+    CommandEvent,
+    CommandLog,
+    DeviceDeletion,
     DeviceRecord,
     QueuedCommand,
     QueueFull,
@@ -48,6 +51,9 @@ BATCH_ROWS = 500
 MAX_PENDING_ROWS = 100_000  # rows waiting for the writer; beyond, new rows are dropped
 MAX_QUEUED_COMMANDS_PER_DEVICE = 1000
 MAX_QUEUED_COMMANDS = 100_000
+# Seconds the command log keeps a command after its last status (docs/api.md §4:
+# at least a day).
+COMMAND_LOG_KEEP_S = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,9 @@ class StorageStats:
 
 
 __all__ = [
+    "CommandEvent",
+    "CommandLog",
+    "DeviceDeletion",
     "DeviceRecord",
     "QueueFull",
     "QueuedCommand",

@@ -8,7 +8,10 @@ layout to open.
 
 Versions: 1, the first; 2 adds `commands.sending_ms`, set (durably) just before
 a queued command is written to its device, so that one being written when the
-process died is never written again (docs/deployment.md, "What a crash can lose").
+process died is never written again (docs/deployment.md, "What a crash can lose");
+3 adds `commands.gateway_id` (the gateway's command_id of a queued command),
+`devices.offline_reason`, the `command_log` table (every command's statuses,
+for `GET /api/commands/{id}`) and the `labels` table (labels set over the API).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from .records import QueuedCommand, StorageError, TelemetryRecord
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 
 # "offset" is quoted everywhere: it is an SQL keyword (LIMIT ... OFFSET).
 _SCHEMA = """
@@ -55,7 +58,8 @@ CREATE TABLE IF NOT EXISTS commands (
     body BLOB NOT NULL,
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
-    sending_ms INTEGER
+    sending_ms INTEGER,
+    gateway_id TEXT
 );
 CREATE INDEX IF NOT EXISTS commands_device ON commands (device, key);
 CREATE INDEX IF NOT EXISTS commands_expires ON commands (expires_ms);
@@ -65,7 +69,30 @@ CREATE TABLE IF NOT EXISTS devices (
     protocol TEXT NOT NULL,
     transport TEXT NOT NULL,
     first_seen_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER NOT NULL
+    last_seen_ms INTEGER NOT NULL,
+    offline_reason TEXT
+) WITHOUT ROWID;
+
+-- Every command's statuses, one row per command (the gateway's command_id):
+-- request_id is the client's id as JSON (a string or a number), history a JSON
+-- array of {"status", "ts", ...}. Rows go once updated_ms is older than the
+-- command log's keep time (retention pass).
+CREATE TABLE IF NOT EXISTS command_log (
+    gateway_id TEXT PRIMARY KEY,
+    request_id TEXT,
+    device TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    history TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS command_log_updated ON command_log (updated_ms);
+
+-- Labels set over the API (docs/api.md §4), a JSON object per device: they
+-- override the config file's [labels] field by field.
+CREATE TABLE IF NOT EXISTS labels (
+    device TEXT PRIMARY KEY,
+    labels TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -83,15 +110,28 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
 FROM json_each(?)
 """
 _UPSERT_DEVICE = """
-INSERT INTO devices (device, protocol, transport, first_seen_ms, last_seen_ms)
-VALUES (?, ?, ?, ?, ?)
+INSERT INTO devices (device, protocol, transport, first_seen_ms, last_seen_ms, offline_reason)
+VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (device) DO UPDATE SET
     protocol = excluded.protocol,
     transport = excluded.transport,
-    last_seen_ms = excluded.last_seen_ms
+    last_seen_ms = excluded.last_seen_ms,
+    offline_reason = excluded.offline_reason
+"""
+# A command's status: the first makes its row, each later one is appended to
+# its history (json_insert with $[#] appends to an array). Parameters: the
+# status as a JSON object is given twice, once per branch.
+_LOG_COMMAND = """
+INSERT INTO command_log (gateway_id, request_id, device, status, created_ms, updated_ms, history)
+VALUES (?, ?, ?, ?, ?, ?, json_array(json(?)))
+ON CONFLICT (gateway_id) DO UPDATE SET
+    status = excluded.status,
+    updated_ms = excluded.updated_ms,
+    history = json_insert(history, '$[#]', json(?))
 """
 _TELEMETRY_COLUMNS = '"offset", device, protocol, ts, seq, data'
-_COMMAND_COLUMNS = "key, command_id, device, command, body, created_ms, expires_ms"
+_COMMAND_COLUMNS = "key, command_id, device, command, body, created_ms, expires_ms, gateway_id"
+_DEVICE_COLUMNS = "device, protocol, transport, first_seen_ms, last_seen_ms, offline_reason"
 
 # How long a connection waits for a lock held by another process (a second
 # gateway on the same file, an operator's sqlite3 shell) before failing.
@@ -145,6 +185,11 @@ def _check_version(conn: sqlite3.Connection, path: Path) -> None:
 # inside the opening transaction, from the file's version up.
 _MIGRATIONS = {
     2: ["ALTER TABLE commands ADD COLUMN sending_ms INTEGER"],
+    # The new tables and index come from _SCHEMA (IF NOT EXISTS) after the steps.
+    3: [
+        "ALTER TABLE commands ADD COLUMN gateway_id TEXT",
+        "ALTER TABLE devices ADD COLUMN offline_reason TEXT",
+    ],
 }
 
 
@@ -171,7 +216,14 @@ def _row_to_telemetry(row: tuple[Any, ...]) -> TelemetryRecord:
 
 
 def _row_to_command(row: tuple[Any, ...]) -> QueuedCommand:
-    key, command_id, device, command, body, created_ms, expires_ms = row
+    key, command_id, device, command, body, created_ms, expires_ms, gateway_id = row
     return QueuedCommand(
-        key, command_id, device, json.loads(command), bytes(body), created_ms, expires_ms
+        key,
+        command_id,
+        device,
+        json.loads(command),
+        bytes(body),
+        created_ms,
+        expires_ms,
+        gateway_id,
     )

@@ -19,15 +19,19 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from ..hub.store import FaultLog
 from .readers import _READER_THREADS, SQLiteReaders
 from .records import (
     BATCH_INTERVAL,
     BATCH_ROWS,
+    COMMAND_LOG_KEEP_S,
     MAX_PENDING_ROWS,
     MAX_QUEUED_COMMANDS,
     MAX_QUEUED_COMMANDS_PER_DEVICE,
+    CommandEvent,
+    DeviceDeletion,
     DeviceRecord,
     QueuedCommand,
     QueueFull,
@@ -90,7 +94,10 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         max_pending_rows: int = MAX_PENDING_ROWS,
         max_queued_commands_per_device: int = MAX_QUEUED_COMMANDS_PER_DEVICE,
         max_queued_commands: int = MAX_QUEUED_COMMANDS,
+        command_log_keep_s: float = COMMAND_LOG_KEEP_S,
     ) -> None:
+        if not command_log_keep_s > 0:
+            raise ValueError(f"command_log_keep_s must be > 0, not {command_log_keep_s}")
         if batch_interval < 0 or batch_rows < 1 or offset_block < 2:
             raise ValueError(
                 "SQLiteStorage needs batch_interval >= 0, batch_rows >= 1 and offset_block >= 2"
@@ -105,6 +112,7 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         self.max_pending_rows = max_pending_rows
         self.max_queued_commands_per_device = max_queued_commands_per_device
         self.max_queued_commands = max_queued_commands
+        self.command_log_keep_s = command_log_keep_s
         self.stats = StorageStats()
 
         # Everything below the lock is shared between the loop and the writer
@@ -405,6 +413,7 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
             command.body,
             command.created_ms,
             command.expires_ms,
+            command.gateway_id,
         )
 
         def insert(conn: sqlite3.Connection) -> int | QueueFull:
@@ -425,7 +434,7 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
                 )
             cursor = conn.execute(
                 "INSERT INTO commands (command_id, device, command, body, created_ms,"
-                " expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                " expires_ms, gateway_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 params,
             )
             # Counted now, so the next insert in this transaction sees it; a
@@ -500,6 +509,57 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
             conn.execute(f"DELETE FROM devices WHERE device IN {_KEYS}", (encoded,))
 
         await self._submit(delete, "delete_devices", durable=True)
+
+    async def delete_device(self, device: str) -> DeviceDeletion:
+        """Delete everything kept of a device: its registry row, history, labels and
+        queued commands (returned, oldest first); committed and fsynced before returning.
+
+        Ordered with the rows queued before it (a telemetry row appended before
+        the call is deleted too). The command log keeps its commands' statuses.
+        """
+
+        def delete(conn: sqlite3.Connection) -> DeviceDeletion:
+            telemetry = conn.execute("DELETE FROM telemetry WHERE device = ?", (device,)).rowcount
+            rows = conn.execute(
+                f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE device = ? ORDER BY key", (device,)
+            ).fetchall()
+            conn.execute("DELETE FROM commands WHERE device = ?", (device,))
+            conn.execute("DELETE FROM labels WHERE device = ?", (device,))
+            conn.execute("DELETE FROM devices WHERE device = ?", (device,))
+            commands = [_row_to_command(row) for row in rows]
+
+            def committed() -> None:
+                self._counts.pop(device, None)
+                self._forget_queued([c.device for c in commands])
+
+            self._after_commit.append(committed)
+            return DeviceDeletion(telemetry, commands)
+
+        return await self._submit(delete, "delete_device", durable=True)
+
+    async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        """Keep the labels set over the API for ``device`` (None: drop them); committed
+        and fsynced before returning."""
+        encoded = None if labels is None else _encode(labels)
+
+        def write(conn: sqlite3.Connection) -> None:
+            if encoded is None:
+                conn.execute("DELETE FROM labels WHERE device = ?", (device,))
+            else:
+                conn.execute(
+                    "INSERT INTO labels (device, labels) VALUES (?, ?)"
+                    " ON CONFLICT (device) DO UPDATE SET labels = excluded.labels",
+                    (device, encoded),
+                )
+
+        await self._submit(write, "set_labels", durable=True)
+
+    def log_command(self, event: CommandEvent) -> None:
+        """Queue one command status for the command log's next batch; returns at once.
+
+        Readable by ``command_log`` once committed (``flush()`` to wait).
+        """
+        self._put(event, "log_command")
 
     async def interrupted_commands(self) -> list[QueuedCommand]:
         """The commands found marked as being sent at `open()`: returned once."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from typing import Any, TypeVar
 
 from ..hub.store import FaultLog
 from .records import (
+    CommandEvent,
     DeviceRecord,
     RetentionPolicy,
     StorageClosedError,
@@ -44,7 +46,14 @@ from .records import (
     StorageStats,
     StoreHealth,
 )
-from .schema import _INSERT_TELEMETRY_BATCH, _RESERVED_KEY, _UPSERT_DEVICE, _connect, describe
+from .schema import (
+    _INSERT_TELEMETRY_BATCH,
+    _LOG_COMMAND,
+    _RESERVED_KEY,
+    _UPSERT_DEVICE,
+    _connect,
+    describe,
+)
 
 # The package's name, as before the split into modules: operators filter on it
 # (docs/deployment.md shows its lines).
@@ -68,7 +77,7 @@ class _Op:
     durable: bool  # commit this transaction with synchronous=FULL
 
 
-_Item = _Row | DeviceRecord | _Op
+_Item = _Row | DeviceRecord | CommandEvent | _Op
 
 
 _WELL = StoreHealth()
@@ -99,6 +108,7 @@ class SQLiteWriter:
     max_pending_rows: int
     stats: StorageStats
     prune_interval: float
+    command_log_keep_s: float
 
     #: After a failed transaction the writer waits this long before retrying,
     #: doubling up to `retry_max` while it keeps failing (seconds).
@@ -181,7 +191,7 @@ class SQLiteWriter:
 
     # ------------------------------------------------------------ the queue (event loop side)
 
-    def _put(self, item: _Row | DeviceRecord, what: str) -> None:
+    def _put(self, item: _Row | DeviceRecord | CommandEvent, what: str) -> None:
         with self._cond:
             self._check_accepting(what)
             if self.stats.pending >= self.max_pending_rows:
@@ -358,7 +368,7 @@ class SQLiteWriter:
         durable = extend or any(isinstance(item, _Op) and item.durable for item in chunk)
         started = time.perf_counter()
         try:
-            ops, rows, telemetry = self._transaction(chunk, lease_want if extend else 0, durable)
+            ops, rows, _ = self._transaction(chunk, lease_want if extend else 0, durable)
         except sqlite3.IntegrityError as e:
             # A row that can never be written (a bug, or a hand-edited file):
             # retrying would wedge every later write, so this chunk's rows are lost.
@@ -370,8 +380,6 @@ class SQLiteWriter:
         elapsed = time.perf_counter() - started
         if extend:
             self._lease_end = lease_want
-        for rows_of_device in telemetry:
-            self._count(rows_of_device)
         if rows:
             self._dirty = True
         with self._cond:
@@ -413,6 +421,9 @@ class SQLiteWriter:
                 if telemetry:
                     conn.execute(_INSERT_TELEMETRY_BATCH, (_encode(telemetry),))
                     batches.append(telemetry)
+                    # Counted after the commit, in queue order with the ops'
+                    # own actions (a device deleted after these rows).
+                    self._after_commit.append(functools.partial(self._count, telemetry))
                     rows += len(telemetry)
                     telemetry = []
                 if isinstance(item, DeviceRecord):
@@ -424,6 +435,23 @@ class SQLiteWriter:
                             item.transport,
                             item.first_seen_ms,
                             item.last_seen_ms,
+                            item.offline_reason,
+                        ),
+                    )
+                    rows += 1
+                elif isinstance(item, CommandEvent):
+                    entry = _encode({"status": item.status, "ts": item.ts, **item.extra})
+                    conn.execute(
+                        _LOG_COMMAND,
+                        (
+                            item.gateway_id,
+                            None if item.request_id is None else _encode(item.request_id),
+                            item.device,
+                            item.status,
+                            item.ts,
+                            item.ts,
+                            entry,
+                            entry,
                         ),
                     )
                     rows += 1
@@ -432,6 +460,7 @@ class SQLiteWriter:
             if telemetry:
                 conn.execute(_INSERT_TELEMETRY_BATCH, (_encode(telemetry),))
                 batches.append(telemetry)
+                self._after_commit.append(functools.partial(self._count, telemetry))
                 rows += len(telemetry)
             if lease_want:
                 conn.execute("UPDATE meta SET value = ? WHERE key = ?", (lease_want, _RESERVED_KEY))
@@ -572,6 +601,11 @@ class SQLiteWriter:
             conn.execute("BEGIN IMMEDIATE")
         removed: dict[str, int] = collections.Counter()
         try:
+            # The command log keeps each command for command_log_keep_s after its last status.
+            conn.execute(
+                "DELETE FROM command_log WHERE updated_ms < ?",
+                (math.floor(now_ms - self.command_log_keep_s * 1000),),
+            )
             for (device,) in conn.execute(
                 "DELETE FROM telemetry WHERE ts < ? RETURNING device", (cutoff,)
             ).fetchall():

@@ -1,4 +1,5 @@
-"""The HTTP API (docs/api.md §4): devices, telemetry history, commands, health, metrics.
+"""The HTTP API (docs/api.md §4): devices, labels, telemetry history (JSON or CSV),
+commands and their history, health, metrics.
 
 Handlers check the token, translate the request into a hub call, and the
 result into JSON; no routing rule lives here.
@@ -7,13 +8,19 @@ result into JSON; no routing rule lives here.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from ..hub import ClientError, ErrorCode, Role, dumps, parse_command, telemetry_message
 from ..hub.commands import STORAGE_UNAVAILABLE, is_storage_unavailable
-from ..hub.records import StoreError
+from ..hub.core import DeviceIsOnline
+from ..hub.records import StorageUnavailable, StoreError, TelemetryRecord
+from ..hub.registry import check_labels
 from ..metrics import CONTENT_TYPE
 from .context import WEB
 from .errors import http_error, presented, require
@@ -71,13 +78,98 @@ async def list_devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": devices, "next": following}, dumps=dumps)
 
 
+def _no_such_device() -> web.HTTPException:
+    return http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
+
+
 async def get_device(request: web.Request) -> web.Response:
     """``GET /api/devices/{id}``."""
     require(request)
-    state = request.app[WEB].hub.registry.get(request.match_info["id"])
-    if state is None:
-        raise http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
-    return web.json_response(state.listing(), dumps=dumps)
+    entry = request.app[WEB].hub.device_entry(request.match_info["id"])
+    if entry is None:
+        raise _no_such_device()
+    return web.json_response(entry, dumps=dumps)
+
+
+async def put_labels(request: web.Request) -> web.Response:
+    """``PUT /api/devices/{id}/labels`` (operator): set a device's labels -> 200 + its entry."""
+    require(request, Role.OPERATOR)
+    hub = request.app[WEB].hub
+    device = request.match_info["id"]
+    if device not in hub.registry:
+        raise _no_such_device()
+    body = await _json_body(request)
+    try:
+        labels = check_labels(body)
+    except ValueError as e:
+        raise http_error(web.HTTPBadRequest, ErrorCode.BAD_REQUEST, str(e)) from None
+    try:
+        entry = await hub.set_labels(device, labels)
+    except KeyError:
+        raise _no_such_device() from None
+    except StorageUnavailable as e:
+        raise _storage_unavailable(str(e)) from None
+    return web.json_response(entry, dumps=dumps)
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    """``DELETE /api/devices/{id}`` (operator): forget an offline device and its data.
+
+    200 ``{"device", "deleted": true}``; 409 ``conflict`` while it is online.
+    """
+    require(request, Role.OPERATOR)
+    hub = request.app[WEB].hub
+    device = request.match_info["id"]
+    try:
+        await hub.delete_device(device)
+    except KeyError:
+        raise _no_such_device() from None
+    except DeviceIsOnline:
+        raise http_error(
+            web.HTTPConflict,
+            "conflict",
+            "the device is online: only an offline device can be deleted",
+        ) from None
+    except StorageUnavailable as e:
+        raise _storage_unavailable(str(e)) from None
+    return web.json_response({"device": device, "deleted": True}, dumps=dumps)
+
+
+# A command_id as the gateway makes them (32 hex digits), with room for other nodes' forms.
+_COMMAND_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+async def get_command(request: web.Request) -> web.Response:
+    """``GET /api/commands/{command_id}``: a command's latest status and its history."""
+    require(request)
+    hub = request.app[WEB].hub
+    command_id = request.match_info["command_id"]
+    if not _COMMAND_ID.fullmatch(command_id):
+        raise http_error(
+            web.HTTPBadRequest,
+            ErrorCode.BAD_REQUEST,
+            "a command_id has 1 to 64 characters of A-Za-z0-9._:-",
+        )
+    try:
+        found = await hub.command_log(command_id)
+    except StorageUnavailable as e:
+        raise _storage_unavailable(str(e)) from None
+    if found is None:
+        raise http_error(
+            web.HTTPNotFound,
+            ErrorCode.NOT_FOUND,
+            "no such command (unknown, or its last status is over a day old)",
+        )
+    return web.json_response(
+        {
+            "command_id": found.gateway_id,
+            "id": found.request_id,
+            "device": found.device,
+            "status": found.status,
+            "history": found.history,
+        },
+        dumps=dumps,
+    )
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -97,25 +189,141 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
-async def device_telemetry(request: web.Request) -> web.Response:
-    """``GET /api/devices/{id}/telemetry?since=OFFSET&limit=N``, oldest first."""
+# The largest page of history, for ``limit`` and ``last``.
+MAX_HISTORY_PAGE = 1000
+MAX_MS = 2**63 - 1
+
+
+def _wants_csv(request: web.Request) -> bool:
+    """``format=csv``, or ``Accept: text/csv`` without ``format`` (docs/api.md §4)."""
+    fmt = request.query.get("format")
+    if fmt is not None:
+        if fmt not in ("csv", "json"):
+            raise http_error(
+                web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "format must be json or csv"
+            )
+        return fmt == "csv"
+    return "text/csv" in request.headers.get("Accept", "")
+
+
+async def device_telemetry(request: web.Request) -> web.StreamResponse:
+    """``GET /api/devices/{id}/telemetry``: stored telemetry, oldest first, JSON or CSV.
+
+    ``since``/``limit`` page forward by offset; ``last=N`` gives the newest N;
+    ``from``/``to`` (unix ms, from inclusive, to exclusive) keep a time range,
+    alone or with either. ``next`` is the ``since`` of the following page, null
+    when there is none (docs/api.md §4).
+    """
     require(request)
     hub = request.app[WEB].hub
     device = request.match_info["id"]
+    csv_wanted = _wants_csv(request)  # a bad format is refused before anything is read
     if device not in hub.registry:
-        raise http_error(web.HTTPNotFound, ErrorCode.NOT_FOUND, "no such device")
-    since = _int_param(request, "since", 0, -1, 2**63 - 1)
-    limit = _int_param(request, "limit", 100, 1, 1000)
+        raise _no_such_device()
+    since = _int_param(request, "since", 0, -1, MAX_MS)
+    limit = _int_param(request, "limit", 100, 1, MAX_HISTORY_PAGE)
+    last = _int_param(request, "last", 0, 1, MAX_HISTORY_PAGE) if "last" in request.query else 0
+    from_ts = _int_param(request, "from", 0, 0, MAX_MS) if "from" in request.query else None
+    to_ts = _int_param(request, "to", 0, 0, MAX_MS) if "to" in request.query else None
+    if last and ("since" in request.query or "limit" in request.query):
+        raise http_error(
+            web.HTTPBadRequest,
+            ErrorCode.BAD_REQUEST,
+            "last gives the newest N: it takes neither since nor limit",
+        )
+    if from_ts is not None and to_ts is not None and to_ts < from_ts:
+        raise http_error(web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "to must not be before from")
     try:
-        records = await hub.history(device, since, limit)
+        records = await hub.history(
+            device,
+            since,
+            last or limit,
+            from_ts=from_ts,
+            to_ts=to_ts,
+            newest=bool(last),
+        )
     except StoreError:
         # A full disk or a damaged file: what was asked may be unreadable or not
         # yet written, and the storage heals by itself (``/healthz`` says when).
         # The storage's own message names its file: the caller gets the reason only.
         why = hub.engine.health().failing or "the telemetry history could not be read"
         raise _storage_unavailable(f"{STORAGE_UNAVAILABLE}: {why}") from None
+    # A full page may have a following one; "last" is one page by definition.
+    following = records[-1].offset if records and not last and len(records) == limit else None
+    if csv_wanted:
+        return _csv_response(device, records, hub.out_of_range, following)
     return web.json_response(
-        {"device": device, "telemetry": [telemetry_message(r) for r in records]}, dumps=dumps
+        {
+            "device": device,
+            "telemetry": [telemetry_message(r, hub.out_of_range(r)) for r in records],
+            "next": following,
+        },
+        dumps=dumps,
+    )
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    """``{"a": {"b": 1}, "c": [x, y]}`` -> ``a.b``, ``c.0``, ``c.1`` (CSV columns)."""
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            _flatten(inner, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, list) and value:
+        for i, inner in enumerate(value):
+            _flatten(inner, f"{prefix}.{i}" if prefix else str(i), out)
+    else:
+        out[prefix] = value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return dumps(value)  # an empty one
+    return str(value)
+
+
+def _csv_response(
+    device: str,
+    records: Sequence[TelemetryRecord],
+    flag: Any,
+    following: int | None,
+) -> web.Response:
+    """The history as CSV: ``offset,ts,seq``, the data fields flattened, ``out_of_range``.
+
+    The columns are every data field met, in the order first met; a message
+    without a field leaves its cell empty. ``out_of_range`` lists the fields
+    separated by spaces. ``next`` is in the ``X-Next`` header (empty on the last page).
+    """
+    rows: list[tuple[TelemetryRecord, dict[str, Any], list[str] | None]] = []
+    columns: dict[str, None] = {}
+    for record in records:
+        flat: dict[str, Any] = {}
+        _flatten(record.data, "", flat)
+        columns.update(dict.fromkeys(flat))
+        rows.append((record, flat, flag(record)))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["offset", "ts", "seq", *columns, "out_of_range"])
+    for record, flat, bad in rows:
+        writer.writerow(
+            [
+                record.offset,
+                record.ts,
+                record.seq,
+                *(_cell(flat.get(c)) for c in columns),
+                " ".join(bad or ()),
+            ]
+        )
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{device}.csv"',
+            "X-Next": "" if following is None else str(following),
+        },
     )
 
 
@@ -140,6 +348,32 @@ async def post_command(request: web.Request) -> web.Response:
         raise http_error(web.HTTPForbidden, ErrorCode.FORBIDDEN, "this needs an operator token")
     # Before the body is read: a flood is refused at the least cost.
     _take_command(request, token)
+    ctx = request.app[WEB]
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("command"), dict):
+        raise http_error(
+            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, 'body must be {"command": {...}}'
+        )
+    statuses: list[dict[str, Any]] = []
+    device = request.match_info["id"]
+    msg = {"id": body.get("id"), "device": device, "command": body["command"]}
+    try:
+        await ctx.hub.submit_command(parse_command(msg), statuses.append)
+    except ClientError as e:
+        raise http_error(web.HTTPBadRequest, e.code, e.message) from None
+    first = statuses[0]
+    if is_storage_unavailable(first):
+        # Not the caller's fault: the command could not be kept (docs/api.md §4).
+        raise _storage_unavailable(first["error"])
+    if first["status"] == "rejected":
+        status = 404 if device not in ctx.hub.registry else 400
+        return web.json_response(first, status=status, dumps=dumps)
+    return web.json_response(first, status=202, dumps=dumps)
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON body: 413 over ``dashboards.max_message``, 408 when it does not
+    arrive within ``http.idle_timeout``, 400 when it is not JSON (docs/api.md §2)."""
     ctx = request.app[WEB]
     limit = ctx.config.dashboards.max_message
     too_large = web.HTTPRequestEntityTooLarge(
@@ -168,25 +402,7 @@ async def post_command(request: web.Request) -> web.Response:
         raise http_error(
             web.HTTPBadRequest, ErrorCode.BAD_REQUEST, "body is nested too deeply"
         ) from None
-    if not isinstance(body, dict) or not isinstance(body.get("command"), dict):
-        raise http_error(
-            web.HTTPBadRequest, ErrorCode.BAD_REQUEST, 'body must be {"command": {...}}'
-        )
-    statuses: list[dict[str, Any]] = []
-    device = request.match_info["id"]
-    msg = {"id": body.get("id"), "device": device, "command": body["command"]}
-    try:
-        await ctx.hub.submit_command(parse_command(msg), statuses.append)
-    except ClientError as e:
-        raise http_error(web.HTTPBadRequest, e.code, e.message) from None
-    first = statuses[0]
-    if is_storage_unavailable(first):
-        # Not the caller's fault: the command could not be kept (docs/api.md §4).
-        raise _storage_unavailable(first["error"])
-    if first["status"] == "rejected":
-        status = 404 if device not in ctx.hub.registry else 400
-        return web.json_response(first, status=status, dumps=dumps)
-    return web.json_response(first, status=202, dumps=dumps)
+    return body
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -25,6 +25,8 @@ from gateway.config import (
     DevicesSection,
     GatewayConfig,
     HttpSection,
+    LabelsSection,
+    ProtocolSection,
     SerialSection,
     StorageSection,
     build_config,
@@ -421,6 +423,8 @@ SECTIONS: dict[str, type[Any]] = {
     "[dashboards]": DashboardsSection,
     "[http]": HttpSection,
     "[storage]": StorageSection,
+    '[labels."ID"]': LabelsSection,
+    '[protocols."NAME"]': ProtocolSection,
 }
 
 
@@ -428,7 +432,17 @@ def _is_section(tp: Any) -> bool:
     if dataclasses.is_dataclass(tp):
         return True
     args = typing.get_args(tp)
-    return typing.get_origin(tp) is list and bool(args) and dataclasses.is_dataclass(args[0])
+    origin = typing.get_origin(tp)
+    # [[serial]] (a list of tables) and [labels."ID"] (a table of tables, by name).
+    return bool(args) and (
+        (origin is list and dataclasses.is_dataclass(args[0]))
+        or (origin is dict and dataclasses.is_dataclass(args[-1]))
+    )
+
+
+def _in_file(f: dataclasses.Field[Any]) -> bool:
+    """False for a field the loader fills from elsewhere (not a key of its section)."""
+    return bool(f.metadata.get("section", True))
 
 
 def _keys(cls: type[Any]) -> dict[str, Any]:
@@ -438,7 +452,7 @@ def _keys(cls: type[Any]) -> dict[str, Any]:
     return {
         f.name: getattr(instance, f.name)
         for f in dataclasses.fields(cls)
-        if not _is_section(hints[f.name])
+        if not _is_section(hints[f.name]) and _in_file(f)
     }
 
 
@@ -448,7 +462,7 @@ def _doc_tables() -> dict[str, dict[str, str]]:
     current: dict[str, str] | None = None
     for line in CONFIG_DOC.read_text(encoding="utf-8").splitlines():
         if line.startswith("## "):
-            heading = line[3:].strip().strip("`")
+            heading = line[3:].strip().strip("`")  # "## `[labels."ID"]`" too
             current = tables.setdefault(heading, {}) if heading in SECTIONS else None
             continue
         row = re.match(r"\|\s*`([a-z_]+)`\s*\|[^|]*\|\s*([^|]*?)\s*\|", line)
@@ -484,10 +498,15 @@ def _set_keys(table: dict[str, Any], cls: type[Any]) -> set[str]:
     missing = set()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if not _in_file(f):
+            continue
         if f.name not in table:
             missing.add(f"{cls.__name__}.{f.name}")
         elif dataclasses.is_dataclass(tp):
             missing |= _set_keys(table[f.name], typing.cast(type[Any], tp))
+        elif _is_section(tp) and typing.get_origin(tp) is dict:
+            for entry in table[f.name].values():
+                missing |= _set_keys(entry, typing.get_args(tp)[-1])
         elif _is_section(tp):
             for entry in table[f.name]:
                 missing |= _set_keys(entry, typing.get_args(tp)[0])
@@ -500,6 +519,10 @@ def test_the_complete_example_loads_and_sets_every_key(tmp_path: Path) -> None:
     path = write(tmp_path, complete[0])
     config = load(path)
     assert _set_keys(load_file(path), GatewayConfig) == set()
+    # [protocols."NAME"] tables go to protocol_settings: each sets its keys too.
+    for settings in load_file(path)["protocols"].values():
+        if isinstance(settings, dict):
+            assert _set_keys(settings, ProtocolSection) == set()
     assert config.serial_ports()  # every section builds what its layer takes
 
 

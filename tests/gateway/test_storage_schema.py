@@ -1,12 +1,13 @@
 """The SQLite file (gateway/storage/schema.py): its layout, its version, and that a
 data dir written by an earlier gateway still opens.
 
-`V1_SCHEMA` and `V2_SCHEMA` are versions 1 and 2 of the file, frozen. A change
-to the schema must bump `_SCHEMA_VERSION` and migrate: then add the new version
-beside these, keep the tests opening a file of each older version, and point
-the layout test at the new version. Version 2 added `commands.sending_ms`
-(a command being written to its device when the process died is never
-written again).
+`V1_SCHEMA`, `V2_SCHEMA` and `V3_SCHEMA` are versions 1 to 3 of the file,
+frozen. A change to the schema must bump `_SCHEMA_VERSION` and migrate: then
+add the new version beside these, keep the tests opening a file of each older
+version, and point the layout test at the new version. Version 2 added
+`commands.sending_ms` (a command being written to its device when the process
+died is never written again); version 3 added `commands.gateway_id`,
+`devices.offline_reason`, and the `command_log` and `labels` tables.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from gateway.storage import (
+    CommandEvent,
     DeviceRecord,
     QueuedCommand,
     SQLiteStorage,
@@ -81,6 +83,41 @@ V2_SCHEMA = V1_SCHEMA.replace(
     "    expires_ms INTEGER NOT NULL,\n    sending_ms INTEGER\n);",
 )
 assert V2_SCHEMA != V1_SCHEMA
+# Never edit: this is what every version-3 data dir holds (written fresh).
+V3_SCHEMA = (
+    V2_SCHEMA.replace(
+        "    sending_ms INTEGER\n);",
+        "    sending_ms INTEGER,\n    gateway_id TEXT\n);",
+    ).replace(
+        "    last_seen_ms INTEGER NOT NULL\n) WITHOUT ROWID;",
+        "    last_seen_ms INTEGER NOT NULL,\n    offline_reason TEXT\n) WITHOUT ROWID;",
+    )
+    + """
+-- Every command's statuses, one row per command (the gateway's command_id):
+-- request_id is the client's id as JSON (a string or a number), history a JSON
+-- array of {"status", "ts", ...}. Rows go once updated_ms is older than the
+-- command log's keep time (retention pass).
+CREATE TABLE IF NOT EXISTS command_log (
+    gateway_id TEXT PRIMARY KEY,
+    request_id TEXT,
+    device TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    history TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS command_log_updated ON command_log (updated_ms);
+
+-- Labels set over the API (docs/api.md §4), a JSON object per device: they
+-- override the config file's [labels] field by field.
+CREATE TABLE IF NOT EXISTS labels (
+    device TEXT PRIMARY KEY,
+    labels TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+)
+assert "gateway_id TEXT" in V3_SCHEMA
+assert "offline_reason TEXT" in V3_SCHEMA
 V1_RESERVED = 5000  # meta.offset_reserved: the next process starts above it
 V1_TELEMETRY = [
     TelemetryRecord(10, "a", "env-sensor", NOW_MS, 1, {"temperature_c": 21.5}),
@@ -134,12 +171,56 @@ def write_v1_data_dir(path: Path, commands: list[QueuedCommand] | None = None) -
 
 def write_v2_schema(path: Path) -> None:
     """An empty version-2 file, as the frozen schema says."""
+    write_schema(path, V2_SCHEMA, 2)
+
+
+def write_schema(path: Path, schema: str, version: int) -> None:
+    """An empty file of a frozen schema version."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(V2_SCHEMA)
-        conn.execute("PRAGMA user_version = 2")
+        conn.executescript(schema)
+        conn.execute(f"PRAGMA user_version = {version}")
+    finally:
+        conn.close()
+
+
+V2_COMMAND = QueuedCommand(4, "c-2", "a", {"name": "reboot"}, b"\x02", NOW_MS, 2**62)
+
+
+def write_v2_data_dir(path: Path) -> None:
+    """A data dir as a version-2 gateway leaves it: the v1 content, a command being sent."""
+    write_v2_schema(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('offset_reserved', ?)", (V1_RESERVED,))
+        for r in V1_TELEMETRY:
+            conn.execute(
+                'INSERT INTO telemetry ("offset", device, protocol, ts, seq, data)'
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (r.offset, r.device, r.protocol, r.ts, r.seq, json.dumps(r.data)),
+            )
+        for c, sending in ((V2_COMMAND, None), (V1_COMMAND, NOW_MS)):
+            conn.execute(
+                "INSERT INTO commands (key, command_id, device, command, body, created_ms,"
+                " expires_ms, sending_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    c.key,
+                    c.command_id,
+                    c.device,
+                    json.dumps(c.command),
+                    c.body,
+                    c.created_ms,
+                    c.expires_ms,
+                    sending,
+                ),
+            )
+        for d in V1_DEVICES:
+            conn.execute(
+                "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
+                (d.device, d.protocol, d.transport, d.first_seen_ms, d.last_seen_ms),
+            )
     finally:
         conn.close()
 
@@ -179,7 +260,7 @@ async def test_a_version_1_data_dir_opens(open_sqlite: OpenSQLite, db_path: Path
     queued = await storage.enqueue_command(command("b", NOW_MS, 60_000))
     assert queued.key > V1_COMMAND.key
     await storage.close()
-    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]  # upgraded in place
+    assert raw_rows(db_path, "PRAGMA user_version") == [(3,)]  # upgraded in place
     assert raw_rows(db_path, 'SELECT MAX("offset") FROM telemetry') == [(record.offset,)]
 
 
@@ -201,10 +282,10 @@ async def test_a_version_1_queue_upgrades_to_version_2_with_every_command(
     assert await storage.pending_commands("a", NOW_MS) == [queue[3]]
     await storage.close()
 
-    frozen = tmp_path / "frozen" / "v2.sqlite3"
-    write_v2_schema(frozen)
+    frozen = tmp_path / "frozen" / "v3.sqlite3"
+    write_schema(frozen, V3_SCHEMA, 3)
     assert columns(db_path, "commands") == columns(frozen, "commands")
-    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]
+    assert raw_rows(db_path, "PRAGMA user_version") == [(3,)]
 
     # Reopened: the two marked ones were being sent when it stopped.
     again = await open_sqlite()
@@ -212,7 +293,45 @@ async def test_a_version_1_queue_upgrades_to_version_2_with_every_command(
     assert await again.pending_commands("a", NOW_MS) == [queue[3]]
 
 
-async def test_a_data_dir_written_now_has_the_version_2_layout(
+async def test_a_version_2_data_dir_upgrades_to_version_3_keeping_everything(
+    open_sqlite: OpenSQLite, db_path: Path, tmp_path: Path
+) -> None:
+    write_v2_data_dir(db_path)
+    storage = await open_sqlite()
+    # The command marked as being sent under version 2 is interrupted, once; the
+    # waiting one is still queued, with no gateway command_id (it had none).
+    assert await storage.interrupted_commands() == [V1_COMMAND]
+    assert await storage.pending_commands("a", NOW_MS) == [V2_COMMAND]
+    assert V2_COMMAND.gateway_id is None
+    assert await storage.telemetry_since(0) == V1_TELEMETRY
+    # Registry rows come back with no offline reason (version 2 kept none).
+    assert await storage.devices() == V1_DEVICES
+    assert all(d.offline_reason is None for d in await storage.devices())
+    # The new tables work on the upgraded file.
+    await storage.set_labels("a", {"name": "Greenhouse", "location": None, "channels": None})
+    assert await storage.labels() == {
+        "a": {"name": "Greenhouse", "location": None, "channels": None}
+    }
+    storage.log_command(CommandEvent("g1", "h1", "a", "queued", NOW_MS, {}))
+    await storage.flush()
+    found = await storage.command_log("g1")
+    assert found is not None
+    assert found.history == [{"status": "queued", "ts": NOW_MS}]
+    await storage.upsert_device(
+        DeviceRecord("a", "env-sensor", "tcp", NOW_MS, NOW_MS + 5, "closed")
+    )
+    await storage.flush()
+    assert (await storage.devices())[0].offline_reason == "closed"
+    await storage.close()
+
+    assert raw_rows(db_path, "PRAGMA user_version") == [(3,)]
+    frozen = tmp_path / "frozen" / "v3.sqlite3"
+    write_schema(frozen, V3_SCHEMA, 3)
+    for table in ("commands", "devices", "command_log", "labels", "telemetry", "meta"):
+        assert columns(db_path, table) == columns(frozen, table), table
+
+
+async def test_a_data_dir_written_now_has_the_version_3_layout(
     open_sqlite: OpenSQLite, db_path: Path, tmp_path: Path
 ) -> None:
     # Reopening what this code writes is test_close_flushes_everything and
@@ -221,16 +340,16 @@ async def test_a_data_dir_written_now_has_the_version_2_layout(
     storage = await open_sqlite()
     append(storage)
     await storage.close()
-    frozen = tmp_path / "frozen" / "v2.sqlite3"
-    write_v2_schema(frozen)
+    frozen = tmp_path / "frozen" / "v3.sqlite3"
+    write_schema(frozen, V3_SCHEMA, 3)
     assert layout(db_path) == layout(frozen)
 
 
 async def test_a_newer_schema_version_is_refused(db_path: Path) -> None:
     write_v1_data_dir(db_path)
     conn = sqlite3.connect(db_path)
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute("PRAGMA user_version = 4")
     conn.close()
-    with pytest.raises(StorageError, match=r"schema version 3, newer than this gateway's 2"):
+    with pytest.raises(StorageError, match=r"schema version 4, newer than this gateway's 3"):
         await SQLiteStorage(db_path).open()
-    assert raw_rows(db_path, "PRAGMA user_version") == [(3,)]  # left as it was
+    assert raw_rows(db_path, "PRAGMA user_version") == [(4,)]  # left as it was

@@ -103,7 +103,7 @@ async def test_a_new_database_is_made_whole_before_it_takes_its_name(
     storage = await open_sqlite()
     assert file_size(db_path) > 0
     assert file_size(draft) == -1
-    assert raw_rows(db_path, "PRAGMA user_version") == [(2,)]
+    assert raw_rows(db_path, "PRAGMA user_version") == [(3,)]
     assert raw_rows(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert append(storage).offset == 1
 

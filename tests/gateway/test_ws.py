@@ -139,12 +139,17 @@ async def test_presence_and_devices_listing(make_app: AppFactory) -> None:
     assert set(entry) == {
         "device", "protocol", "online", "transport", "peer",
         "session", "connected_at", "last_seen", "last",
+        "labels", "offline_since", "offline_reason", "counters",
     }  # fmt: skip
+    assert (entry["offline_since"], entry["offline_reason"]) == (None, None)
     await dev.aclose()
     off = await d.expect("presence", online=False)
     assert off["reason"] in ("closed", "lost")
     listing = await d.request({"op": "devices"}, "devices")
     assert listing["devices"][0]["online"] is False
+    # Offline: since when and why, as the presence said (docs/api.md §3.2).
+    assert listing["devices"][0]["offline_since"] == off["ts"]
+    assert listing["devices"][0]["offline_reason"] == off["reason"]
 
 
 @pytest.mark.parametrize(

@@ -39,13 +39,17 @@ async def test_command_sent_then_acked(make_app: AppFactory) -> None:
         }
     )
     sent = await d.expect("command_status")
+    command_id = sent.pop("command_id")
     assert sent == {"op": "command_status", "id": "x1", "device": "c1", "status": "sent"}
+    assert len(command_id) == 32
+    assert int(command_id, 16) >= 0
     cmd = await dev.expect(frames.Command)
     assert cmd.body == bytes.fromhex("010201")
     dev.send(frames.Ack(cmd.seq, 0))
     acked = await d.expect("command_status")
     assert acked["status"] == "acked"
     assert acked["id"] == "x1"
+    assert acked["command_id"] == command_id  # the same command, every status
 
 
 async def test_command_nacked_and_timeout(make_app: AppFactory) -> None:

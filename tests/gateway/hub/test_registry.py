@@ -33,7 +33,12 @@ LISTING_KEYS = {
     "connected_at",
     "last_seen",
     "last",
+    "labels",
+    "offline_since",
+    "offline_reason",
+    "counters",
 }
+NO_LABELS = {"name": None, "location": None, "channels": None}
 
 
 def info(
@@ -230,6 +235,10 @@ def test_listing_has_the_documented_keys_sorted_by_id() -> None:
         "connected_at": 1000,
         "last_seen": 2000,
         "last": None,
+        "labels": NO_LABELS,
+        "offline_since": 2000,
+        "offline_reason": "restart",  # offline() was told no reason
+        "counters": {"telemetry": 0, "out_of_range": 0, "commands": 0, "nacks": 0},
     }
     assert listing[1] == {
         "device": "b",
@@ -241,6 +250,10 @@ def test_listing_has_the_documented_keys_sorted_by_id() -> None:
         "connected_at": 1716200000000,
         "last_seen": 1716200012358,
         "last": telemetry_message(last),
+        "labels": NO_LABELS,
+        "offline_since": None,
+        "offline_reason": None,
+        "counters": {"telemetry": 1, "out_of_range": 0, "commands": 0, "nacks": 0},
     }
     assert listing[1]["last"]["op"] == "telemetry"
 
