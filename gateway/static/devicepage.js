@@ -413,9 +413,11 @@ export class DevicePage {
   zoomBy(factor) {
     if (!this.window) return;
     const { from, to } = this.window;
-    const mid = (from + to) / 2;
-    const span = Math.max(MIN_ZOOM_MS, (to - from) * factor);
     const now = Date.now();
+    // Zooming into the latest span keeps its right end at now: the newest readings stay in view.
+    const latest = to >= now - 1000;
+    const mid = latest ? to - ((to - from) * factor) / 2 : (from + to) / 2;
+    const span = Math.max(MIN_ZOOM_MS, (to - from) * factor);
     if (factor > 1 && span >= RANGES[this.range].ms) {
       this.zoomed = false; // back out to the whole range
       this.load();
@@ -508,12 +510,9 @@ export class DevicePage {
     for (const list of series.values()) list.sort((a, b) => a.ts - b.ts || a.offset - b.offset);
     const { from, to } = this.window;
     const label = (ch) => (d ? channelName(d, ch) : `Ch ${ch}`);
-    for (const [key, chart] of this.charts) {
-      if (!series.has(key)) {
-        chart.element.remove();
-        this.charts.delete(key);
-      }
-    }
+    // A field with no reading in this span keeps its chart, empty: zooming into a
+    // quiet span must not make the charts jump around.
+    for (const [key, chart] of this.charts) if (!series.has(key)) chart.draw([], from, to);
     for (const [key, points] of series) {
       let chart = this.charts.get(key);
       if (!chart) {
@@ -523,10 +522,11 @@ export class DevicePage {
       }
       chart.draw(points, from, to);
     }
-    if (!series.size) {
-      this.chartsEl.replaceChildren(h('p', { class: 'note', 'data-testid': 'no-range-data' }, 'No readings in this range.'));
-    } else {
-      this.chartsEl.querySelector('[data-testid="no-range-data"]')?.remove();
+    const note = this.chartsEl.querySelector('[data-testid="no-range-data"]');
+    if (!this.charts.size && !note) {
+      this.chartsEl.append(h('p', { class: 'note', 'data-testid': 'no-range-data' }, 'No readings in this range.'));
+    } else if (this.charts.size && note) {
+      note.remove();
     }
   }
 

@@ -115,7 +115,8 @@ def test_chart_over_a_range_zoom_and_csv(page: Page, gateway: GatewayProcess) ->
     page.mouse.move(box["x"] + box["width"] * 0.5, y)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.75, y, steps=5)
-    page.mouse.move(box["x"] + box["width"] * 0.99, y, steps=5)
+    # Past the right edge: the span ends at the range's end (the readings are all recent).
+    page.mouse.move(box["x"] + box["width"] + 20, y, steps=5)
     page.mouse.up()
     expect(dp).to_have_attribute("data-zoomed", "true")
     expect(dp.get_by_test_id("range-hour")).to_have_attribute("aria-pressed", "false")
@@ -146,6 +147,17 @@ def test_chart_over_a_range_zoom_and_csv(page: Page, gateway: GatewayProcess) ->
     dp.get_by_test_id("zoom-out").click()
     expect(dp).to_have_attribute("data-zoomed", "false")
     expect(dp.get_by_test_id("range-hour")).to_have_attribute("aria-pressed", "true")
+    expect(dp.get_by_test_id("range-state")).to_have_attribute("data-state", "loaded")
+    # Zoom in by the button: half the hour, still ending now, so the newest readings stay.
+    hour_to = int(chart.get_attribute("data-to") or 0)
+    dp.get_by_test_id("zoom-in").click()
+    expect(dp).to_have_attribute("data-zoomed", "true")
+    expect(dp.get_by_test_id("range-state")).to_have_attribute("data-state", "loaded")
+    half_from = int(chart.get_attribute("data-from") or 0)
+    half_to = int(chart.get_attribute("data-to") or 0)
+    assert half_to - half_from == pytest.approx(1_800_000, abs=2_000)
+    assert half_to >= hour_to - 1_000
+    assert int(chart.get_attribute("data-points") or "0") > 0
     dp.get_by_test_id("back-to-list").click()
     expect(page.get_by_test_id("list-view")).to_be_visible()
     expect(dp).to_be_hidden()

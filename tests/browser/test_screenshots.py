@@ -40,7 +40,7 @@ pytestmark = pytest.mark.browser
 UPDATE = os.environ.get("UPDATE_SCREENSHOTS") == "1"
 DOCS = ROOT / "docs"
 MAX_BYTES = 250_000  # per picture: the docs should stay light to clone
-DESKTOP: ViewportSize = {"width": 1200, "height": 760}
+DESKTOP: ViewportSize = {"width": 1200, "height": 980}
 PHONE: ViewportSize = {"width": 375, "height": 667}
 LABELS = {
     "demo-2": {
@@ -134,6 +134,13 @@ def test_desktop_and_phone(
                 # The phone shows the first cards; the offline one is lower down.
                 expect(page.locator(".topbar")).to_be_visible()
             shoot(page, f"dashboard-{form}-{scheme}", size)
+            if form == "desktop" and scheme == "light":
+                # The relays, with the channel labels and display name from the config.
+                page.get_by_label("Protocol").select_option("relay-4")
+                expect(page.get_by_test_id("device-card")).to_have_count(2)
+                named = page.locator('[data-device="demo-2"]').get_by_test_id("device-name")
+                expect(named).to_have_text("Greenhouse")
+                shoot(page, "dashboard-relays-light", size)
         finally:
             context.close()
 
@@ -148,6 +155,11 @@ def test_device_page(browser: Browser, gateway: GatewayProcess) -> None:
         dp = page.get_by_test_id("device-page")
         expect(dp.get_by_test_id("range-state")).to_have_attribute("data-state", "loaded")
         expect(dp.get_by_test_id("range-chart")).to_have_count(3)
+        # The demo has run for a minute or two: zoom in on the end of the hour to show it.
+        for _ in range(5):
+            dp.get_by_test_id("zoom-in").click()
+            expect(dp.get_by_test_id("range-state")).to_have_attribute("data-state", "loaded")
+        expect(dp).to_have_attribute("data-zoomed", "true")
         shoot(page, "dashboard-device-page", DESKTOP)
     finally:
         context.close()
