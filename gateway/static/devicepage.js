@@ -25,6 +25,17 @@ const COUNTERS = [
 const MIN_ZOOM_MS = 2_000;
 const COUNTER_REFRESH_MS = 5_000;
 
+/**
+ * A device entry from HTTP, without its `last` reading: the store counts a
+ * `last` as received on the socket, and the replay after a reconnect starts
+ * from the newest offset received, so a reading fetched over HTTP must not
+ * move that point past readings the socket has yet to bring.
+ */
+function withoutLast(entry) {
+  const { last: _last, ...rest } = entry;
+  return rest;
+}
+
 function field(labelText, input) {
   const id = uid('label');
   input.id = id;
@@ -206,7 +217,7 @@ export class DevicePage {
       const entry = await getDevice(id, this.env.token());
       if (id !== this.id) return;
       this.missing.hidden = true;
-      this.store.applyDevices([entry]);
+      this.store.applyDevices([withoutLast(entry)]);
       this.env.changed(id);
       this.render();
     } catch (error) {
@@ -360,7 +371,7 @@ export class DevicePage {
     try {
       const entry = await putLabels(id, this.env.token(), labels);
       if (id !== this.id) return;
-      if (entry && entry.device === id) this.store.applyDevices([entry]);
+      if (entry && entry.device === id) this.store.applyDevices([withoutLast(entry)]);
       else this.store.applyLabels({ device: id, labels });
       this.labelStatus.dataset.tone = 'ok';
       this.labelStatus.textContent = 'Labels saved.';

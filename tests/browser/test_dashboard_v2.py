@@ -254,6 +254,13 @@ def test_nack_in_words(page: Page, gateway: GatewayProcess) -> None:
     expect(status).to_have_text("Raw 7f: nacked: unknown command")
     expect(page.get_by_test_id("event-log")).to_contain_text("nacked: unknown command")
 
+    # set_interval takes 0..65535 seconds, the protocol's u16 (docs/protocols.md).
+    sensor = card(page, "demo-1")
+    sensor.get_by_text("Commands", exact=True).click()
+    interval = sensor.get_by_test_id("interval-input")
+    expect(interval).to_have_attribute("min", "0")
+    expect(interval).to_have_attribute("max", "65535")
+
 
 def test_restart_with_another_token_signs_the_page_out(page: Page, tmp_path: Path) -> None:
     gateway = demo_gateway(tmp_path)
