@@ -26,12 +26,16 @@ test-deps:
 test: test-deps lint
 	$(BIN)/pytest
 
+# Its own data dir: the demo's simulated devices never mix with a real gateway's
+# ./data, and `make clean` forgets them.
+DEMO_DATA := ./data-demo
+
 demo: $(STAMP)
-	$(BIN)/iot-gateway serve --demo 6
+	$(BIN)/iot-gateway serve --demo 6 --data-dir $(DEMO_DATA)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/codec.py
 	$(BIN)/python -m benchmarks.suite
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache $(DEMO_DATA)

@@ -53,6 +53,17 @@ class HeartbeatOverrides:
     devices: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A key that no HELLO could ever carry is a typo that would silently never match.
+        for name in self.protocols:
+            if not valid_protocol_name(name):
+                raise ValueError(
+                    f"protocols: {name!r} is not a protocol name (1..32 characters of a-z0-9._-)"
+                )
+        for client_id in self.devices:
+            if not valid_client_id(client_id):
+                raise ValueError(
+                    f"devices: {client_id!r} is not a client_id (1..64 characters of A-Za-z0-9._:-)"
+                )
         for kind, table in (("protocols", self.protocols), ("devices", self.devices)):
             for key, value in table.items():
                 _check_heartbeat(f"{kind}.{key}", value)

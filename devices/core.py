@@ -35,6 +35,7 @@ from typing import Any
 from frames import (
     Ack,
     Command,
+    ConstructProtocol,
     Data,
     DecoderEvent,
     Discarded,
@@ -55,6 +56,7 @@ from frames import (
     get_protocol,
     max_frame_size,
 )
+from frames.fixed import static_size
 
 from .commands import TIMED_OUT, CommandTracker
 from .config import SessionConfig
@@ -116,6 +118,32 @@ Admit = Callable[[DeviceInfo], str | None]
 def admit_all(info: DeviceInfo) -> str | None:
     """An ``Admit`` with no limits (a session on its own, as in tests)."""
     return None
+
+
+def bad_data_reason(protocol: str, body: bytes, error: RemoteProtocolError) -> str:
+    """What is wrong with a DATA body, in the protocol's terms (docs/protocols.md).
+
+    The codec's own message speaks construct ("stream read less than specified
+    amount, expected 2, found 1"); a device's author needs "env-sensor DATA is
+    5 bytes, got 4", or the field and what is wrong with it.
+    """
+    impl = get_protocol(protocol)
+    size = None
+    if isinstance(impl, ConstructProtocol):
+        # ``data`` is Struct("values" / schema, Terminated): the schema is its first field.
+        size = static_size(impl.data.subcons[0])
+    if size is not None and len(body) != size:
+        unit = "byte" if size == 1 else "bytes"
+        return f"{protocol} DATA is {size} {unit}, got {len(body)}"
+    text = str(error)
+    field = (error.field or "").removeprefix("data").lstrip(".")
+    if "stream read less than" in text:
+        return f"{protocol} DATA ends before its field {field or '(first)'} ({len(body)} bytes)"
+    if "expected end of stream" in text:
+        return f"{protocol} DATA has bytes after its last field ({len(body)} bytes)"
+    # A value the schema refuses: the field, and the codec's words after "(N bytes): ".
+    why = text.split("): ", 1)[-1]
+    return f"{protocol} DATA field {field}: {why}" if field else f"{protocol} DATA: {why}"
 
 
 def _not_online(body: bytes) -> dict[str, Any]:
@@ -458,7 +486,17 @@ class SessionCore:
         try:
             data = self._decode_data(message.body)
         except RemoteProtocolError as e:
-            self._send_error(e.code, str(e))
+            reason = bad_data_reason(self._protocol, message.body, e)
+            # A device sending what its protocol does not allow is worth an operator's look,
+            # but a device doing it 100 times a second must not flood the log: limited.
+            self.logs.warning(
+                "bad_data",
+                "device %s sent DATA seq %d that its protocol refuses: %s",
+                self._client_id,
+                message.seq,
+                reason,
+            )
+            self._send_error(e.code, reason)
             return
         events.append(
             DeviceTelemetry(

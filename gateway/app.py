@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, web
+from prometheus_client.core import GaugeMetricFamily
 
 from devices import DeviceManager, DeviceServer, SerialLink
 
@@ -141,6 +142,19 @@ def _hub_metrics(rt: Runtime) -> list[Any]:
     ]
 
 
+def _serial_ports(rt: Runtime) -> Any:
+    """Configured serial ports by state: what to alert on for an unplugged port, since
+    ``/healthz`` stays 200 for it (docs/api.md §4)."""
+    family = GaugeMetricFamily(
+        "iot_serial_ports",
+        "Configured serial ports, by state (open, retrying, missing)",
+        labels=["state"],
+    )
+    for state, n in rt.manager.serial_summary().items():
+        family.add_metric([state], n)
+    return family
+
+
 def _link_metrics(rt: Runtime) -> list[Any]:
     t = rt.manager.totals()
     c = rt.manager.counters
@@ -165,6 +179,7 @@ def _link_metrics(rt: Runtime) -> list[Any]:
             t.throttled,
         ),
         counter("iot_serial_reconnects", "Serial ports reopened after a loss", t.reconnects),
+        _serial_ports(rt),
         counter(
             "iot_garbage_links_closed", "TCP links closed for sending garbage", c.garbage_closed
         ),

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import errno
 import gc
 import importlib
+import importlib.metadata
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+import tempfile
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from devices import SerialPortConfig
+from frames import known_protocols
 
 from .app import RUNTIME, create_app
 from .auth import TokenTable, generate_token
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iot-gateway",
         description="Gateway for IoT devices that speak a binary framed protocol.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
@@ -125,10 +132,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed package's version (``iot-gateway --version``)."""
+    try:
+        return importlib.metadata.version("iot-frame-gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree not installed
+        return "(not installed)"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but a flag the subcommand does not know is reported with
+    that subcommand's usage (``serve --bogus`` printed the top-level one)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = _subparser(parser, args.command)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    return parser  # pragma: no cover - build_parser always has subcommands
+
+
+# Limits the gateway lowers by itself to fit the open-file limit: a warning only when
+# the user set them, since the defaults are meant to adapt (docs/configuration.md).
+FITTED_LIMITS = ("devices.max_connections", "http.max_connections", "dashboards.max_dashboards")
+
+
+def explicit_keys(table: dict[str, Any]) -> frozenset[str]:
+    """The dotted keys of ``FITTED_LIMITS`` that the config file sets."""
+    found = set()
+    for dotted in FITTED_LIMITS:
+        section, key = dotted.split(".")
+        node = table.get(section)
+        if isinstance(node, dict) and key in node:
+            found.add(dotted)
+    return frozenset(found)
+
+
 def config_from_args(
     args: argparse.Namespace, environ: dict[str, str] | None = None
 ) -> GatewayConfig:
     """The checked configuration: file, then environment, then flags."""
+    return load_config(args, environ)[0]
+
+
+def load_config(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> tuple[GatewayConfig, frozenset[str]]:
+    """The checked configuration, and which of ``FITTED_LIMITS`` the user set."""
     table: dict[str, Any] = {}
     source = "the command line"
     if args.config:
@@ -158,7 +214,8 @@ def config_from_args(
                 entry["heartbeat"] = p.heartbeat
             serial.append(entry)
         overrides["serial"] = serial
-    return build_config(table, source=source, overrides=overrides, environ=environ)
+    config = build_config(table, source=source, overrides=overrides, environ=environ)
+    return config, explicit_keys(table)
 
 
 def _setup_logging(level: str) -> None:
@@ -175,6 +232,138 @@ def _load_protocols(modules: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise ConfigError(f"protocols: cannot import {name!r}: {e}") from None
+
+
+def protocol_warnings(config: GatewayConfig) -> list[str]:
+    """One line per protocol name in the config that no module registered.
+
+    Unknown names stay legal (their DATA is carried as hex, docs/protocols.md,
+    "Unknown protocols"), but a typo such as ``env_sensor`` for ``env-sensor`` would otherwise
+    go unnoticed until a dashboard shows hex: name the closest known one.
+    """
+    known = known_protocols()
+    out = []
+    named = [(f"serial {port.url}", port.protocol) for port in config.serial]
+    named += [
+        (f"devices.heartbeat_overrides.protocols.{name}", name)
+        for name in config.devices.heartbeat_overrides.protocols
+    ]
+    for where, name in named:
+        if name is None or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        out.append(
+            f"{where}: protocol {name!r} is not a known protocol ({hint}); "
+            "its DATA will be carried as hex"
+        )
+    return out
+
+
+class StartError(Exception):
+    """The gateway cannot start; ``status`` is its exit status, the message one line."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+DATA_DIR_SETTING = "--data-dir / data_dir"
+
+
+def check_data_dir(path: str) -> Path:
+    """Create the data directory if needed and check it can be written (``StartError``, 3).
+
+    Checked before the storage opens, in the user's terms: a read-only
+    directory was "unable to open database file", a file in its place
+    "[Errno 17] File exists".
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise StartError(
+            f"data dir {p} is a file, not a directory ({DATA_DIR_SETTING})", EXIT_STORAGE
+        )
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartError(
+            f"cannot create the data dir {p}: a part of its path is a file ({DATA_DIR_SETTING})",
+            EXIT_STORAGE,
+        ) from None
+    except OSError as e:
+        raise StartError(
+            f"cannot create the data dir {p}: {e.strerror} ({DATA_DIR_SETTING})", EXIT_STORAGE
+        ) from None
+    # Root passes permission checks: writing a file is the one test that holds for it too
+    # (a read-only mount).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StartError(
+            f"data dir {p} is not writable: {e.strerror} ({DATA_DIR_SETTING})", EXIT_STORAGE
+        ) from None
+    return p
+
+
+def probe_port(host: str, port: int) -> None:
+    """Bind (host, port) as the listener will, and let go: raises the OSError it would.
+
+    Run before the storage opens, so that a busy port fails the start before
+    the storage reserves a block of offsets (each failed start moved the next
+    offset on by a block: 1048577, 2097153, ...). A port taken in between is
+    still reported by the real listener.
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            # As asyncio's create_server does: a port in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+
+
+TOKEN_FILE = "operator.token"
+
+
+def stored_token(data_dir: Path) -> tuple[str, bool]:
+    """The operator token kept in the data dir, made (mode 0600) on the first start.
+
+    Returns (token, made_now). So a restart does not log every browser out
+    (docs/configuration.md, ``auth.token``). A token file others can read is
+    made private again, with a warning.
+    """
+    path = data_dir / TOKEN_FILE
+    try:
+        with path.open(encoding="ascii") as fh:
+            token = fh.read().strip()
+        if token:
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                log.warning("%s was readable by others (mode %o): now 0600", path, mode)
+                path.chmod(0o600)
+            return token, False
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise StartError(
+            f"cannot read the operator token file {path}: {e} (delete it to have a new one made)",
+            EXIT_STORAGE,
+        ) from None
+    token = generate_token()
+    tmp = path.with_name(f".{TOKEN_FILE}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(token + "\n")
+        os.replace(tmp, path)  # whole or not at all
+    except OSError as e:
+        raise StartError(
+            f"cannot write the operator token file {path}: {e.strerror}", EXIT_STORAGE
+        ) from None
+    return token, True
 
 
 GC_GEN0_THRESHOLD = 50_000
@@ -219,17 +408,62 @@ def _listen_error(
     return f"cannot listen on the {what} {address}: {why} ({role}: {host_setting}, {port_setting})"
 
 
-async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) -> int:
-    """Run the gateway until SIGTERM or Ctrl-C; returns the exit status (``EXIT_*``)."""
+def _device_host(config: GatewayConfig) -> tuple[str, str]:
+    """The device port's address and the flag / key that set it."""
+    if config.device_host is not None:
+        return config.device_host, "--device-host / device_host"
+    return config.host, "--host / host"
+
+
+def _check_ports(config: GatewayConfig) -> None:
+    """Both ports can be listened on (``StartError``, 4, in the user's terms)."""
+    device_host, device_host_setting = _device_host(config)
+    checks = [
+        ("devices", "device port", device_host, config.device_port, device_host_setting),
+        ("dashboards and API", "HTTP port", config.host, config.http_port, "--host / host"),
+    ]
+    for role, what, host, port, host_setting in checks:
+        port_setting = (
+            "--device-port / device_port" if role == "devices" else "--http-port / http_port"
+        )
+        try:
+            probe_port(host, port)
+        except OSError as e:
+            message = _listen_error(role, what, host, port, (host_setting, port_setting), e)
+            raise StartError(message, EXIT_LISTEN) from None
+
+
+async def serve(
+    config: GatewayConfig,
+    *,
+    ready: Callable[[str], None] = print,
+    explicit: Collection[str] = FITTED_LIMITS,
+) -> int:
+    """Run the gateway until SIGTERM or Ctrl-C; returns the exit status (``EXIT_*``).
+
+    ``explicit``: the ``FITTED_LIMITS`` the user set; lowering one of them to
+    fit the open-file limit is a warning, lowering a default only an info line.
+    """
     _load_protocols(config.protocols)
-    operator = config.auth.token
-    generated = operator is None
-    if operator is None:
-        operator = generate_token()
+    for warning in protocol_warnings(config):
+        log.warning("%s", warning)
+    try:
+        data_dir = check_data_dir(config.data_dir)
+        _check_ports(config)
+        operator = config.auth.token
+        generated = operator is None
+        if operator is None:
+            operator, made = stored_token(data_dir)
+            if made:
+                log.info("operator token made and kept in %s", data_dir / TOKEN_FILE)
+    except StartError as e:
+        log.error("cannot start the gateway: %s", e)
+        return e.status
     tokens = TokenTable.make(operator, config.auth.viewer_token)
     config, lowered = fit_to_fd_limit(config, raise_fd_limit())
     for note in lowered:
-        log.warning("%s", note)
+        key = note.split(" ", 1)[0]
+        log.log(logging.WARNING if key in explicit else logging.INFO, "%s", note)
     app = create_app(config, tokens)
     rt = app[RUNTIME]
     runner = web.AppRunner(
@@ -254,9 +488,7 @@ async def serve(config: GatewayConfig, *, ready: Callable[[str], None] = print) 
         # Storage wraps its own OS errors: an OSError here is the device port's.
         await runner.cleanup()
         server = rt.device_server
-        host_setting = "--host / host"
-        if config.device_host is not None:
-            host_setting = "--device-host / device_host"
+        _, host_setting = _device_host(config)
         message = _listen_error(
             "devices",
             "device port",
@@ -348,15 +580,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return simulate_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
-        config = config_from_args(args)
+        config, explicit = load_config(args)
     except ConfigError as e:
         print(f"iot-gateway: {e}", file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(config.log_level)
     try:
-        return _run(lambda: serve(config))
+        return _run(lambda: serve(config, explicit=explicit))
     except ConfigError as e:
         print(f"iot-gateway: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -295,8 +295,16 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a TOML file; a missing or invalid file is a ConfigError naming it."""
     p = Path(path)
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = p.read_bytes()
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 (a file saved as Latin-1, UTF-16...): say where, in one line.
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"config file {p} is not UTF-8: byte {e.start} (line {line}, column {column}) "
+            f"is 0x{raw[e.start]:02x}; save it as UTF-8"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(f"config file {p} does not exist") from None
     except tomllib.TOMLDecodeError as e:
@@ -406,6 +414,15 @@ def _check(config: GatewayConfig, source: str) -> None:
     for name, number in (("http_port", config.http_port), ("device_port", config.device_port)):
         if not 0 <= number <= 65535:
             raise bad(f"{name} must be 0..65535, not {number}")
+    device_host = config.host if config.device_host is None else config.device_host
+    wildcard = ("0.0.0.0", "::", "")
+    if config.http_port == config.device_port != 0 and (
+        device_host == config.host or device_host in wildcard or config.host in wildcard
+    ):
+        # Caught here, not as "in use" by the second listener after the storage has opened.
+        raise bad(
+            f"http_port and device_port are both {config.http_port}: give them different ports"
+        )
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise bad(f"log_level must be debug, info, warning or error, not {config.log_level!r}")
     if config.demo < 0:

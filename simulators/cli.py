@@ -15,6 +15,7 @@ import asyncio
 import math
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Final, TextIO
 
@@ -77,11 +78,21 @@ def _device_count(text: str) -> int:
     return value
 
 
+class _WholeWords(argparse.HelpFormatter):
+    """Help text wrapped between words only: a fault spec such as ``silent=30`` or
+    ``split,merge`` is never cut in two (argparse's default wrote ``sil ent=30``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = " ".join(text.split())
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``simulate`` argument parser (also used by the gateway's CLI for ``--help``)."""
     p = argparse.ArgumentParser(
         prog="iot-gateway simulate",
         description="Simulated IoT devices that talk to a gateway, optionally misbehaving.",
+        formatter_class=_WholeWords,
     )
     p.add_argument(
         "--gateway",
@@ -114,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         type=_faults,
         default=Faults(),
-        help="e.g. split,merge,flip=0.001,garbage=0.05,drop=0.01,silent=30,badtoken",
+        help="faults separated by commas, each NAME or NAME=VALUE: split, merge=K, flip=P, "
+        "garbage=P, drop=R, silent=S, badtoken; e.g. split,flip=0.001,silent=30",
     )
     p.add_argument("--duration", metavar="S", type=_positive_float, help="stop after S seconds")
     p.add_argument("--token", default="", help="device token sent in HELLO")

@@ -566,7 +566,7 @@ export class View {
     const input = h('input', {
       id: inputId,
       type: 'number',
-      min: 0, // u16 seconds, 0 to 65535 (docs/protocols.md)
+      min: 1, // 1 to 65535 s: a u16, but the gateway refuses 0 (docs/protocols.md)
       max: 65535,
       step: 1,
       value: 10,

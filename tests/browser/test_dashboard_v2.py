@@ -254,11 +254,11 @@ def test_nack_in_words(page: Page, gateway: GatewayProcess) -> None:
     expect(status).to_have_text("Raw 7f: nacked: unknown command")
     expect(page.get_by_test_id("event-log")).to_contain_text("nacked: unknown command")
 
-    # set_interval takes 0..65535 seconds, the protocol's u16 (docs/protocols.md).
+    # set_interval takes 1..65535 seconds, as docs/protocols.md says the gateway does.
     sensor = card(page, "demo-1")
     sensor.get_by_text("Commands", exact=True).click()
     interval = sensor.get_by_test_id("interval-input")
-    expect(interval).to_have_attribute("min", "0")
+    expect(interval).to_have_attribute("min", "1")
     expect(interval).to_have_attribute("max", "65535")
 
 

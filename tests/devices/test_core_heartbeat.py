@@ -108,6 +108,13 @@ def test_overrides_outside_1_to_65535_are_refused(bad: int) -> None:
         SerialPortConfig("/dev/ttyUSB0", heartbeat=bad)
 
 
+def test_override_keys_no_hello_could_carry_are_refused() -> None:
+    with pytest.raises(ValueError, match="'Env Sensor' is not a protocol name"):
+        HeartbeatOverrides(protocols={"Env Sensor": 300})
+    with pytest.raises(ValueError, match="'sensor 7' is not a client_id"):
+        HeartbeatOverrides(devices={"sensor 7": 300})
+
+
 def test_serial_cli_form_takes_a_heartbeat() -> None:
     port = SerialPortConfig.parse("/dev/ttyUSB0,heartbeat=300")
     assert port.heartbeat == 300
@@ -136,3 +143,14 @@ def test_which_wins_device_then_port_then_protocol_then_global(
     assert config.heartbeat_for("d-1", "env-sensor", port) == expected
     # Another device and protocol see only the port's and the global value.
     assert config.heartbeat_for("d-2", "relay-4", port) == (glob if port is None else port)
+
+
+@given(
+    heartbeat=beats,
+    baud=st.integers(1, 4_000_000),
+    url=st.sampled_from(["/dev/ttyUSB0", "socket://127.0.0.1:4000", "/dev/serial/by-id/x"]),
+)
+def test_serial_cli_form_round_trips_the_heartbeat(heartbeat: int, baud: int, url: str) -> None:
+    port = SerialPortConfig.parse(f"{url},baud={baud},heartbeat={heartbeat}")
+    assert (port.url, port.baud, port.heartbeat) == (url, baud, heartbeat)
+    assert LinkPolicy.serial(SessionConfig(), port).heartbeat == heartbeat

@@ -12,9 +12,12 @@ import asyncio
 import time
 
 import frames
-from devices import CloseReason, DeviceOffline
+from devices import CloseReason, DeviceOffline, SerialPortConfig
 from devices.config import HeartbeatOverrides
 from tests.devices.support import ENV_DATA, Gateway, GatewayFactory
+from tests.devices.test_serial_links import FAST, Pty, new_pty, ptys, start_link
+
+__all__ = ["ptys"]  # the fixture, used by name
 
 
 async def test_a_protocol_override_keeps_a_slow_reporter_online(
@@ -51,3 +54,30 @@ async def test_a_protocol_override_keeps_a_slow_reporter_online(
     off = await gw.sink.offline("battery-1")
     assert off.reason is CloseReason.SILENT
     assert time.monotonic() - last > 2.0
+
+
+async def test_a_serial_ports_heartbeat_reaches_the_device_over_a_real_pty(
+    ptys: list[Pty],
+) -> None:
+    # The port's 2 s wins over env-sensor's 5 s; the global is 1 s.
+    pty = new_pty(ptys)
+    config = SerialPortConfig(pty.path, heartbeat=2, backoff=FAST)
+    link, sink = await start_link(
+        config,
+        heartbeat=1,
+        misses=1,
+        heartbeat_overrides=HeartbeatOverrides(protocols={"env-sensor": 5}),
+    )
+    try:
+        await asyncio.wait_for(link.opened.wait(), 10)
+        pty.send(frames.Hello(1, "port-1", "env-sensor", ""))
+        welcome = await pty.recv()
+        assert isinstance(welcome, frames.Welcome)
+        assert welcome.heartbeat == 2
+        online_at = time.monotonic()
+        await sink.online("port-1")
+        off = await sink.offline("port-1")  # silent for 1 x 2 s
+        assert off.reason is CloseReason.SILENT
+        assert time.monotonic() - online_at > 1.5  # not the global 1 s
+    finally:
+        await link.stop()

@@ -369,6 +369,23 @@ def test_bad_heartbeat_overrides_name_the_key(tmp_path: Path, text: str, words: 
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("table", "clash"),
+    [
+        ({"http_port": 7000, "device_port": 7000}, True),
+        ({"http_port": 7000, "device_port": 7000, "device_host": "0.0.0.0"}, True),
+        ({"http_port": 7000, "device_port": 7000, "device_host": "127.0.0.2"}, False),
+        ({"http_port": 0, "device_port": 0}, False),  # each gets its own from the system
+    ],
+)
+def test_one_port_for_both_listeners_is_a_config_error(table: dict[str, Any], clash: bool) -> None:
+    if not clash:
+        build_config(table, environ={})
+        return
+    with pytest.raises(ConfigError, match="http_port and device_port are both 7000"):
+        build_config(table, environ={})
+
+
 # ---- defaults ----------------------------------------------------------------------------------
 
 

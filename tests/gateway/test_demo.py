@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import ROOT, GatewayProcess
 from tests.support.wait import wait_until
 
 
@@ -33,3 +35,31 @@ async def test_demo_five_devices_one_serial_and_clean_exit(tmp_path: Path, loop:
         assert exit.code == 0, exit
     finally:
         await gw.kill()
+
+
+def _make(workdir: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_has_its_own_data_dir_which_make_clean_removes(tmp_path: Path) -> None:
+    # A second `make demo` showed "16 devices, 6 online" (the old run's devices, in ./data),
+    # and `make clean` left them there.
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    # -n: print, do not run; -o: take the venv as installed.
+    commands = _make(tmp_path, "-n", "-o", ".venv/.installed", "demo").splitlines()
+    assert commands == [".venv/bin/iot-gateway serve --demo 6 --data-dir ./data-demo"]
+    (tmp_path / "data-demo").mkdir()
+    (tmp_path / "data-demo" / "gateway.sqlite3").write_text("")
+    (tmp_path / "data").mkdir()  # a real gateway's history: never the Makefile's to remove
+    _make(tmp_path, "clean")
+    assert not (tmp_path / "data-demo").exists()
+    assert (tmp_path / "data").is_dir()

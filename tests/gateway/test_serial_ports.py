@@ -95,6 +95,9 @@ async def test_api_serial_and_healthz_show_each_ports_state(
     body = await health.json()
     assert body["status"] == "ok"
     assert body["serial"] == {"open": 1, "retrying": 1, "missing": 1}
+    metrics = await (await client.get("/metrics")).text()
+    for state in ("open", "retrying", "missing"):
+        assert f'iot_serial_ports{{state="{state}"}} 1.0' in metrics
 
     # Unplugged: the open port goes to retrying (then missing, its node gone).
     since = opened["since"]
