@@ -340,7 +340,7 @@ def _lookup(args: Mapping[str, Any], where: str) -> Any:
 
 # ---- the built-in protocols (docs/protocols.md) ----------------------------------------
 
-#: The ACK status codes env-sensor and relay-4 devices answer with (docs/protocols.md);
+#: The ACK status codes env-sensor and relay-4 devices answer with (docs/api.md §3.1);
 #: 0 is success.
 DEVICE_ACK_CODES: Mapping[int, str] = {
     1: "unknown command",  # an opcode the device does not implement
@@ -359,7 +359,7 @@ ENV_SENSOR = ConstructProtocol(
         "set_interval": CommandSchema(0x01, Struct("seconds" / Integer(Int16ub, 1, 0xFFFF))),
         "reboot": CommandSchema(0x02),
     },
-    # What the sensor can measure; outside, a reading is flagged (docs/protocols.md).
+    # What the sensor can measure; outside, a reading is flagged (docs/api.md §3.1).
     ranges={"temperature_c": (-40, 85), "humidity_pct": (0, 100), "battery_pct": (0, 100)},
     ack_codes=DEVICE_ACK_CODES,
 )

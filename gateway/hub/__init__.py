@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from .commands import CommandRouter, CommandSettings, DeviceLinks
-from .core import Hub, HubConfig
+from .core import DeviceIsOnline, Hub, HubConfig
 from .dashboard import Dashboard, Kind, Refused, Role
 from .engine import Engine, EngineSink, LocalEngine, Presence, StatusCallback
 from .messages import (
@@ -23,7 +23,8 @@ from .messages import (
     telemetry_message,
     telemetry_text,
 )
-from .records import StorageUnavailable, StoreError
+from .ranges import RangeTable
+from .records import CommandLog, StorageUnavailable, StoreError
 from .registry import DeviceState, Registry
 from .replay import REPLAY_ROUNDS, HeldLive
 from .subscriptions import SubscriptionIndex
@@ -31,10 +32,12 @@ from .subscriptions import SubscriptionIndex
 __all__ = [
     "REPLAY_ROUNDS",
     "ClientError",
+    "CommandLog",
     "CommandRequest",
     "CommandRouter",
     "CommandSettings",
     "Dashboard",
+    "DeviceIsOnline",
     "DeviceLinks",
     "DeviceState",
     "Engine",
@@ -46,6 +49,7 @@ __all__ = [
     "Kind",
     "LocalEngine",
     "Presence",
+    "RangeTable",
     "Refused",
     "Registry",
     "Role",

@@ -226,12 +226,15 @@ class CommandRouter:
         command_id: str | None = None,
         *,
         queued: bool = False,
+        log_each: bool = True,
     ) -> Callable[..., CommandStatus]:
         """The function that reports each status of one command: counted, logged in
         the command log (when it has a ``command_id``), and sent to ``reply``.
 
         ``queued``: the command went through the offline queue, so its final
-        result is also logged and counted apart (nobody may be left to hear it).
+        result is also counted apart, and logged (nobody may be left to hear
+        it) unless ``log_each`` is False: a caller reporting many at once logs
+        them together.
         """
 
         def report(status: CommandStatus, **extra: Any) -> CommandStatus:
@@ -251,8 +254,7 @@ class CommandRouter:
                 )
             if queued and status in _FINAL:
                 self.metrics.queued_command_results.labels(str(status)).inc()
-                if status is not CommandStatus.EXPIRED:
-                    # Expiry logs its own summary, a pass at a time.
+                if log_each:
                     log.info(
                         "queued command %s (id=%s) for %s: %s%s",
                         command_id,
@@ -292,7 +294,7 @@ class CommandRouter:
             else:
                 return self._sent(handle, report, f"ack {device}")
         elif state.online:
-            forwarded = await self.engine.forward_command(device, body, reply)
+            forwarded = await self.engine.forward_command(device, body, reply, command_id)
             if forwarded is not None:
                 return forwarded
         return await self._enqueue(request, device, body, reply, report, command_id)
@@ -481,24 +483,32 @@ class CommandRouter:
                 await self.engine.remove_commands(written)
         return watches, whole
 
-    def _queued_reporter(self, cmd: QueuedCommand) -> Callable[..., CommandStatus]:
+    def _queued_reporter(
+        self, cmd: QueuedCommand, *, log_each: bool = True
+    ) -> Callable[..., CommandStatus]:
         owner = self._owners.pop(cmd.key, None)
         # The owner puts back the request's own id (a number stays a number);
         # the queue keeps it as text, for the log and whoever else hears it.
         return self._reporter(
-            cmd.command_id, cmd.device, owner or _nobody, cmd.gateway_id, queued=True
+            cmd.command_id,
+            cmd.device,
+            owner or _nobody,
+            cmd.gateway_id,
+            queued=True,
+            log_each=log_each,
         )
 
     def device_deleted(self, commands: Sequence[QueuedCommand]) -> None:
         """The queued commands of a device deleted over the API: each ends ``expired``."""
         for cmd in commands:
-            self._queued_reporter(cmd)(CommandStatus.EXPIRED, error=DEVICE_DELETED)
+            self._queued_reporter(cmd, log_each=False)(CommandStatus.EXPIRED, error=DEVICE_DELETED)
         if commands:
             log.info(
-                "%d queued commands for %s ended as expired (%s)",
+                "%d queued commands for %s ended as expired (%s): %s",
                 len(commands),
                 commands[0].device,
                 DEVICE_DELETED,
+                _named(commands),
             )
 
     async def _settle_interrupted(self) -> None:
@@ -527,7 +537,7 @@ class CommandRouter:
                 )
             # Whoever gave it was connected to the process that died: counted only
             # (and kept in the command log, where an HTTP caller finds it).
-            self._reporter(cmd.command_id, cmd.device, _nobody, cmd.gateway_id)(
+            self._queued_reporter(cmd, log_each=False)(
                 CommandStatus.TIMEOUT, error=GATEWAY_RESTARTED
             )
 
@@ -538,16 +548,12 @@ class CommandRouter:
                 while True:
                     expired = await self.engine.expire_commands(now_ms(), _EXPIRE_BATCH)
                     for cmd in expired:
-                        self._queued_reporter(cmd)(CommandStatus.EXPIRED)
+                        self._queued_reporter(cmd, log_each=False)(CommandStatus.EXPIRED)
                     if expired:
                         log.info(
-                            "%d queued commands expired (command_ttl): %s%s",
+                            "%d queued commands expired (command_ttl): %s",
                             len(expired),
-                            ", ".join(
-                                f"{c.gateway_id} (id={c.command_id}) for {c.device}"
-                                for c in expired[:_NAMED_EXPIRED]
-                            ),
-                            ", ..." if len(expired) > _NAMED_EXPIRED else "",
+                            _named(expired),
                         )
                     if len(expired) < _EXPIRE_BATCH:
                         break
@@ -573,6 +579,14 @@ def _report_result(result: CommandResult, report: Callable[..., CommandStatus]) 
     if result.error is not None:
         extra["error"] = result.error
     return report(result.status, **extra)
+
+
+def _named(commands: Sequence[QueuedCommand]) -> str:
+    """The first few of ``commands`` by command_id, client id and device, for one log line."""
+    shown = ", ".join(
+        f"{c.gateway_id} (id={c.command_id}) for {c.device}" for c in commands[:_NAMED_EXPIRED]
+    )
+    return shown + (", ..." if len(commands) > _NAMED_EXPIRED else "")
 
 
 def _nobody(message: dict[str, Any]) -> None:

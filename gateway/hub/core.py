@@ -17,6 +17,7 @@ A failing storage is an answer (``unavailable``), never a dead socket.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,14 +53,8 @@ from .messages import (
     request_id_of,
     telemetry_text,
 )
-from .ranges import RangeTable
-from .records import (
-    CommandLog,
-    DeviceRecord,
-    StorageUnavailable,
-    StoreError,
-    TelemetryRecord,
-)
+from .ranges import RangeTable, flag
+from .records import CommandLog, StorageUnavailable, StoreError, TelemetryRecord
 from .registry import LABEL_FIELDS, DeviceState, Labels, Registry
 from .replay import replay
 from .store import FaultLog
@@ -174,6 +169,7 @@ class Hub:
         self.metrics = metrics or Metrics()
         #: The value ranges checked on every telemetry message (docs/api.md §3.1).
         self.ranges = RangeTable(self.config.ranges)
+        self._range_checks = self.ranges.by_protocol
         self.registry = Registry(
             {device: dict(labels) for device, labels in self.config.labels.items()}, self.ranges
         )
@@ -228,17 +224,9 @@ class Hub:
         now = now_ms()
         for state in self.registry.devices.values():
             if state.online:
-                record = state.record(now)
-                await self.engine.remember(
-                    DeviceRecord(
-                        record.device,
-                        record.protocol,
-                        record.transport,
-                        record.first_seen_ms,
-                        record.last_seen_ms,
-                        "shutdown",
-                    )
-                )
+                # Offline from now on, for the reason the next start shows.
+                record = dataclasses.replace(state.record(now), offline_reason="shutdown")
+                await self.engine.remember(record)
         await self.engine.close()
         for d in list(self.dashboards.values()):
             d.close()
@@ -302,7 +290,8 @@ class Hub:
     def deliver_telemetry(self, record: TelemetryRecord, data_json: str, received: float) -> None:
         """Fan a sequenced message out to its subscribers' queues."""
         # One dict lookup for a protocol without ranges (docs/api.md §3.1 out_of_range).
-        out_of_range = self.ranges.check(record.protocol, record.data)
+        checks = self._range_checks.get(record.protocol)
+        out_of_range = None if checks is None else flag(checks, record.data)
         self.registry.telemetry(record, out_of_range is not None)
         subscribers = self.subscriptions.subscribers(record.device, record.protocol)
         if subscribers:
@@ -606,7 +595,7 @@ class Hub:
         except StoreError as e:
             raise StorageUnavailable(self._unavailable(e)) from e
 
-    def out_of_range(self, record: TelemetryRecord) -> list[str] | None:
+    def out_of_range(self, record: TelemetryRecord) -> tuple[str, ...] | None:
         """The fields of a stored message outside their range (for replay and history)."""
         return self.ranges.check(record.protocol, record.data)
 

@@ -220,11 +220,13 @@ class Engine(Protocol):
         ...
 
     async def forward_command(
-        self, device: str, body: bytes, reply: StatusCallback
+        self, device: str, body: bytes, reply: StatusCallback, command_id: str | None = None
     ) -> CommandStatus | None:
         """Send a command to ``device`` on the node that holds it; None if none does.
 
-        Its later statuses go to ``reply`` whichever node reports them.
+        Its later statuses go to ``reply`` whichever node reports them, each
+        with ``command_id`` (the gateway's id, docs/api.md §3.1) and kept in
+        the command log under it.
         """
         ...
 
@@ -417,7 +419,7 @@ class LocalEngine:
         return [self._node]
 
     async def forward_command(
-        self, device: str, body: bytes, reply: StatusCallback
+        self, device: str, body: bytes, reply: StatusCallback, command_id: str | None = None
     ) -> CommandStatus | None:
         """A single node holds every device it knows of: there is nowhere to forward to."""
         return None

@@ -8,8 +8,10 @@ Telemetry is encoded to JSON once and the same text goes to every dashboard.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,8 +59,15 @@ class ClientError(Exception):
 # ---- telemetry --------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
+def _names_json(names: tuple[str, ...]) -> str:
+    # A protocol has few fields, so few combinations are ever flagged: each is
+    # encoded once, not once per message (a device may be out of range for hours).
+    return _encode(list(names))
+
+
 def telemetry_text(
-    rec: TelemetryRecord, data_json: str, out_of_range: list[str] | None = None
+    rec: TelemetryRecord, data_json: str, out_of_range: tuple[str, ...] | None = None
 ) -> str:
     """``dumps(telemetry_message(rec, out_of_range))``, given ``data_json = dumps(rec.data)``.
 
@@ -69,7 +78,7 @@ def telemetry_text(
         return (
             f'{{"op":"telemetry","device":{_encode(rec.device)},'
             f'"protocol":{_encode(rec.protocol)},"offset":{rec.offset:d},"ts":{rec.ts:d},'
-            f'"seq":{rec.seq:d},"data":{data_json},"out_of_range":{_encode(out_of_range)}}}'
+            f'"seq":{rec.seq:d},"data":{data_json},"out_of_range":{_names_json(out_of_range)}}}'
         )
     return (
         f'{{"op":"telemetry","device":{_encode(rec.device)},"protocol":{_encode(rec.protocol)},'
@@ -78,7 +87,7 @@ def telemetry_text(
 
 
 def telemetry_message(
-    rec: TelemetryRecord, out_of_range: list[str] | None = None
+    rec: TelemetryRecord, out_of_range: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """The ``telemetry`` event of docs/api.md §3.1, as a JSON object.
 
@@ -95,7 +104,7 @@ def telemetry_message(
         "data": rec.data,
     }
     if out_of_range:
-        message["out_of_range"] = out_of_range
+        message["out_of_range"] = list(out_of_range)
     return message
 
 

@@ -47,7 +47,7 @@ class RangeTable:
         """The ranges checked for ``protocol``, by field."""
         return {field: (low, high) for field, low, high in self._checks.get(protocol, ())}
 
-    def check(self, protocol: str, data: Mapping[str, Any]) -> list[str] | None:
+    def check(self, protocol: str, data: Mapping[str, Any]) -> tuple[str, ...] | None:
         """The fields of ``data`` outside their range, by name; None when every one is in.
 
         Only numbers are checked (a bool is not one); a field that is missing or
@@ -57,14 +57,30 @@ class RangeTable:
         checks = self._checks.get(protocol)
         if checks is None:
             return None
-        bad: list[str] | None = None
-        for field, low, high in checks:
-            value: Any = data.get(field)
-            kind = type(value)
-            # "not low <= v <= high" is true for NaN too: a NaN reading is flagged.
-            if (kind is int or kind is float) and not low <= value <= high:
-                if bad is None:
-                    bad = [field]
-                else:
-                    bad.append(field)
-        return bad
+        return flag(checks, data)
+
+    @property
+    def by_protocol(self) -> Mapping[str, Checks]:
+        """The checks of each protocol that has ranges, for ``flag`` (the hot path looks
+        the protocol up here and calls ``flag`` only when it has some)."""
+        return self._checks
+
+
+def flag(checks: Checks, data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The fields of ``data`` outside their range under ``checks`` (see ``RangeTable.check``)."""
+    bad: tuple[str, ...] | None = None
+    get = data.get
+    for field, low, high in checks:
+        value: Any = get(field)
+        # The common case first: a number in its range. A missing field, a
+        # string or a list cannot be compared (TypeError: not checked); a bool
+        # can, and is left alone below. A NaN is in no range: it is flagged.
+        try:
+            if low <= value <= high:
+                continue
+        except TypeError:
+            continue
+        kind = type(value)
+        if kind is int or kind is float:
+            bad = (field,) if bad is None else (*bad, field)
+    return bad

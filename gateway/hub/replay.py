@@ -109,7 +109,7 @@ class History(Protocol):
 
 
 # The fields of a stored message outside their range, or None.
-Flag = Callable[[TelemetryRecord], list[str] | None]
+Flag = Callable[[TelemetryRecord], tuple[str, ...] | None]
 
 
 async def replay(

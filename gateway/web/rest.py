@@ -11,14 +11,21 @@ import asyncio
 import csv
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
-from ..hub import ClientError, ErrorCode, Role, dumps, parse_command, telemetry_message
+from ..hub import (
+    ClientError,
+    DeviceIsOnline,
+    ErrorCode,
+    Role,
+    dumps,
+    parse_command,
+    telemetry_message,
+)
 from ..hub.commands import STORAGE_UNAVAILABLE, is_storage_unavailable
-from ..hub.core import DeviceIsOnline
 from ..hub.records import StorageUnavailable, StoreError, TelemetryRecord
 from ..hub.registry import check_labels
 from ..metrics import CONTENT_TYPE
@@ -287,7 +294,7 @@ def _cell(value: Any) -> str:
 def _csv_response(
     device: str,
     records: Sequence[TelemetryRecord],
-    flag: Any,
+    flag: Callable[[TelemetryRecord], Sequence[str] | None],
     following: int | None,
 ) -> web.Response:
     """The history as CSV: ``offset,ts,seq``, the data fields flattened, ``out_of_range``.
@@ -296,7 +303,7 @@ def _csv_response(
     without a field leaves its cell empty. ``out_of_range`` lists the fields
     separated by spaces. ``next`` is in the ``X-Next`` header (empty on the last page).
     """
-    rows: list[tuple[TelemetryRecord, dict[str, Any], list[str] | None]] = []
+    rows: list[tuple[TelemetryRecord, dict[str, Any], Sequence[str] | None]] = []
     columns: dict[str, None] = {}
     for record in records:
         flat: dict[str, Any] = {}

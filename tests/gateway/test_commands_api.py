@@ -13,6 +13,7 @@ import pytest
 import frames
 from gateway.app import Runtime
 from tests.gateway.conftest import OPERATOR, VIEWER, AppFactory
+from tests.gateway.storage_support import DiskFull
 from tests.gateway.support import dash, device, runtime_of
 from tests.support.wait import wait_until
 
@@ -229,3 +230,21 @@ async def test_the_command_log_survives_a_restart(make_app: AppFactory, tmp_path
     )
     body = await history(again, command_id)
     assert [h["status"] for h in body["history"]] == ["queued", "sent", "acked"]
+
+
+async def test_the_command_log_while_the_storage_fails_is_503(make_app: AppFactory) -> None:
+    client = await make_app()
+    rt = runtime_of(client)
+    resp = await client.post(
+        "/api/devices/ghost/commands", json={"command": {"name": "reboot"}}, headers=AUTH
+    )
+    command_id = (await resp.json())["command_id"]
+    disk = DiskFull(rt.storage)  # type: ignore[arg-type]
+    disk.on.set()
+    failing = await client.get(f"/api/commands/{command_id}", headers=VIEW)
+    assert failing.status == 503
+    assert (await failing.json())["code"] == "storage_unavailable"
+    assert failing.headers["Retry-After"] == "5"
+    disk.on.clear()
+    # What waited in memory meanwhile is written once the disk works again.
+    assert (await history(client, command_id))["status"] == "rejected"

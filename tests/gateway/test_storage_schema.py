@@ -264,7 +264,7 @@ async def test_a_version_1_data_dir_opens(open_sqlite: OpenSQLite, db_path: Path
     assert raw_rows(db_path, 'SELECT MAX("offset") FROM telemetry') == [(record.offset,)]
 
 
-async def test_a_version_1_queue_upgrades_to_version_2_with_every_command(
+async def test_a_version_1_queue_upgrades_to_the_current_version_with_every_command(
     open_sqlite: OpenSQLite, db_path: Path, tmp_path: Path
 ) -> None:
     queue = [

@@ -849,6 +849,16 @@ async def test_an_interrupted_command_is_logged_and_counted_once(
         assert "command id=c0" in caplog.text
         assert "gateway restarted" in caplog.text
         assert [c.command_id for c in await after.engine.pending_commands("a", 0)] == ["c1"]
+        # A queued command's final result: counted apart, and in its command log.
+        queued_timeouts = after.metrics.registry.get_sample_value(
+            "iot_queued_command_results_total", {"status": "timeout"}
+        )
+        assert queued_timeouts == 1
+        assert first.gateway_id is not None
+        logged = await after.engine.command_log(first.gateway_id)
+        assert logged is not None
+        assert [h["status"] for h in logged.history] == ["queued", "timeout"]
+        assert logged.history[-1]["error"] == "gateway restarted"
     finally:
         await after.stop()
 
