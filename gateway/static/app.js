@@ -73,15 +73,21 @@ const devicePage = new DevicePage(store, document.querySelector('[data-testid="d
 /** The token stopped working for an HTTP call: treat it as the socket's 401. */
 whenUnauthorized(() => connection?.refused());
 
+/** A device as the event log names it: "Greenhouse (demo-2)", or its id alone. */
+function named(id) {
+  const d = store.devices.get(id);
+  const name = d ? displayName(d) : id;
+  return name === id ? id : `${name} (${id})`;
+}
+
 /** A device deleted or forgotten: it leaves the page. */
 function forget(id, reason) {
-  const d = store.devices.get(id);
-  if (!d) return;
-  const name = displayName(d);
+  if (!store.devices.has(id)) return;
+  const name = named(id);
   store.remove(id);
   view.deviceRemoved(id);
   const why = reason === 'unseen' ? 'forgotten (unseen for too long)' : 'deleted';
-  event('presence', `${name === id ? id : `${name} (${id})`} ${why}`);
+  event('presence', `${name} ${why}`);
   if (devicePage.id === id) devicePage.deviceChanged(id);
 }
 
@@ -216,7 +222,7 @@ function handle(msg) {
       view.deviceChanged(d.id);
       if (devicePage.id === d.id) devicePage.deviceChanged(d.id);
       const reason = msg.reason ? ` (${msg.reason})` : '';
-      event('presence', `${msg.device} ${msg.online ? 'online' : 'offline'}${reason}`, msg.ts);
+      event('presence', `${named(msg.device)} ${msg.online ? 'online' : 'offline'}${reason}`, msg.ts);
       if (msg.online && !known) refreshDevicesSoon(); // a new device: learn its link
       break;
     }
@@ -230,7 +236,7 @@ function handle(msg) {
           const protocol = store.devices.get(msg.device)?.protocol;
           detail = `: ${nackWords(msg, protocol)}`;
         }
-        event('command', `${msg.device} ${label}: ${msg.status}${detail}`);
+        event('command', `${named(msg.device)} ${label}: ${msg.status}${detail}`);
       }
       break;
     }

@@ -258,6 +258,11 @@ def test_delete_an_offline_device(page: Page, gateway: GatewayProcess) -> None:
     expect(dp.get_by_test_id("delete-note")).to_contain_text("online")
     dp.get_by_test_id("back-to-list").click()
 
+    # Another dashboard shows old-1 too; it will hear of the deletion ({"op":"removed"}).
+    other = page.context.new_page()
+    other.goto(page_url(gateway, VIEWER))
+    expect(card(other, "old-1")).to_be_visible()
+
     dp = open_device_page(page, gateway, "old-1")
     delete = dp.get_by_test_id("delete-device")
     expect(delete).to_be_enabled()
@@ -284,3 +289,6 @@ def test_delete_an_offline_device(page: Page, gateway: GatewayProcess) -> None:
     status, _ = gateway.request_sync("GET", "/api/devices/old-1")
     assert status == 404
     expect(page.get_by_test_id("event-log")).to_contain_text("old-1 deleted")
+    expect(card(other, "old-1")).to_have_count(0)
+    expect(other.get_by_test_id("event-log")).to_contain_text("old-1 deleted")
+    other.close()
