@@ -273,3 +273,8 @@ export async function loadCsv(device, token, { from, to, maxPages = 1000 }) {
   }
   return `${out.join('\r\n')}\r\n`;
 }
+
+/** GET /api/commands/{command_id}: a command's statuses, readable by any token for 24 h. */
+export async function getCommand(commandId, token) {
+  return (await call(`api/commands/${encodeURIComponent(commandId)}`, token)).json();
+}

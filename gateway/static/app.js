@@ -12,6 +12,8 @@
 // for the next one with `after` until `next` is null, one listing at a time.
 
 import {
+  ApiError,
+  getCommand,
   getSerialPorts,
   loadHistory,
   probeToken,
@@ -27,6 +29,8 @@ import { View } from './view.js';
 import { errorCode, nackWords } from './words.js';
 
 const SERIAL_REFRESH_MS = 5000;
+const RECOVER_MS = 5000; // how often to ask for commands whose result the socket lost
+const RECOVER_TRIES = 720; // an hour of asking; a queued command lives 1 h by default
 
 const store = new Store();
 let token = takeToken();
@@ -39,6 +43,10 @@ let relist = false; // new devices appeared while a listing was under way: list 
 let devicesRefresh = 0;
 let shownState = null;
 let serialTimer = 0;
+// Commands whose socket closed before their final status: command_id -> {cmd, device, tries}.
+// GET /api/commands/{command_id} tells how they ended (docs/api.md §4).
+const lostCommands = new Map();
+let recoverTimer = 0;
 
 const view = new View(store, {
   command: sendCommand,
@@ -188,6 +196,7 @@ function handle(msg) {
       view.heard();
       route();
       refreshSerial();
+      recoverCommands();
       const since = store.resumeOffset();
       const replay = since === null ? '' : `; replaying after offset ${since}`;
       event('connection', `connected as ${msg.role}${replay}`);
@@ -286,9 +295,69 @@ function forgetPendingCommands() {
     const unfinished = (d) => !FINAL_STATUSES.has(cmd.statuses.get(d)?.status);
     const open = targets.length === 0 || targets.some(unfinished);
     if (open) {
-      cmd.error = 'connection lost; result unknown';
+      // With a command_id the gateway keeps the result: ask for it once connected again.
+      const lost = targets.filter(unfinished).map((d) => [d, cmd.statuses.get(d)?.command_id]);
+      const traceable = lost.length > 0 && lost.every(([, commandId]) => commandId);
+      for (const [device, commandId] of lost) {
+        if (commandId) lostCommands.set(commandId, { cmd, device, tries: 0 });
+      }
+      cmd.error = traceable
+        ? 'connection lost; asking the gateway how it ended…'
+        : 'connection lost; result unknown';
       view.commandChanged(cmd);
     }
+  }
+}
+
+/**
+ * Ask the gateway how the commands cut off from their socket ended, until each
+ * has a final status (or the gateway no longer knows it). Each result goes
+ * where the command was given, as if it had come over the socket.
+ */
+async function recoverCommands() {
+  clearTimeout(recoverTimer);
+  recoverTimer = 0;
+  for (const [commandId, lost] of [...lostCommands]) {
+    if (connection?.state !== 'connected') return; // the next welcome starts over
+    const { cmd, device } = lost;
+    let body;
+    try {
+      body = await getCommand(commandId, token);
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) {
+        lostCommands.delete(commandId); // over a day old, or from before command ids
+        cmd.error = 'connection lost; the gateway no longer knows this command';
+        view.commandChanged(cmd);
+      }
+      continue;
+    }
+    lost.tries += 1;
+    const history = Array.isArray(body.history) ? body.history : [];
+    const latest = history.length ? history[history.length - 1] : {};
+    const msg = {
+      ...latest,
+      op: 'command_status',
+      id: cmd.id,
+      device,
+      command_id: commandId,
+      status: body.status,
+    };
+    cmd.statuses.set(device, msg);
+    const final = FINAL_STATUSES.has(body.status);
+    if (final || lost.tries >= RECOVER_TRIES) lostCommands.delete(commandId);
+    // Once every lost part has an answer, show the statuses (a `queued` one goes on being asked).
+    const unanswered = [...lostCommands.values()].some((o) => o.cmd === cmd && o.tries === 0);
+    if (!unanswered) cmd.error = null;
+    view.commandChanged(cmd);
+    if (final) {
+      const protocol = store.devices.get(device)?.protocol;
+      const detail =
+        body.status === 'nacked' ? `: ${nackWords(msg, protocol)}` : msg.error ? `: ${msg.error}` : '';
+      event('command', `${named(device)} ${cmd.label}: ${body.status}${detail} (asked after a reconnect)`);
+    }
+  }
+  if (lostCommands.size && connection?.state === 'connected') {
+    recoverTimer = setTimeout(recoverCommands, RECOVER_MS);
   }
 }
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
+from frames import Ack, Command
+from simulators.handshake import MessageReader, encode
 from tests.browser.conftest import _started
 from tests.browser.support import (
     OPERATOR,
@@ -288,3 +290,54 @@ def test_restart_with_another_token_signs_the_page_out(page: Page, tmp_path: Pat
         expect(stale).to_contain_text("out of date")
         expect(stale).to_contain_text("Signed out")
         expect(value).to_be_visible()
+
+
+def test_a_command_cut_off_by_a_restart_gets_its_result(page: Page, tmp_path: Path) -> None:
+    """A queued command's result reaches the page after a reconnect (GET /api/commands/{id})."""
+    gateway = demo_gateway(tmp_path)
+    for _ in _started(tmp_path, gateway):
+        hello_device(gateway, "late-sensor").close()
+        wait_until_sync(
+            lambda: (
+                (listed_devices(gateway).get("late-sensor") or {"online": True})["online"] is False
+            ),
+            "late-sensor known and offline",
+            timeout=TIMEOUT_MS / 1000,
+        )
+        open_live(page, gateway)
+        late = card(page, "late-sensor")
+        late.get_by_text("Commands", exact=True).click()
+        hex_input = late.get_by_test_id("hex-input")
+        hex_input.fill("02")
+        hex_input.press("Enter")
+        status = late.locator('[data-testid="command-status"][data-origin="hex"]')
+        expect(status).to_have_attribute("data-status", "queued")
+
+        # The gateway restarts: the page's socket goes, and with it the command's statuses.
+        stopped = gateway.stop_sync()
+        assert stopped.code == 0, stopped
+        expect(status).to_have_attribute("data-status", "error")
+        expect(status).to_contain_text("asking the gateway how it ended")
+        gateway.start_sync()
+
+        # The device comes back, gets its queued command and ACKs it; nobody is told.
+        device = hello_device(gateway, "late-sensor")
+        try:
+            reader = MessageReader(strict=True)
+            command = None
+            while command is None:
+                data = device.recv(4096)
+                assert data, "the gateway closed late-sensor's link"
+                command = next((m for m in reader.feed(data) if isinstance(m, Command)), None)
+            device.sendall(encode(Ack(command.seq, 0)))
+            # The page asks after its reconnect and shows how the command ended.
+            expect(page.get_by_test_id("connection-state")).to_have_attribute(
+                "data-state", "connected"
+            )
+            expect(status).to_have_attribute("data-status", "acked", timeout=3 * TIMEOUT_MS)
+            expect(status).to_have_text("Raw 02: acked")
+            expect(page.get_by_test_id("event-log")).to_contain_text(
+                "late-sensor Raw 02: acked (asked after a reconnect)"
+            )
+        finally:
+            device.close()
