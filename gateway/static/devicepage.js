@@ -474,9 +474,10 @@ export class DevicePage {
       this.rows = rows;
       this.chartState.dataset.state = 'loaded';
       const span = `${new Date(from).toLocaleString()} to ${new Date(to).toLocaleString()}`;
+      const count = `${rows.length.toLocaleString('en')} reading${rows.length === 1 ? '' : 's'}`;
       this.chartState.textContent = truncated
-        ? `The first ${rows.length.toLocaleString('en')} readings from ${span}: zoom in to see the rest.`
-        : `${rows.length.toLocaleString('en')} readings from ${span}.`;
+        ? `The first ${count} from ${span}: zoom in to see the rest.`
+        : `${count} from ${span}.`;
       this.drawCharts();
     } catch (error) {
       if (seq !== this.loadSeq) return;

@@ -34,6 +34,8 @@ export class RangeChart {
     const thin = { 'vector-effect': 'non-scaling-stroke' };
     this.line = s('polyline', { class: 'chart-line', points: '', ...thin });
     this.band = s('polygon', { class: 'chart-band', points: '' });
+    // The newest reading as a dot: a lone reading at the edge would otherwise not show.
+    this.dot = s('line', { class: 'chart-dot', x1: 0, y1: 0, x2: 0, y2: 0, ...thin, visibility: 'hidden' });
     this.selection = s('rect', { class: 'chart-selection', x: 0, y: 0, width: 0, height: H });
     const grid = [0, 0.5, 1].map((f) =>
       s('line', { class: 'chart-grid', x1: 0, x2: W, y1: f * H, y2: f * H, ...thin }),
@@ -50,6 +52,7 @@ export class RangeChart {
       grid,
       this.band,
       this.line,
+      this.dot,
       this.selection,
     );
     this.maxLabel = h('span', { class: 'chart-max' });
@@ -129,6 +132,7 @@ export class RangeChart {
     if (!n) {
       this.line.setAttribute('points', '');
       this.band.setAttribute('points', '');
+      this.dot.setAttribute('visibility', 'hidden');
       this.latest.textContent = 'no data in this range';
       this.maxLabel.textContent = '';
       this.minLabel.textContent = '';
@@ -189,6 +193,12 @@ export class RangeChart {
       this.band.setAttribute('points', '');
     }
     const last = points[n - 1].v;
+    const dotX = x(points[n - 1].ts).toFixed(1);
+    const dotY = y(last).toFixed(1);
+    for (const [k, v] of [['x1', dotX], ['x2', dotX], ['y1', dotY], ['y2', dotY]]) {
+      this.dot.setAttribute(k, v);
+    }
+    this.dot.setAttribute('visibility', 'visible');
     const show = (v) => (this.info.steps ? (v ? 'On' : 'Off') : formatValue(this.field, v));
     this.latest.textContent = show(last);
     this.maxLabel.textContent = this.info.steps ? 'On' : formatNumber(this.field, hi);

@@ -241,6 +241,10 @@ def test_counters_and_out_of_range_values(page: Page, gateway: GatewayProcess) -
         dp = open_device_page(page, gateway, "hot-battery")
         expect(dp.get_by_test_id("counter-telemetry")).to_have_text("1")
         expect(dp.get_by_test_id("counter-out_of_range")).to_have_text("1")
+        # On a phone the device page fits the width: nothing scrolls sideways.
+        page.set_viewport_size({"width": 375, "height": 667})
+        expect(dp.get_by_test_id("range-state")).to_have_attribute("data-state", "loaded")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
     finally:
         sensor.close()
 
