@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect
+from playwright.sync_api import Browser, Locator, Page, Route, expect
 
 from frames import Ack, Command
 from simulators.handshake import MessageReader, encode
@@ -341,3 +342,56 @@ def test_a_command_cut_off_by_a_restart_gets_its_result(page: Page, tmp_path: Pa
             )
         finally:
             device.close()
+
+
+def test_page_helpers_in_the_browser(page: Page, gateway: GatewayProcess) -> None:
+    """The page's own modules: natural order, codes in words, CSV pages joined under one header."""
+    pages = {
+        None: ("offset,ts,seq,a,out_of_range\r\n1,10,0,1.5,\r\n2,20,1,2.5,a\r\n", "2"),
+        "2": ('offset,ts,seq,a,b,out_of_range\r\n3,30,2,3.5,"x,y",\r\n', ""),
+    }
+
+    def telemetry(route: Route) -> None:
+        since = parse_qs(urlsplit(route.request.url).query).get("since", [None])[0]
+        body, following = pages[since]
+        route.fulfill(status=200, content_type="text/csv", body=body, headers={"X-Next": following})
+
+    page.route("**/api/devices/csv-dev/telemetry*", telemetry)
+    open_live(page, gateway, VIEWER)
+    result = page.evaluate(
+        """async () => {
+            const { naturalCompare } = await import('./static/store.js');
+            const { nackWords, offlineReason, errorCode } = await import('./static/words.js');
+            const { loadCsv, csvCells } = await import('./static/api.js');
+            const ids = ['sim-10', 'sim-2', 'Sim-1', 'sim-1b', 'a-100', 'a-20'];
+            return {
+                sorted: [...ids].sort(naturalCompare),
+                nackMessage: nackWords({ code: 2, message: 'valve stuck' }, 'env-sensor'),
+                nackKnown: nackWords({ code: 2 }, 'relay-4'),
+                nackUnknown: nackWords({ code: 9 }, 'boiler'),
+                reasonKnown: offlineReason('lost'),
+                reasonUnknown: offlineReason('cosmic-ray'),
+                reasonNone: offlineReason(null),
+                code: errorCode('rate_limited'),
+                cells: csvCells('1,"a ""b"", c",'),
+                csv: await loadCsv('csv-dev', 't', { from: 0, to: 100 }),
+            };
+        }"""
+    )
+    assert result["sorted"] == ["a-20", "a-100", "Sim-1", "sim-1b", "sim-2", "sim-10"]
+    assert result["nackMessage"] == "valve stuck"  # the gateway's words come first
+    assert result["nackKnown"] == "bad argument"
+    assert result["nackUnknown"] == "device error code 9"
+    assert result["reasonKnown"] == "the link failed (lost)"
+    assert result["reasonUnknown"] == "cosmic-ray"
+    assert result["reasonNone"] == "reason unknown"
+    assert result["code"] == "too many commands at once, try again shortly (rate_limited)"
+    assert result["cells"] == ["1", 'a "b", c', ""]
+    # Two pages (X-Next), the second with a new column: one header, every row in its place.
+    assert result["csv"].split("\r\n") == [
+        "offset,ts,seq,a,out_of_range,b",
+        "1,10,0,1.5,,",
+        "2,20,1,2.5,a,",
+        '3,30,2,3.5,,"x,y"',
+        "",
+    ]
