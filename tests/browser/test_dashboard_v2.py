@@ -8,6 +8,7 @@ Every wait is on a condition on the page or on the gateway's HTTP API.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,3 +396,25 @@ def test_page_helpers_in_the_browser(page: Page, gateway: GatewayProcess) -> Non
         '3,30,2,3.5,,"x,y"',
         "",
     ]
+
+
+def test_a_401_from_the_http_api_signs_the_page_out(page: Page, gateway: GatewayProcess) -> None:
+    """The socket may still be open when an HTTP call learns the token is refused."""
+    refused = json.dumps({"code": "unauthorized", "message": "missing or invalid token"})
+    token_refused = False
+
+    def serial(route: Route) -> None:
+        if token_refused:
+            route.fulfill(status=401, content_type="application/json", body=refused)
+        else:
+            route.continue_()
+
+    page.route("**/api/serial", serial)
+    open_live(page, gateway)
+    expect(page.get_by_test_id("role")).to_have_text("Operator")
+    # From now on the gateway refuses the token; the page's next serial port refresh learns it.
+    token_refused = True
+    expect(page.get_by_test_id("connection-state")).to_have_attribute("data-state", "unauthorized")
+    expect(page.get_by_test_id("role")).to_have_text("Signed out")
+    expect(page.get_by_test_id("stale-note")).to_contain_text("out of date")
+    expect(page.get_by_role("switch")).to_have_count(0)
