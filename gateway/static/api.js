@@ -113,3 +113,168 @@ export async function loadHistory(device, token, options) {
   }
   return rows.slice(-wanted);
 }
+
+// ---- issue 13: device pages, labels, delete, serial ports -----------------------------------
+
+/** An HTTP answer that is not 2xx, with the gateway's error code (docs/api.md §2). */
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+let onUnauthorized = () => {};
+
+/** Who to tell when an HTTP call gets 401: the token stopped working (a restarted gateway). */
+export function whenUnauthorized(callback) {
+  onUnauthorized = callback;
+}
+
+async function call(path, token, { method = 'GET', body, accept = 'application/json' } = {}) {
+  const init = { method, cache: 'no-store', headers: { ...headers(token), Accept: accept } };
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  if (response.status === 401) onUnauthorized();
+  if (!response.ok) {
+    let code = null;
+    let message = `HTTP ${response.status}`;
+    try {
+      const error = await response.json(); // errors are always JSON (docs/api.md §2)
+      code = error.code ?? null;
+      message = error.message ?? message;
+    } catch {
+      // not JSON: an older gateway or a proxy; the status says enough
+    }
+    throw new ApiError(response.status, code, message);
+  }
+  return response;
+}
+
+const devicePath = (device) => `api/devices/${encodeURIComponent(device)}`;
+
+/** GET /api/devices/{id}: the device entry (labels, counters, offline reason). */
+export async function getDevice(device, token) {
+  return (await call(devicePath(device), token)).json();
+}
+
+/** PUT /api/devices/{id}/labels (operator): the device entry as it now is. */
+export async function putLabels(device, token, labels) {
+  return (await call(`${devicePath(device)}/labels`, token, { method: 'PUT', body: labels })).json();
+}
+
+/** DELETE /api/devices/{id} (operator; offline devices only, else 409 conflict). */
+export async function deleteDevice(device, token) {
+  return (await call(devicePath(device), token, { method: 'DELETE' })).json();
+}
+
+/** GET /api/serial's ports, or null when the gateway has no such endpoint (an older one). */
+export async function getSerialPorts(token) {
+  try {
+    const body = await (await call('api/serial', token)).json();
+    return Array.isArray(body.ports) ? body.ports : [];
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) return null;
+    throw error;
+  }
+}
+
+/**
+ * One time range's stored telemetry of a device, oldest first:
+ * GET .../telemetry?from=&to= a page at a time, each next page from the
+ * answer's `next` (the `since` of the following page). Stops after `maxRows`
+ * (a chart has a few hundred pixels; `truncated` says so).
+ */
+export async function loadRange(device, token, { from, to, maxRows = 20000 }) {
+  let rows = [];
+  let since = null;
+  let truncated = false;
+  for (;;) {
+    const after = since === null ? '' : `&since=${since}`;
+    const path = `${devicePath(device)}/telemetry?from=${from}&to=${to}&limit=${PAGE_LIMIT}${after}`;
+    const body = await (await call(path, token)).json();
+    const batch = Array.isArray(body.telemetry) ? body.telemetry : [];
+    rows = rows.concat(batch);
+    if (!Number.isInteger(body.next) || !batch.length) break;
+    if (rows.length >= maxRows) {
+      truncated = true;
+      break;
+    }
+    since = body.next;
+  }
+  return { rows, truncated };
+}
+
+/** Split one CSV line into cells (RFC 4180 quoting). */
+export function csvCells(line) {
+  const cells = [];
+  let cell = '';
+  let quoted = false;
+  for (let i = 0; i < line.length; i += 1) {
+    const c = line[i];
+    if (quoted) {
+      if (c === '"' && line[i + 1] === '"') {
+        cell += '"';
+        i += 1;
+      } else if (c === '"') quoted = false;
+      else cell += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ',') {
+      cells.push(cell);
+      cell = '';
+    } else cell += c;
+  }
+  cells.push(cell);
+  return cells;
+}
+
+const csvQuote = (cell) => (/[",\r\n]/.test(cell) ? `"${cell.replace(/"/g, '""')}"` : cell);
+
+/**
+ * A time range as CSV (format=csv), every page of it (the `X-Next` header)
+ * joined under one header row. A page's columns are the data fields it met,
+ * so a later page with other columns is mapped onto the first page's, and a
+ * column new in it is added at the end. Fetched with the token in a header,
+ * then handed to the browser as a file.
+ */
+export async function loadCsv(device, token, { from, to, maxPages = 1000 }) {
+  let header = null;
+  const rows = [];
+  let since = null;
+  for (let pages = 0; pages < maxPages; pages += 1) {
+    const after = since === null ? '' : `&since=${since}`;
+    const path = `${devicePath(device)}/telemetry?from=${from}&to=${to}&limit=${PAGE_LIMIT}&format=csv${after}`;
+    const response = await call(path, token, { accept: 'text/csv' });
+    const lines = (await response.text()).split(/\r?\n/).filter((line) => line !== '');
+    const columns = csvCells(lines[0] ?? 'offset,ts,seq');
+    if (header === null) header = columns;
+    for (const column of columns) if (!header.includes(column)) header.push(column);
+    const where = columns.map((column) => header.indexOf(column));
+    for (const line of lines.slice(1)) {
+      const cells = csvCells(line);
+      const row = [];
+      cells.forEach((cell, i) => {
+        row[where[i]] = cell;
+      });
+      rows.push(row);
+    }
+    const next = response.headers.get('X-Next');
+    if (!next || !lines.length) break;
+    since = next;
+  }
+  const width = header.length;
+  const out = [header.map(csvQuote).join(',')];
+  for (const row of rows) {
+    out.push(Array.from({ length: width }, (_, i) => csvQuote(row[i] ?? '')).join(','));
+  }
+  return `${out.join('\r\n')}\r\n`;
+}
+
+/** GET /api/commands/{command_id}: a command's statuses, readable by any token for 24 h. */
+export async function getCommand(commandId, token) {
+  return (await call(`api/commands/${encodeURIComponent(commandId)}`, token)).json();
+}

@@ -75,6 +75,20 @@ export class Connection {
     this.setState(State.STOPPED);
   }
 
+  /**
+   * The token was refused elsewhere (an HTTP call got 401): the gateway no
+   * longer takes it, so stop for good rather than retry with it.
+   */
+  refused() {
+    if (this.state === State.UNAUTHORIZED || this.state === State.STOPPED) return;
+    clearTimeout(this.timer);
+    this.timer = null;
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) ws.close(1000, 'token refused');
+    this.setState(State.UNAUTHORIZED);
+  }
+
   /** Skip the rest of the backoff delay (the "Retry now" button, the browser going online). */
   retryNow() {
     if (this.state !== State.RECONNECTING || this.ws) return;

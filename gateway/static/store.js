@@ -66,7 +66,58 @@ function newDevice(id, protocol) {
     series: new Map(), // numeric field -> [{offset, ts, v}], sorted by offset
     history: 'none', // 'none' | 'loading' | 'loaded' | 'error' (chart seeding)
     historyError: null,
+    // Issue 13's device entry fields; an older gateway sends none of them.
+    labels: { name: null, location: null, channels: null },
+    offlineSince: null,
+    offlineReason: null,
+    counters: null, // {telemetry, out_of_range, commands, nacks} since the gateway started
+    nacks: 0, // nacked commands this page saw, beside the gateway's own count
+    searchText: id.toLowerCase(), // id, name and location, for the search box
+    sortKey: naturalKey(id),
   };
+}
+
+/**
+ * Natural order: "sim-2" before "sim-10". The key pads every run of digits to
+ * the same width, once per device, so sorting 10,000 devices compares plain
+ * strings (a collator's compare is some ten times slower).
+ */
+export function naturalKey(id) {
+  return id.toLowerCase().replace(/\d+/g, (run) => run.padStart(20, '0'));
+}
+
+export function naturalCompare(a, b) {
+  const ka = naturalKey(a);
+  const kb = naturalKey(b);
+  if (ka !== kb) return ka < kb ? -1 : 1;
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/** The labels a device entry or a labels message carries, made safe to read. */
+export function cleanLabels(labels) {
+  const text = (v) => (typeof v === 'string' && v.trim() ? v : null);
+  const channels = Array.isArray(labels?.channels)
+    ? labels.channels.map((c) => (typeof c === 'string' ? c : ''))
+    : null;
+  return { name: text(labels?.name), location: text(labels?.location), channels };
+}
+
+/** The name a device is shown by: its display name, or its id. */
+export function displayName(d) {
+  return d.labels.name ?? d.id;
+}
+
+/** A relay channel's label ("pump"), or "Ch 2" when it has none. */
+export function channelName(d, ch) {
+  const label = d.labels.channels?.[ch];
+  return label ? label : `Ch ${ch}`;
+}
+
+/** Does the device have something wrong to show: a value out of range or a NACK? */
+export function hasErrors(d) {
+  const outOfRange = Array.isArray(d.last?.out_of_range) && d.last.out_of_range.length > 0;
+  const nacks = (d.counters?.nacks ?? 0) > 0 || d.nacks > 0;
+  return outOfRange || nacks;
 }
 
 export class Store {
@@ -130,6 +181,20 @@ export class Store {
       }
       insertSorted(series, { offset: msg.offset, ts: msg.ts, v }, byOffset, MAX_POINTS);
     }
+    // Relay states chart as steps of 0 and 1, one series per channel.
+    if (Array.isArray(data.channels)) {
+      data.channels.forEach((on, ch) => {
+        if (typeof on !== 'boolean') return;
+        const field = `channels.${ch}`;
+        let series = d.series.get(field);
+        if (!series) {
+          series = [];
+          d.series.set(field, series);
+        }
+        const point = { offset: msg.offset, ts: msg.ts, v: on ? 1 : 0 };
+        insertSorted(series, point, byOffset, MAX_POINTS);
+      });
+    }
   }
 
   /** The reply to {"op":"devices"}: online state, transport, and each device's latest value. */
@@ -142,6 +207,10 @@ export class Store {
       d.peer = entry.peer ?? null;
       d.session = entry.session ?? null;
       d.connectedAt = entry.connected_at ?? null;
+      if ('labels' in entry) this.setLabels(d, entry.labels);
+      d.offlineSince = d.online ? null : (entry.offline_since ?? d.offlineSince ?? null);
+      d.offlineReason = d.online ? null : (entry.offline_reason ?? d.offlineReason ?? null);
+      if (entry.counters && typeof entry.counters === 'object') d.counters = entry.counters;
       if (entry.last_seen && (d.lastSeen === null || entry.last_seen > d.lastSeen)) {
         d.lastSeen = entry.last_seen;
       }
@@ -157,8 +226,46 @@ export class Store {
     const d = this.device(msg.device, msg.protocol);
     d.online = Boolean(msg.online);
     if (msg.ts && (d.lastSeen === null || msg.ts > d.lastSeen)) d.lastSeen = msg.ts;
-    if (!msg.online) d.session = null;
+    if (!msg.online) {
+      d.session = null;
+      d.offlineSince = msg.ts ?? Date.now();
+      d.offlineReason = msg.reason ?? null;
+    } else {
+      d.offlineSince = null;
+      d.offlineReason = null;
+    }
     return d;
+  }
+
+  setLabels(d, labels) {
+    d.labels = cleanLabels(labels);
+    const { name, location } = d.labels;
+    // The search matches id, name and location; lower-cased once, not per keystroke.
+    d.searchText = [d.id, name ?? '', location ?? ''].join('\n').toLowerCase();
+  }
+
+  /** {"op":"labels"}: a device's labels changed. Returns the device, or null if unknown. */
+  applyLabels(msg) {
+    const d = this.devices.get(msg.device);
+    if (!d) return null;
+    this.setLabels(d, msg.labels);
+    return d;
+  }
+
+  /** {"op":"removed"}: the device was deleted or forgotten. Returns true if it was known. */
+  remove(id) {
+    return this.devices.delete(id);
+  }
+
+  /** Counts for the summary bar. */
+  summary() {
+    let online = 0;
+    let errors = 0;
+    for (const d of this.devices.values()) {
+      if (d.online) online += 1;
+      if (hasErrors(d)) errors += 1;
+    }
+    return { total: this.devices.size, online, offline: this.devices.size - online, errors };
   }
 
   /** A lagged notice: returns the offset to replay from. */
@@ -187,7 +294,10 @@ export class Store {
     if (msg.op === 'error') {
       cmd.error = msg.message || msg.code;
     } else {
+      const before = cmd.statuses.get(msg.device)?.status;
       cmd.statuses.set(msg.device, msg);
+      const d = this.devices.get(msg.device);
+      if (d && msg.status === 'nacked' && before !== 'nacked') d.nacks += 1;
     }
     return cmd;
   }
@@ -215,6 +325,8 @@ export class Store {
         last: d.last ? d.last.offset : null,
         points: Object.fromEntries([...d.series].map(([f, list]) => [f, list.length])),
         history: d.history,
+        labels: d.labels,
+        offlineSince: d.offlineSince,
       };
     }
     return { role: this.role, maxOffset: this.maxOffset, gapFrom: this.gapFrom, devices };

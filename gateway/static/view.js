@@ -1,14 +1,20 @@
-// Everything on screen. The view reads the store and calls back into the app
-// for actions (commands, opening a device, the token form); it keeps one DOM
-// node per device and updates it in place, so a value arriving never steals
-// the keyboard focus from a field the operator is typing into. Updates are
-// batched into one animation frame, which keeps a busy gateway from making the
-// page redraw hundreds of times a second.
+// Everything on the device list. The view reads the store and calls back into
+// the app for actions (commands, opening a device, the token form).
+//
+// It is built for a fleet of 10,000 devices: only one page of cards exists in
+// the DOM at a time (PAGE_SIZE, in natural id order within each protocol), the
+// rest is summed up in the summary bar and the pager. A value arriving updates
+// its card in place, and only if the card is on screen; updates are batched
+// into one animation frame, so a busy gateway does not make the page redraw
+// hundreds of times a second, and a value arriving never steals the keyboard
+// focus from a field the operator is typing into.
 
 import { LineChart } from './chart.js';
 import { h, uid } from './dom.js';
 import { clockTime, fieldInfo, formatValue, isoTime, relativeTime } from './format.js';
-import { FINAL_STATUSES } from './store.js';
+import { Sparkline } from './sparkline.js';
+import { FINAL_STATUSES, channelName, displayName, hasErrors } from './store.js';
+import { SERIAL_STATES, nackWords, offlineReason } from './words.js';
 
 const STATE_LABELS = Object.freeze({
   connecting: 'Connecting',
@@ -21,6 +27,7 @@ const STATE_LABELS = Object.freeze({
 const PENDING_STATUSES = new Set(['sent', 'queued']);
 const RELAY_CHANNELS = 4; // relay-4 (docs/protocols.md)
 const MAX_LOG_ITEMS = 200;
+export const PAGE_SIZE = 60; // device cards in the DOM at once
 
 function byTestId(id) {
   const el = document.querySelector(`[data-testid="${id}"]`);
@@ -28,9 +35,9 @@ function byTestId(id) {
   return el;
 }
 
-/** "acked", "nacked (code 2)", "rejected: unknown command" ... */
-function describeStatus(msg) {
-  if (msg.status === 'nacked' && msg.code !== undefined) return `nacked (code ${msg.code})`;
+/** "acked", "nacked: bad argument", "rejected: unknown command" ... */
+export function describeStatus(msg, protocol) {
+  if (msg.status === 'nacked') return `nacked: ${nackWords(msg, protocol)}`;
   if (msg.error) return `${msg.status}: ${msg.error}`;
   return msg.status;
 }
@@ -39,6 +46,11 @@ function statusTone(status) {
   if (status === 'acked') return 'ok';
   if (PENDING_STATUSES.has(status) || status === 'sending') return 'pending';
   return 'bad';
+}
+
+/** What decides whether a device passes the filter, and what the summary counts. */
+function stateKey(d) {
+  return `${d.protocol}\n${d.online}\n${hasErrors(d)}\n${d.searchText}`;
 }
 
 export class View {
@@ -51,13 +63,20 @@ export class View {
     this.store = store;
     this.actions = actions;
     this.role = null;
-    this.groups = new Map(); // protocol -> Group
-    this.cards = new Map(); // device id -> DeviceCard
+    this.groups = new Map(); // protocol -> Group on the current page
+    this.cards = new Map(); // device id -> DeviceCard on the current page
     this.outputs = new Map(); // command origin -> <output> where its status shows
     this.dirty = new Set();
+    this.keys = new Map(); // device id -> stateKey at the last flush
     this.frame = 0;
     this.connection = { state: 'connecting' };
     this.knownProtocols = '';
+    this.order = []; // ids passing the filter, in display order
+    this.reorder = true; // this.order must be computed again
+    this.summaryDirty = true;
+    this.pageIndex = 0;
+    this.lastUpdate = null; // when the last message from the gateway came
+    this.hiddenList = false; // the device page is shown instead of the list
 
     this.connLabel = byTestId('connection-state');
     this.countdown = byTestId('reconnect-countdown');
@@ -69,10 +88,25 @@ export class View {
     this.tokenForm = byTestId('token-form');
     this.tokenInput = byTestId('token-input');
     this.protocolFilter = byTestId('filter-protocol');
+    this.statusFilter = byTestId('filter-status');
     this.search = byTestId('search');
     this.deviceCount = byTestId('device-count');
+    this.staleNote = byTestId('stale-note');
     this.empty = byTestId('no-devices');
     this.devicesEl = byTestId('devices');
+    this.pager = byTestId('pager');
+    this.pagerText = byTestId('pager-text');
+    this.prevButton = byTestId('page-prev');
+    this.nextButton = byTestId('page-next');
+    this.summaryEl = byTestId('summary');
+    this.summaryParts = {
+      total: byTestId('summary-total'),
+      online: byTestId('summary-online'),
+      offline: byTestId('summary-offline'),
+      errors: byTestId('summary-errors'),
+    };
+    this.serialPanel = byTestId('serial-ports');
+    this.serialList = byTestId('serial-list');
     this.log = byTestId('event-log');
 
     this.retryButton.addEventListener('click', () => this.actions.retryNow());
@@ -82,14 +116,27 @@ export class View {
       const token = this.tokenInput.value.trim();
       if (token) this.actions.submitToken(token);
     });
-    this.protocolFilter.addEventListener('change', () => this.applyFilter());
-    this.search.addEventListener('input', () => this.applyFilter());
+    this.protocolFilter.addEventListener('change', () => this.filterChanged());
+    this.statusFilter.addEventListener('change', () => this.filterChanged());
+    this.search.addEventListener('input', () => this.filterChanged());
     this.search.addEventListener('keydown', (event) => {
       if (event.key === 'Escape' && this.search.value) {
         this.search.value = '';
-        this.applyFilter();
+        this.filterChanged();
       }
     });
+    for (const status of ['online', 'offline', 'errors']) {
+      this.summaryParts[status].addEventListener('click', () => {
+        this.statusFilter.value = this.statusFilter.value === status ? '' : status;
+        this.filterChanged();
+      });
+    }
+    this.summaryParts.total.addEventListener('click', () => {
+      this.statusFilter.value = '';
+      this.filterChanged();
+    });
+    this.prevButton.addEventListener('click', () => this.goToPage(this.pageIndex - 1));
+    this.nextButton.addEventListener('click', () => this.goToPage(this.pageIndex + 1));
     // "/" jumps to the search box, as on many sites, unless the key is typed into a field.
     document.addEventListener('keydown', (event) => {
       const target = event.target;
@@ -98,13 +145,14 @@ export class View {
         target instanceof HTMLTextAreaElement ||
         target instanceof HTMLSelectElement;
       if (event.key === '/' && !typing && !event.ctrlKey && !event.metaKey && !event.altKey) {
+        if (this.hiddenList) return;
         event.preventDefault();
         this.search.focus();
       }
     });
     // Relative times and the reconnect countdown move on by themselves.
     setInterval(() => this.tick(), 1000);
-    this.applyFilter();
+    this.renderEmpty();
   }
 
   // ---- connection and token -------------------------------------------------------------
@@ -119,14 +167,39 @@ export class View {
     this.changeTokenButton.hidden = info.state === 'unauthorized' || info.state === 'stopped';
     this.renderCountdown();
     if (info.state === 'unauthorized') {
+      const had = this.store.devices.size > 0;
       this.showTokenForm(
-        'The gateway refused this token (HTTP 401 Unauthorized). ' +
-          'Check the link you were given, or enter another token below.',
+        'Signed out: the gateway refused this token (HTTP 401 Unauthorized). ' +
+          (had
+            ? 'If the gateway restarted with a new token, open the new link it printed, '
+            : 'Check the link you were given, ') +
+          'or enter another token below.',
         true,
       );
+      // The token no longer works: whatever role it had is gone, and so are the controls.
+      this.setRole('signed-out');
     } else if (info.state === 'connected') {
       this.authPanel.hidden = true;
     }
+    this.renderStale();
+  }
+
+  /** Mark the values out of date while the page is not connected. */
+  renderStale() {
+    const state = this.connection.state;
+    const stale = state === 'reconnecting' || (state === 'unauthorized' && this.store.devices.size);
+    this.staleNote.hidden = !stale;
+    if (!stale) return;
+    const since = this.lastUpdate ? ` (last update ${clockTime(this.lastUpdate)})` : '';
+    this.staleNote.textContent =
+      state === 'unauthorized'
+        ? `Signed out: the values below are out of date${since}. Open a new link to see current values.`
+        : `Not connected to the gateway: the values below may be out of date${since}.`;
+  }
+
+  /** Something arrived from the gateway: the values are current as of now. */
+  heard() {
+    this.lastUpdate = Date.now();
   }
 
   renderCountdown() {
@@ -150,23 +223,31 @@ export class View {
     this.tokenInput.focus();
   }
 
+  /** `operator`, `viewer`, or `signed-out` (the token was refused). */
   setRole(role) {
     if (role === this.role) return;
     const rebuild = this.role !== null;
     this.role = role;
-    this.roleBadge.textContent = role === 'operator' ? 'Operator' : 'Viewer (read only)';
+    const badges = {
+      operator: 'Operator',
+      viewer: 'Viewer (read only)',
+      'signed-out': 'Signed out',
+    };
+    this.roleBadge.textContent = badges[role] ?? role;
     this.roleBadge.dataset.role = role;
     if (rebuild) {
       // Command controls exist only for operators: build every card again.
-      this.groups.clear();
-      this.cards.clear();
+      for (const card of [...this.cards.values()]) card.remove();
+      for (const group of [...this.groups.values()]) group.remove();
       this.outputs.clear();
-      this.devicesEl.replaceChildren();
-      this.knownProtocols = '';
+      this.reorder = true;
     }
-    for (const id of this.store.devices.keys()) this.dirty.add(id);
+    this.actions.roleChanged?.(role);
     this.schedule();
-    this.applyFilter(); // "waiting for the gateway" becomes "no device yet" if none comes
+  }
+
+  get operator() {
+    return this.role === 'operator';
   }
 
   // ---- devices ----------------------------------------------------------------------------
@@ -174,6 +255,28 @@ export class View {
   deviceChanged(id) {
     this.dirty.add(id);
     this.schedule();
+  }
+
+  deviceRemoved(id) {
+    this.cards.get(id)?.remove();
+    this.keys.delete(id);
+    this.dirty.delete(id);
+    this.reorder = true;
+    this.summaryDirty = true;
+    this.schedule();
+  }
+
+  filterChanged() {
+    this.reorder = true;
+    this.pageIndex = 0;
+    this.schedule();
+  }
+
+  goToPage(index) {
+    this.pageIndex = index;
+    this.reorder = true;
+    this.schedule();
+    this.devicesEl.focus({ preventScroll: true });
   }
 
   schedule() {
@@ -184,46 +287,148 @@ export class View {
     });
   }
 
+  /** Draw what changed since the last frame. */
   flush() {
     if (this.role === null) return; // cards are built once the role is known
-    let added = false;
-    const touched = new Set();
+    const filtering = Boolean(this.statusFilter.value || this.search.value.trim());
     for (const id of this.dirty) {
       const d = this.store.devices.get(id);
       if (!d) continue;
-      let card = this.cards.get(id);
+      const key = stateKey(d);
+      const before = this.keys.get(id);
+      if (key !== before) {
+        this.keys.set(id, key);
+        this.summaryDirty = true;
+        // A new device, or one that changed protocol, moves; others only when a filter cares.
+        const protocol = (k) => k.slice(0, k.indexOf('\n'));
+        if (before === undefined || filtering || protocol(before) !== d.protocol) {
+          this.reorder = true;
+        }
+      }
+      const card = this.cards.get(id);
       if (card && card.protocol !== d.protocol) {
         card.remove();
-        touched.add(card.group);
-        card = null;
+        this.reorder = true;
+      } else if (card) {
+        card.update(d);
       }
-      if (!card) {
-        card = new DeviceCard(this, d, this.group(d.protocol));
-        this.cards.set(id, card);
-        added = true;
-      }
-      card.update(d);
-      touched.add(card.group);
     }
     this.dirty.clear();
-    for (const group of touched) group.update();
-    if (added) {
-      this.updateProtocolOptions();
-      this.applyFilter();
-    }
+    if (this.reorder) this.layout();
+    if (this.summaryDirty) this.renderSummary();
   }
 
-  group(protocol) {
-    let group = this.groups.get(protocol);
-    if (!group) {
-      group = new Group(this, protocol);
-      this.groups.set(protocol, group);
-      const next = [...this.groups.values()]
-        .filter((g) => g !== group && g.protocol > protocol)
-        .sort((a, b) => (a.protocol < b.protocol ? -1 : 1))[0];
-      this.devicesEl.insertBefore(group.element, next ? next.element : null);
+  /** The devices passing the filter, in order; then the current page's cards. */
+  layout() {
+    this.reorder = false;
+    this.updateProtocolOptions();
+    const protocol = this.protocolFilter.value;
+    const status = this.statusFilter.value;
+    const query = this.search.value.trim().toLowerCase();
+    const list = [];
+    for (const d of this.store.devices.values()) {
+      if (protocol && d.protocol !== protocol) continue;
+      if (status === 'online' && !d.online) continue;
+      if (status === 'offline' && d.online) continue;
+      if (status === 'errors' && !hasErrors(d)) continue;
+      if (query && !d.searchText.includes(query)) continue;
+      list.push(d);
     }
-    return group;
+    // Grouped by protocol, then in natural id order (sim-2 before sim-10).
+    list.sort((a, b) => {
+      if (a.protocol !== b.protocol) return a.protocol < b.protocol ? -1 : 1;
+      if (a.sortKey !== b.sortKey) return a.sortKey < b.sortKey ? -1 : 1;
+      return a.id < b.id ? -1 : 1;
+    });
+    this.order = list;
+    const pages = Math.max(1, Math.ceil(list.length / PAGE_SIZE));
+    this.pageIndex = Math.min(Math.max(0, this.pageIndex), pages - 1);
+    const start = this.pageIndex * PAGE_SIZE;
+    const slice = list.slice(start, start + PAGE_SIZE);
+
+    // Cards that left the page go; the others stay as they are (focus, open details).
+    const wanted = new Set(slice.map((d) => d.id));
+    for (const card of [...this.cards.values()]) if (!wanted.has(card.id)) card.remove();
+    const byGroup = new Map();
+    for (const d of slice) {
+      let card = this.cards.get(d.id);
+      if (!card) {
+        card = new DeviceCard(this, d);
+        this.cards.set(d.id, card);
+        card.update(d);
+      }
+      if (!byGroup.has(d.protocol)) byGroup.set(d.protocol, []);
+      byGroup.get(d.protocol).push(card);
+    }
+    for (const [p, group] of [...this.groups]) {
+      if (!byGroup.has(p)) {
+        group.remove();
+        this.groups.delete(p);
+      }
+    }
+    let i = 0;
+    for (const [p, cards] of byGroup) {
+      let group = this.groups.get(p);
+      if (!group) {
+        group = new Group(this, p);
+        this.groups.set(p, group);
+      }
+      placeAt(this.devicesEl, group.element, i);
+      group.show(cards);
+      i += 1;
+    }
+
+    const total = this.store.devices.size;
+    const plural = total === 1 ? '' : 's';
+    this.deviceCount.textContent = total
+      ? `${list.length.toLocaleString('en')} of ${total.toLocaleString('en')} device${plural} shown`
+      : '';
+    this.pager.hidden = list.length <= PAGE_SIZE;
+    this.pagerText.textContent = list.length
+      ? `${(start + 1).toLocaleString('en')}–${(start + slice.length).toLocaleString('en')} ` +
+        `of ${list.length.toLocaleString('en')} (page ${this.pageIndex + 1} of ${pages})`
+      : '';
+    this.prevButton.disabled = this.pageIndex === 0;
+    this.nextButton.disabled = this.pageIndex >= pages - 1;
+    this.devicesEl.dataset.page = String(this.pageIndex + 1);
+    this.devicesEl.dataset.matching = String(list.length);
+    this.summaryDirty = true;
+    this.renderEmpty();
+  }
+
+  renderEmpty() {
+    const total = this.store.devices.size;
+    this.empty.hidden = this.order.length > 0;
+    this.empty.textContent = total
+      ? 'No device matches the filter.'
+      : this.role === null
+        ? 'Waiting for the gateway…'
+        : 'No device has connected to this gateway yet.';
+  }
+
+  renderSummary() {
+    this.summaryDirty = false;
+    const sum = this.store.summary();
+    const counts = new Map();
+    for (const d of this.store.devices.values()) {
+      const c = counts.get(d.protocol) ?? { total: 0, online: 0 };
+      c.total += 1;
+      if (d.online) c.online += 1;
+      counts.set(d.protocol, c);
+    }
+    const words = {
+      total: `${sum.total.toLocaleString('en')} device${sum.total === 1 ? '' : 's'}`,
+      online: `${sum.online.toLocaleString('en')} online`,
+      offline: `${sum.offline.toLocaleString('en')} offline`,
+      errors: `${sum.errors.toLocaleString('en')} with errors`,
+    };
+    for (const [part, el] of Object.entries(this.summaryParts)) {
+      el.textContent = words[part];
+      el.dataset.count = String(sum[part]);
+      if (part !== 'total') el.setAttribute('aria-pressed', String(this.statusFilter.value === part));
+    }
+    this.summaryEl.hidden = sum.total === 0;
+    for (const group of this.groups.values()) group.renderCount(counts.get(group.protocol));
   }
 
   updateProtocolOptions() {
@@ -239,39 +444,53 @@ export class View {
     this.protocolFilter.value = protocols.includes(selected) ? selected : '';
   }
 
-  applyFilter() {
-    const protocol = this.protocolFilter.value;
-    const query = this.search.value.trim().toLowerCase();
-    let shown = 0;
-    for (const group of this.groups.values()) {
-      let any = false;
-      for (const card of group.cards()) {
-        const show =
-          (!protocol || card.protocol === protocol) &&
-          (!query || card.id.toLowerCase().includes(query));
-        card.item.hidden = !show;
-        if (show) {
-          any = true;
-          shown += 1;
-        }
-      }
-      group.element.hidden = !any;
-    }
-    const total = this.cards.size;
-    const plural = total === 1 ? '' : 's';
-    this.deviceCount.textContent = total ? `${shown} of ${total} device${plural} shown` : '';
-    this.empty.hidden = shown > 0;
-    this.empty.textContent = total
-      ? 'No device matches the filter.'
-      : this.role === null
-        ? 'Waiting for the gateway…'
-        : 'No device has connected to this gateway yet.';
+  /** The device page is shown instead of the list (or the list again). */
+  showList(shown) {
+    this.hiddenList = !shown;
   }
 
   tick() {
     this.renderCountdown();
     const now = Date.now();
     for (const card of this.cards.values()) card.tick(now);
+    for (const item of this.serialList.querySelectorAll('time[data-ms]')) {
+      item.textContent = relativeTime(Number(item.dataset.ms), now);
+    }
+  }
+
+  // ---- serial ports -----------------------------------------------------------------------
+
+  /** GET /api/serial's ports, or null when this gateway has no such endpoint. */
+  setSerialPorts(ports) {
+    if (!ports || ports.length === 0) {
+      this.serialPanel.hidden = true;
+      this.serialList.replaceChildren();
+      return;
+    }
+    this.serialPanel.hidden = false;
+    const now = Date.now();
+    const items = ports.map((port) => {
+      const state = String(port.state);
+      const since = Number.isFinite(port.since)
+        ? h(
+            'time',
+            { datetime: isoTime(port.since), 'data-ms': port.since, title: new Date(port.since).toLocaleString() },
+            relativeTime(port.since, now),
+          )
+        : null;
+      return h(
+        'li',
+        { class: 'serial-port', 'data-testid': 'serial-port', 'data-state': state, 'data-url': port.url },
+        h('span', { class: 'serial-state', 'data-state': state }, SERIAL_STATES[state] ?? state),
+        ' ',
+        h('code', { class: 'serial-url' }, port.url),
+        ' ',
+        h('span', { class: 'meta' }, [port.client_id, port.protocol].filter(Boolean).join(' · ')),
+        since ? h('span', { class: 'meta' }, ' · since ', since) : null,
+        port.error ? h('span', { class: 'serial-error', 'data-testid': 'serial-error' }, ` · ${port.error}`) : null,
+      );
+    });
+    this.serialList.replaceChildren(...items);
   }
 
   // ---- commands ---------------------------------------------------------------------------
@@ -287,6 +506,13 @@ export class View {
     return out;
   }
 
+  /** Forget the outputs of a card that left the page. */
+  dropOutputs(prefix) {
+    for (const origin of [...this.outputs.keys()]) {
+      if (origin.startsWith(prefix)) this.outputs.delete(origin);
+    }
+  }
+
   /** Send a command; the app answers null when it could not be sent. */
   command(spec) {
     const cmd = this.actions.command(spec);
@@ -296,6 +522,7 @@ export class View {
 
   commandChanged(cmd) {
     const out = this.outputs.get(cmd.origin);
+    const protocolOf = (id) => this.store.devices.get(id)?.protocol ?? cmd.protocol;
     if (out) {
       let tone;
       let text;
@@ -310,14 +537,14 @@ export class View {
       } else if (cmd.device) {
         const msg = cmd.statuses.get(cmd.device);
         tone = statusTone(msg.status);
-        text = describeStatus(msg);
+        text = describeStatus(msg, protocolOf(cmd.device));
         out.dataset.status = msg.status;
       } else {
         // A protocol-wide command: one status per device, in id order.
         const parts = [...cmd.statuses.values()].sort((a, b) => (a.device < b.device ? -1 : 1));
         const tones = new Set(parts.map((m) => statusTone(m.status)));
         tone = tones.has('bad') ? 'bad' : tones.has('pending') ? 'pending' : 'ok';
-        text = parts.map((m) => `${m.device} ${describeStatus(m)}`).join(', ');
+        text = parts.map((m) => `${m.device} ${describeStatus(m, protocolOf(m.device))}`).join(', ');
         const same = parts.every((m) => m.status === parts[0].status);
         out.dataset.status = same ? parts[0].status : 'mixed';
       }
@@ -329,9 +556,9 @@ export class View {
       const msg = cmd.statuses.get(cmd.device);
       if (card && (cmd.error || (msg && FINAL_STATUSES.has(msg.status)))) {
         card.pending.delete(cmd.channel);
-        this.deviceChanged(cmd.device);
       }
     }
+    if (cmd.device) this.deviceChanged(cmd.device);
   }
 
   intervalForm(target, origin, scope) {
@@ -339,7 +566,7 @@ export class View {
     const input = h('input', {
       id: inputId,
       type: 'number',
-      min: 1,
+      min: 1, // 1 to 65535 s: a u16, but the gateway refuses 0 (docs/protocols.md)
       max: 65535,
       step: 1,
       value: 10,
@@ -445,7 +672,22 @@ export class View {
   }
 }
 
-// ---- a protocol's group ---------------------------------------------------------------------
+/** A <details> whose content `build()` makes when it is first opened. */
+function lazyDetails(attrs, title, build) {
+  const details = h('details', attrs, h('summary', {}, title));
+  details.addEventListener('toggle', () => {
+    if (details.open && details.childElementCount === 1) details.append(build());
+  });
+  return details;
+}
+
+/** Put `el` at position `index` among `parent`'s children, moving nothing already there. */
+function placeAt(parent, el, index) {
+  const current = parent.children[index] ?? null;
+  if (current !== el) parent.insertBefore(el, current);
+}
+
+// ---- a protocol's group (of the current page) -----------------------------------------------
 
 class Group {
   constructor(view, protocol) {
@@ -463,9 +705,33 @@ class Group {
         'aria-labelledby': titleId,
       },
       h('header', { class: 'group-head' }, h('h2', { id: titleId }, protocol), this.count),
-      view.role === 'operator' ? this.commands() : null,
+      view.operator
+        ? lazyDetails(
+            { class: 'group-commands', 'data-testid': 'group-commands' },
+            `Command every online ${protocol} device`,
+            () => this.commands(),
+          )
+        : null,
       this.list,
     );
+  }
+
+  remove() {
+    this.element.remove();
+    this.view.dropOutputs(`group:${this.protocol}:`);
+    this.view.groups.delete(this.protocol);
+  }
+
+  /** These cards, in this order, and no others. */
+  show(cards) {
+    cards.forEach((card, i) => placeAt(this.list, card.item, i));
+    while (this.list.children.length > cards.length) this.list.lastElementChild.remove();
+  }
+
+  renderCount(c) {
+    const total = c?.total ?? 0;
+    const online = c?.online ?? 0;
+    this.count.textContent = `${total.toLocaleString('en')} device${total === 1 ? '' : 's'}, ${online.toLocaleString('en')} online`;
   }
 
   commands() {
@@ -483,12 +749,7 @@ class Group {
       parts.push(this.relayControl(target, origin));
     }
     parts.push(view.hexForm(target, origin));
-    return h(
-      'details',
-      { class: 'group-commands', 'data-testid': 'group-commands' },
-      h('summary', {}, `Command every online ${this.protocol} device`),
-      h('div', { class: 'cmd-grid' }, parts),
-    );
+    return h('div', { class: 'cmd-grid' }, parts);
   }
 
   relayControl(target, origin) {
@@ -519,11 +780,7 @@ class Group {
         'div',
         { class: 'row' },
         select,
-        h(
-          'button',
-          { type: 'button', 'data-testid': 'group-on', onclick: () => send(true) },
-          'On',
-        ),
+        h('button', { type: 'button', 'data-testid': 'group-on', onclick: () => send(true) }, 'On'),
         h(
           'button',
           { type: 'button', 'data-testid': 'group-off', onclick: () => send(false) },
@@ -533,55 +790,43 @@ class Group {
       out,
     );
   }
-
-  *cards() {
-    for (const card of this.view.cards.values()) if (card.group === this) yield card;
-  }
-
-  /** Put a card's list item in id order. */
-  insert(card) {
-    let next = null;
-    for (const other of this.cards()) {
-      if (other !== card && other.id > card.id && (!next || other.id < next.id)) next = other;
-    }
-    this.list.insertBefore(card.item, next ? next.item : null);
-  }
-
-  update() {
-    let total = 0;
-    let online = 0;
-    for (const card of this.cards()) {
-      total += 1;
-      if (this.view.store.devices.get(card.id)?.online) online += 1;
-    }
-    this.count.textContent = `${total} device${total === 1 ? '' : 's'}, ${online} online`;
-    if (!total) {
-      this.element.remove();
-      this.view.groups.delete(this.protocol);
-    }
-  }
 }
 
 // ---- one device -----------------------------------------------------------------------------
 
 class DeviceCard {
-  constructor(view, d, group) {
+  constructor(view, d) {
     this.view = view;
     this.id = d.id;
     this.protocol = d.protocol;
-    this.group = group;
-    this.operator = view.role === 'operator';
+    this.operator = view.operator;
     this.isOpen = false;
     this.shape = null;
     this.charts = new Map();
+    this.sparks = new Map();
     this.pending = new Map(); // relay channel -> id of the command switching it
     this.lastSeenMs = null;
+    this.offlineMs = null;
+    this.online = d.online;
 
     const titleId = uid('device');
     const panelId = uid('details');
+    this.title = h('h3', { id: titleId, 'data-testid': 'device-name' });
+    this.idLine = h('span', { class: 'device-id', 'data-testid': 'device-id' });
     this.badge = h('span', { class: 'badge', 'data-testid': 'device-online' });
+    this.errorMark = h('span', {
+      class: 'error-mark',
+      'data-testid': 'device-errors',
+      role: 'img',
+      hidden: true,
+    });
+    this.location = h('span', { class: 'location', 'data-testid': 'device-location' });
     this.transport = h('span', { 'data-testid': 'device-transport' });
     this.lastSeen = h('time', { 'data-testid': 'device-last-seen' });
+    this.offline = h('p', { class: 'offline-info', 'data-testid': 'offline-info', hidden: true });
+    this.offlineSince = h('time', { 'data-testid': 'offline-since' });
+    this.offlineReason = h('span', { 'data-testid': 'offline-reason' });
+    this.offline.append('Offline since ', this.offlineSince, ': ', this.offlineReason);
     this.values = h('div', { class: 'values', 'data-testid': 'device-values' });
     this.toggle = h(
       'button',
@@ -594,6 +839,11 @@ class DeviceCard {
         onclick: () => this.setOpen(!this.isOpen),
       },
       'Charts and details',
+    );
+    this.link = h(
+      'a',
+      { class: 'device-link', href: `#device=${encodeURIComponent(d.id)}`, 'data-testid': 'device-link' },
+      'Device page',
     );
     this.info = h('dl', { class: 'info' });
     this.historyNote = h('p', { class: 'note', 'data-testid': 'history-state' });
@@ -614,23 +864,37 @@ class DeviceCard {
         'data-protocol': d.protocol,
         'aria-labelledby': titleId,
       },
-      h('header', { class: 'card-head' }, h('h3', { id: titleId }, d.id), this.badge),
-      h('p', { class: 'meta' }, this.transport, ' · last seen ', this.lastSeen),
+      h(
+        'header',
+        { class: 'card-head' },
+        h('div', { class: 'card-title' }, this.title, this.idLine),
+        this.errorMark,
+        this.badge,
+      ),
+      h('p', { class: 'meta' }, this.location, this.transport, ' · last seen ', this.lastSeen),
+      this.offline,
       this.values,
       this.operator ? this.commands() : null,
-      this.toggle,
+      h('div', { class: 'card-actions' }, this.toggle, this.link),
       this.panel,
     );
-    this.item = h('li', {}, this.element);
-    group.insert(this);
+    this.item = h('li', { class: 'card-item' }, this.element);
   }
 
   remove() {
     this.item.remove();
     this.view.cards.delete(this.id);
+    this.view.dropOutputs(`device:${this.id}:`);
   }
 
+  /** The Commands panel; its forms are built when it is first opened (a page of cards stays light). */
   commands() {
+    return lazyDetails({ class: 'commands', 'data-testid': 'command-panel' }, 'Commands', () =>
+      this.commandForms(),
+    );
+  }
+
+  commandForms() {
     const view = this.view;
     const target = { device: this.id };
     const origin = `device:${this.id}`;
@@ -639,33 +903,59 @@ class DeviceCard {
       parts.push(view.intervalForm(target, origin, ''), view.rebootControl(target, origin, ''));
     }
     parts.push(view.hexForm(target, origin));
-    return h(
-      'details',
-      { class: 'commands', 'data-testid': 'command-panel' },
-      h('summary', {}, 'Commands'),
-      h('div', { class: 'cmd-grid' }, parts),
-    );
+    return h('div', { class: 'cmd-grid' }, parts);
   }
 
   setOpen(open) {
     this.isOpen = open;
     this.toggle.setAttribute('aria-expanded', String(open));
     this.panel.hidden = !open;
+    // An opened card takes the whole row: it grows without stretching its neighbours.
+    this.item.classList.toggle('open', open);
     if (open) this.view.actions.openDevice(this.id);
     this.view.deviceChanged(this.id);
   }
 
   update(d) {
     const el = this.element;
+    this.online = d.online;
     el.dataset.online = String(d.online);
     el.dataset.offset = d.last ? String(d.last.offset) : '';
+    const errors = hasErrors(d);
+    el.dataset.errors = String(errors);
+    const name = displayName(d);
+    this.title.textContent = name;
+    this.idLine.textContent = name === d.id ? '' : d.id;
+    this.idLine.hidden = name === d.id;
+    this.location.textContent = d.labels.location ? `${d.labels.location} · ` : '';
     this.badge.textContent = d.online ? 'Online' : 'Offline';
     this.badge.dataset.online = String(d.online);
+    this.errorMark.hidden = !errors;
+    if (errors) {
+      const why = [];
+      const out = d.last?.out_of_range;
+      if (Array.isArray(out) && out.length) {
+        why.push(`out of range: ${out.map((f) => fieldInfo(f).label).join(', ')}`);
+      }
+      const nacks = Math.max(d.counters?.nacks ?? 0, d.nacks);
+      if (nacks) why.push(`${nacks} command${nacks === 1 ? '' : 's'} refused (nacked)`);
+      const text = `Errors: ${why.join('; ')}`;
+      this.errorMark.setAttribute('aria-label', text);
+      this.errorMark.title = text;
+      this.errorMark.textContent = '⚠';
+    }
     this.transport.textContent = d.transport ?? 'link unknown';
     this.transport.title = d.peer ? `peer ${d.peer}` : '';
     this.lastSeenMs = d.lastSeen;
     this.lastSeen.dateTime = isoTime(d.lastSeen);
     this.lastSeen.title = d.lastSeen ? new Date(d.lastSeen).toLocaleString() : '';
+    this.offline.hidden = d.online;
+    this.offlineMs = d.online ? null : (d.offlineSince ?? d.lastSeen);
+    if (!d.online) {
+      this.offlineSince.dateTime = isoTime(this.offlineMs);
+      this.offlineSince.title = this.offlineMs ? new Date(this.offlineMs).toLocaleString() : '';
+      this.offlineReason.textContent = offlineReason(d.offlineReason);
+    }
     this.tick(Date.now());
     this.renderValues(d);
     if (this.isOpen) this.renderDetails(d);
@@ -673,6 +963,11 @@ class DeviceCard {
 
   tick(now) {
     this.lastSeen.textContent = relativeTime(this.lastSeenMs, now);
+    if (this.offlineMs !== null) {
+      this.offlineSince.textContent = this.offlineMs
+        ? `${clockTime(this.offlineMs)} (${relativeTime(this.offlineMs, now)})`
+        : 'unknown';
+    }
   }
 
   // ---- current values ----
@@ -688,20 +983,34 @@ class DeviceCard {
       this.shape = shape;
       this.buildValues(shape, data);
     }
-    if (shape.startsWith('relay:')) this.renderRelay(data.channels);
+    const outOfRange = new Set(Array.isArray(d.last?.out_of_range) ? d.last.out_of_range : []);
+    if (shape.startsWith('relay:')) this.renderRelay(d, data.channels);
     else if (shape === 'hex') this.hexValue.textContent = data.hex || '(empty)';
     else if (shape.startsWith('fields:')) {
       for (const [field, dd] of this.fieldValues) {
         const v = data[field];
         dd.textContent = typeof v === 'number' ? formatValue(field, v) : JSON.stringify(v);
-        const low = field === 'battery_pct' && typeof v === 'number' && v < 20;
+        const bad = outOfRange.has(field);
+        dd.dataset.outOfRange = String(bad);
+        if (bad) {
+          // Kept as the device sent it, but flagged: a battery does not hold 255 %.
+          const mark = h('span', { class: 'range-mark', 'data-testid': 'out-of-range' }, ' ⚠');
+          const why = `${fieldInfo(field).label} ${dd.textContent} is outside the range this protocol allows`;
+          mark.title = why;
+          mark.setAttribute('aria-label', why);
+          mark.setAttribute('role', 'img');
+          dd.append(mark);
+        }
+        const low = !bad && field === 'battery_pct' && typeof v === 'number' && v < 20;
         dd.dataset.low = String(low);
         if (low) dd.append(' (low)');
+        this.sparks.get(field)?.draw(d.series.get(field));
       }
     }
   }
 
   buildValues(shape, data) {
+    this.sparks.clear();
     if (shape === 'empty') {
       this.values.replaceChildren(h('p', { class: 'note' }, 'Waiting for the first reading…'));
     } else if (shape.startsWith('relay:')) {
@@ -716,7 +1025,18 @@ class DeviceCard {
       const rows = Object.keys(data).map((field) => {
         const dd = h('dd', { 'data-testid': `value-${field}` });
         this.fieldValues.set(field, dd);
-        return h('div', { class: 'value' }, h('dt', {}, fieldInfo(field).label), dd);
+        let spark = null;
+        if (typeof data[field] === 'number') {
+          spark = new Sparkline(field);
+          this.sparks.set(field, spark);
+        }
+        return h(
+          'div',
+          { class: 'value' },
+          h('dt', {}, fieldInfo(field).label),
+          dd,
+          spark ? h('dd', { class: 'spark-box' }, spark.element) : null,
+        );
       });
       this.values.replaceChildren(h('dl', { class: 'value-list' }, rows));
     }
@@ -730,7 +1050,8 @@ class DeviceCard {
       // For a switch, aria-checked already says on or off: the word is for the eyes only.
       const hidden = this.operator ? 'true' : null;
       const state = h('span', { class: 'switch-state', 'aria-hidden': hidden });
-      const name = h('span', { class: 'switch-name' }, `Ch ${ch}`);
+      const name = h('span', { class: 'switch-name', 'data-testid': 'channel-name' }, `Ch ${ch}`);
+      const spark = new Sparkline(`channels.${ch}`, { steps: true });
       const el = this.operator
         ? h(
             'button',
@@ -746,6 +1067,7 @@ class DeviceCard {
             },
             name,
             state,
+            spark.element,
           )
         : h(
             'span',
@@ -753,8 +1075,9 @@ class DeviceCard {
             name,
             ' ',
             state,
+            spark.element,
           );
-      this.switches.push({ el, state });
+      this.switches.push({ el, state, name, spark });
       box.append(el);
     }
     const parts = [box];
@@ -762,18 +1085,26 @@ class DeviceCard {
     return h('div', { class: 'relay-block' }, parts);
   }
 
-  renderRelay(channels) {
+  renderRelay(d, channels) {
     channels.forEach((on, ch) => {
       const sw = this.switches[ch];
       if (!sw) return;
       const busy = this.pending.has(ch);
+      const label = channelName(d, ch);
+      sw.name.textContent = label;
       sw.el.dataset.on = String(Boolean(on));
       if (this.operator) {
         sw.el.setAttribute('aria-checked', String(Boolean(on)));
+        const named = label === `Ch ${ch}` ? `Channel ${ch}` : `Channel ${ch} (${label})`;
+        sw.el.setAttribute('aria-label', named);
+        // Offline: nothing to switch. A click would only queue a command for later.
+        sw.el.disabled = !d.online;
+        sw.el.title = d.online ? '' : 'The device is offline';
         if (busy) sw.el.setAttribute('aria-busy', 'true');
         else sw.el.removeAttribute('aria-busy');
       }
       sw.state.textContent = (on ? 'On' : 'Off') + (busy ? '…' : '');
+      sw.spark.draw(d.series.get(`channels.${ch}`));
     });
   }
 
@@ -816,9 +1147,10 @@ class DeviceCard {
     this.historyNote.dataset.state = d.history;
     this.historyNote.textContent = notes[d.history] ?? '';
     this.historyNote.hidden = !this.historyNote.textContent;
-    if (!d.series.size) {
+    const numeric = [...d.series].filter(([field]) => !field.startsWith('channels.'));
+    if (!numeric.length) {
       if (!this.noCharts) {
-        const text = 'This device reports no numeric values to chart.';
+        const text = 'This device reports no numeric values to chart: see its device page.';
         this.noCharts = h('p', { class: 'note' }, text);
         this.chartsEl.replaceChildren(this.noCharts);
       }
@@ -828,7 +1160,7 @@ class DeviceCard {
       this.noCharts.remove();
       this.noCharts = null;
     }
-    for (const [field, points] of d.series) {
+    for (const [field, points] of numeric) {
       let chart = this.charts.get(field);
       if (!chart) {
         chart = new LineChart(field);

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from frames import Data, get_protocol
 from simulators.handshake import DeviceHandshake, MessageReader, encode
 from tests.support.gateway import OPERATOR, ROOT, VIEWER, GatewayProcess
 
@@ -27,6 +28,7 @@ __all__ = [
     "hello_device",
     "listed_devices",
     "page_url",
+    "send_data",
 ]
 
 OUTPUT = ROOT / "test-output" / "browser"  # screenshots (gitignored)
@@ -60,14 +62,16 @@ def listed_devices(gateway: GatewayProcess) -> dict[str, dict[str, Any]]:
         query = f"?after={body['next']}"
 
 
-def hello_device(gateway: GatewayProcess, client_id: str) -> socket.socket:
-    """A raw env-sensor device on TCP that has said HELLO and got its WELCOME.
+def hello_device(
+    gateway: GatewayProcess, client_id: str, protocol: str = "env-sensor"
+) -> socket.socket:
+    """A raw device (env-sensor by default) on TCP that has said HELLO and got its WELCOME.
 
     Blocking, like everything under sync Playwright; the socket's timeout
     bounds each wait for the gateway. Close the socket to take it offline.
     """
     s = socket.create_connection(gateway.device_address, timeout=TIMEOUT_MS / 1000)
-    handshake = DeviceHandshake(client_id, "env-sensor")
+    handshake = DeviceHandshake(client_id, protocol)
     messages = MessageReader(strict=True)
     s.sendall(encode(handshake.hello()))
     while not handshake.welcomed:
@@ -77,3 +81,9 @@ def hello_device(gateway: GatewayProcess, client_id: str) -> socket.socket:
             handshake.receive(message)
             assert not handshake.refused, handshake.error
     return s
+
+
+def send_data(s: socket.socket, protocol: str, values: dict[str, Any], seq: int = 1) -> None:
+    """One DATA frame with ``values`` encoded as ``protocol`` lays them out (docs/protocols.md)."""
+    body = get_protocol(protocol).encode_data(values)
+    s.sendall(encode(Data(seq & 0xFF, body)))

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,7 +19,6 @@ from tests.browser.conftest import SMALL_PAGE
 from tests.browser.support import (
     OPERATOR,
     OUTPUT,
-    ROOT,
     TIMEOUT_MS,
     VIEWER,
     hello_device,
@@ -32,9 +29,6 @@ from tests.support.gateway import GatewayProcess
 from tests.support.wait import wait_until_sync
 
 pytestmark = pytest.mark.browser
-
-# Set to refresh the committed docs/screenshot.png from test_screenshot_of_the_demo.
-UPDATE_DOCS = os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1"
 
 
 def card(page: Page, device: str) -> Locator:
@@ -328,7 +322,7 @@ def test_gateway_restart_reconnects_without_a_gap(page: Page, own_gateway: Gatew
 
 
 def test_screenshot_of_the_demo(page: Page, gateway: GatewayProcess) -> None:
-    """The picture in docs/: the demo's devices, one opened with its charts."""
+    """The demo's devices, one opened with its charts (docs/'s pictures: test_screenshots.py)."""
     open_dashboard(page, gateway, OPERATOR)
     sensor = card(page, "demo-1")
     sensor.get_by_test_id("toggle-details").click()
@@ -358,8 +352,6 @@ def test_screenshot_of_the_demo(page: Page, gateway: GatewayProcess) -> None:
     shot = OUTPUT / "dashboard.png"
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(shot), full_page=True)
-    if UPDATE_DOCS:
-        shutil.copyfile(shot, ROOT / "docs" / "screenshot.png")
 
 
 def test_replay_bookkeeping_in_the_page(page: Page, gateway: GatewayProcess) -> None:
