@@ -153,7 +153,9 @@ class FrameDecoder:
     ) -> list[DecoderEvent]:
         """Add ``data`` to the stream; return the frames and discards it completes."""
         events: list[DecoderEvent] = []
-        if now is not None:
+        # Tested here, not only in _expire_into: most reads hold no partial frame,
+        # and this runs once per read.
+        if now is not None and self._partial_since is not None:
             self._expire_into(events, now)
         if data:
             self._buf += data

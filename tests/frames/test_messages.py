@@ -23,6 +23,7 @@ from frames import (
     Welcome,
     decode_message,
 )
+from frames.messages import MAX_BODY, MessageType
 
 SESSION = uuid.UUID("8f14e45f-ceea-467f-a0e6-7c9b1b6d1f3a")
 
@@ -163,3 +164,12 @@ def test_error_make_cuts_the_reason_on_a_character_boundary() -> None:
 
 def test_fatal_codes() -> None:
     assert {c for c in ErrorCode if c.fatal} == {ErrorCode.AUTH_FAILED, ErrorCode.REPLACED}
+
+
+@given(st.integers(0, 255), st.binary(max_size=MAX_BODY))
+def test_data_read_off_the_wire_equals_the_checked_one(seq: int, body: bytes) -> None:
+    # decode_message builds DATA without repeating Data's checks (the hot path).
+    decoded = decode_message(bytes((MessageType.DATA, seq)) + body)
+    assert decoded == Data(seq, body)
+    assert type(decoded) is Data
+    assert type(decoded.body) is bytes
