@@ -92,17 +92,21 @@ class BackupResult:
     high_water: int  # the copy's offset high-water mark
 
 
-def _target(dest: Path, now: datetime) -> Path:
-    """``dest`` itself, or a dated file in it when it is a directory (or ends with /)."""
-    if dest.is_dir() or str(dest).endswith(os.sep):
+def _target(dest: Path, now: datetime, into_dir: bool) -> Path:
+    """``dest`` itself, or a dated file in it when it is a directory (or ``into_dir``)."""
+    if into_dir or dest.is_dir():
         return dest / f"gateway-{now:%Y%m%dT%H%M%SZ}.sqlite3"
     return dest
 
 
 def _make_private_dir(directory: Path) -> None:
-    """Create ``directory`` (and its parents) with mode 0700; an existing one is kept as it is."""
+    """Create ``directory`` and its missing parents with mode 0700 (whatever the umask);
+    existing ones are kept as they are."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in reversed(missing):
+            d.mkdir(mode=0o700)
+            d.chmod(0o700)
     except OSError as e:
         raise BackupError(f"cannot create the backup directory {directory}: {e.strerror}") from None
 
@@ -132,8 +136,13 @@ def _check_gateway_db(conn: sqlite3.Connection, path: Path) -> int:
         raise BackupError(f"{path} is not a gateway database: {e}") from None
 
 
-def backup(data_dir: Path, dest: Path, *, now: datetime | None = None) -> BackupResult:
+def backup(
+    data_dir: Path, dest: Path, *, into_dir: bool = False, now: datetime | None = None
+) -> BackupResult:
     """Copy the data dir's database to ``dest`` (a file, or a directory for a dated file).
+
+    ``into_dir``: ``dest`` is a directory even if it does not exist yet (the
+    command line's trailing ``/``).
 
     Safe beside a running gateway (see the module's docstring). Never overwrites
     an existing file. Raises `BackupError` (exit status 3) when the database
@@ -142,7 +151,7 @@ def backup(data_dir: Path, dest: Path, *, now: datetime | None = None) -> Backup
     source = data_dir / DB_NAME
     if not source.is_file():
         raise BackupError(f"no database to back up: {source} does not exist (--data-dir?)")
-    target = _target(dest, now or datetime.now(UTC))
+    target = _target(dest, now or datetime.now(UTC), into_dir)
     _make_private_dir(target.parent)
     if target.exists():
         raise BackupError(f"{target} exists already: give another name (backups never overwrite)")

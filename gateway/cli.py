@@ -621,7 +621,7 @@ def _backup_or_restore(args: argparse.Namespace, config: GatewayConfig) -> int:
     mark = config.storage.offset_mark
     try:
         if args.command == "backup":
-            made = backup(data_dir, Path(args.dest))
+            made = backup(data_dir, Path(args.dest), into_dir=args.dest.endswith("/"))
             print(
                 f"backup {made.path}: {made.size} bytes in {made.seconds:.2f} s, "
                 f"integrity ok, offsets up to {made.high_water}"
