@@ -54,6 +54,8 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         max_queued_commands_per_device=s.max_queued_commands_per_device,
         max_queued_commands=s.max_queued_commands,
     )
+    if s.offset_mark is not None:
+        storage.offset_mark = Path(s.offset_mark)
     storage.stats.on_batch = metrics.storage_batch.observe
     hub = Hub(LocalEngine(storage), config.hub_config(), metrics)
     manager = DeviceManager(hub, config.session_config())

@@ -7,6 +7,7 @@ rules are tested without a server.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import math
 import secrets
 from collections.abc import Iterable, Mapping
@@ -102,7 +103,12 @@ def bearer(authorization: str | None) -> str | None:
 def origin_allowed(
     origin: str | None, host: str | None, scheme: str, allowed: Iterable[str]
 ) -> bool:
-    """Requests without Origin, same-origin ones, and listed Origins are allowed."""
+    """Requests without Origin, same-origin ones, and listed Origins are allowed.
+
+    ``host`` and ``scheme`` are the request's own, or those a trusted proxy
+    forwarded (see ``forwarded_origin``). A default port is the same as none:
+    ``https://gw.example.com`` matches ``gw.example.com:443``.
+    """
     if origin is None:
         return True
     if origin in allowed or "*" in allowed:
@@ -112,4 +118,75 @@ def origin_allowed(
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return False
-    return parts.netloc.lower() == host.lower() and parts.scheme == scheme
+    if parts.scheme != scheme:
+        return False
+    return _without_default_port(parts.netloc, scheme) == _without_default_port(host, scheme)
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _without_default_port(netloc: str, scheme: str) -> str:
+    netloc = netloc.lower()
+    suffix = _DEFAULT_PORTS.get(scheme, "")
+    return netloc[: -len(suffix)] if suffix and netloc.endswith(suffix) else netloc
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> list[Network]:
+    """``http.trusted_proxies`` as networks: addresses or CIDRs (``ValueError`` names a bad one)."""
+    out: list[Network] = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{entry!r} is not an IP address or a network such as 10.0.0.0/8"
+            ) from None
+    return out
+
+
+def is_trusted(peer: str | None, trusted: Iterable[Network]) -> bool:
+    """Whether the connection's peer address is one of the trusted proxies."""
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:  # a Unix socket peer, say: never a trusted proxy
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in trusted)
+
+
+def _last(value: str | None) -> str | None:
+    """The last entry of a comma-separated header: the one the nearest proxy set."""
+    if value is None:
+        return None
+    item = value.rsplit(",", 1)[-1].strip()
+    return item or None
+
+
+def forwarded_origin(
+    host: str | None,
+    scheme: str,
+    peer: str | None,
+    headers: Mapping[str, str],
+    trusted: Iterable[Network],
+) -> tuple[str | None, str]:
+    """The host and scheme the same-origin rule compares with (docs/api.md §1).
+
+    The request's own, unless its peer is a trusted proxy (``http.trusted_proxies``):
+    then ``X-Forwarded-Host`` and ``X-Forwarded-Proto``, where present, are what
+    the browser used. Nobody else's forwarded headers are believed: a client
+    talking to the gateway directly could otherwise claim any origin.
+    """
+    if not is_trusted(peer, trusted):
+        return host, scheme
+    proto = _last(headers.get("X-Forwarded-Proto"))
+    if proto is not None and proto.lower() in ("http", "https"):
+        scheme = proto.lower()
+    forwarded_host = _last(headers.get("X-Forwarded-Host"))
+    return (forwarded_host or host), scheme

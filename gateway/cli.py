@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
 import errno
 import gc
@@ -32,6 +33,7 @@ from frames import known_protocols
 
 from .app import RUNTIME, create_app
 from .auth import TokenTable, generate_token
+from .backup import BackupError, DataDirBusy, backup, hold_data_dir, restore
 from .config import ConfigError, GatewayConfig, build_config, load_file
 from .storage import StorageError
 from .web.connections import CappedSite, fit_to_fd_limit, raise_fd_limit
@@ -123,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
     )
+    for name, what, help_text in (
+        (
+            "backup",
+            "DEST",
+            "copy the database, safely beside a running gateway, to DEST "
+            "(a file, or a directory for a dated file; created 0700, the copy 0600)",
+        ),
+        (
+            "restore",
+            "SRC",
+            "put the backup SRC in place as the database (the gateway must be stopped); "
+            "offsets go on above every offset handed out before",
+        ),
+    ):
+        cmd = sub.add_parser(name, help=help_text.split(" (")[0], description=help_text)
+        cmd.add_argument(what.lower(), metavar=what)
+        cmd.add_argument("--config", metavar="FILE", help="the TOML config file serve uses")
+        cmd.add_argument("--data-dir", metavar="DIR", help="the data dir (default: the config's)")
     simulate = sub.add_parser(
         "simulate",
         help="run simulated devices against a gateway",
@@ -190,6 +210,12 @@ def load_config(
     if args.config:
         table = load_file(args.config)
         source = args.config
+    if args.command in ("backup", "restore"):
+        # Only where the data lives matters to them (data_dir, storage.offset_mark).
+        config = build_config(
+            table, source=source, overrides={"data_dir": args.data_dir}, environ=environ
+        )
+        return config, frozenset()
     overrides: dict[str, Any] = {
         "host": args.host,
         "device_host": args.device_host,
@@ -444,11 +470,28 @@ async def serve(
     ``explicit``: the ``FITTED_LIMITS`` the user set; lowering one of them to
     fit the open-file limit is a warning, lowering a default only an info line.
     """
+    with contextlib.ExitStack() as held:
+        return await _serve(config, held, ready=ready, explicit=explicit)
+
+
+async def _serve(
+    config: GatewayConfig,
+    held: contextlib.ExitStack,
+    *,
+    ready: Callable[[str], None],
+    explicit: Collection[str],
+) -> int:
     _load_protocols(config.protocols)
     for warning in protocol_warnings(config):
         log.warning("%s", warning)
     try:
         data_dir = check_data_dir(config.data_dir)
+        # Held shared while serving, so `iot-gateway restore` refuses to replace
+        # the database under a running gateway (gateway/backup.py).
+        try:
+            held.enter_context(hold_data_dir(data_dir, exclusive=False))
+        except DataDirBusy as e:
+            raise StartError(str(e), EXIT_STORAGE) from None
         _check_ports(config)
         operator = config.auth.token
         generated = operator is None
@@ -572,6 +615,36 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(main())
 
 
+def _backup_or_restore(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """``iot-gateway backup DEST`` / ``restore SRC``: one line on success, one on failure."""
+    data_dir = Path(config.data_dir)
+    mark = config.storage.offset_mark
+    try:
+        if args.command == "backup":
+            made = backup(data_dir, Path(args.dest), into_dir=args.dest.endswith("/"))
+            print(
+                f"backup {made.path}: {made.size} bytes in {made.seconds:.2f} s, "
+                f"integrity ok, offsets up to {made.high_water}"
+            )
+            return EXIT_OK
+        done = restore(Path(args.src), data_dir, offset_mark=None if mark is None else Path(mark))
+    except BackupError as e:
+        print(f"iot-gateway {args.command}: {e}", file=sys.stderr)
+        return e.status
+    if mark is None:
+        print(
+            "iot-gateway restore: warning: no storage.offset_mark is configured; offsets "
+            "rely on the clock alone (docs/deployment.md, Backups)",
+            file=sys.stderr,
+        )
+    bounds = ", ".join(f"{name} {value}" for name, value in done.sources.items())
+    kept = f"; the replaced database is {done.replaced}" if done.replaced else ""
+    print(
+        f"restored {args.src} into {done.path}: offsets go on above {done.floor} ({bounds}){kept}"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``iot-gateway`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -586,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"iot-gateway: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command in ("backup", "restore"):
+        return _backup_or_restore(args, config)
     _setup_logging(config.log_level)
     try:
         return _run(lambda: serve(config, explicit=explicit))

@@ -21,6 +21,7 @@ from devices.config import MAX_CONNECTIONS
 from frames import FrameOptions, valid_client_id
 from frames.backoff import BackoffPolicy
 
+from .auth import parse_networks
 from .hub import HubConfig
 from .hub.registry import check_labels
 from .storage import StorageConfig
@@ -115,6 +116,9 @@ class HttpSection:
 
     max_connections: int = 1500
     idle_timeout: float = 15.0  # no request in progress, or a request body not arriving
+    # Reverse proxies (addresses or CIDRs) whose X-Forwarded-Proto and
+    # X-Forwarded-Host the same-origin rule believes (docs/api.md §1).
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 # [storage] is the storage engine's own settings: each default written once.
@@ -450,6 +454,10 @@ def _check(config: GatewayConfig, source: str) -> None:
         )
     if not h.idle_timeout > 0:
         raise bad(f"http.idle_timeout must be > 0, not {h.idle_timeout}")
+    try:
+        parse_networks(h.trusted_proxies)
+    except ValueError as e:
+        raise bad(f"http.trusted_proxies: {e}") from None
     for device, labels in config.labels.items():
         if not valid_client_id(device):
             raise bad(f"labels.{device}: not a device id (1 to 64 characters of A-Za-z0-9._:-)")

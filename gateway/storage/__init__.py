@@ -44,6 +44,8 @@ The parts, one job each (importers use this package, never the parts):
   leases, retention);
 * `readers`: the reader threads and the queries;
 * `sqlite`: `SQLiteStorage`, the engine assembled from the two halves above;
+* `mark`: the offset high-water mark outside the data dir and the wall-clock floor
+  that `iot-gateway restore` and every start use;
 * `memory`: `MemoryStorage`.
 
 The package imports nothing from the gateway around it (no aiohttp, no hub): only
@@ -53,6 +55,7 @@ the standard library and `frames.errors` for the error base.
 from __future__ import annotations
 
 from .base import Storage
+from .mark import database_high_water, raise_reservation, read_mark, time_floor, write_mark
 from .memory import MemoryStorage
 from .records import (
     CommandEvent,
@@ -90,4 +93,9 @@ __all__ = [
     "StorageStats",
     "StoreHealth",
     "TelemetryRecord",
+    "database_high_water",
+    "raise_reservation",
+    "read_mark",
+    "time_floor",
+    "write_mark",
 ]

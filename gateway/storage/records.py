@@ -86,6 +86,9 @@ class StorageConfig:
     # a command for an offline device is rejected.
     max_queued_commands_per_device: int = MAX_QUEUED_COMMANDS_PER_DEVICE
     max_queued_commands: int = MAX_QUEUED_COMMANDS
+    # The offset high-water mark, a file outside the data dir that `iot-gateway
+    # restore` and every start read (docs/deployment.md, Backups); None: none kept.
+    offset_mark: str | None = None
 
     def __post_init__(self) -> None:
         if self.retention_per_device < 1 or not self.retention_days > 0:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub.store import FaultLog
+from .mark import read_mark, write_mark
 from .readers import _READER_THREADS, SQLiteReaders
 from .records import (
     BATCH_INTERVAL,
@@ -113,6 +114,9 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
         self.max_queued_commands_per_device = max_queued_commands_per_device
         self.max_queued_commands = max_queued_commands
         self.command_log_keep_s = command_log_keep_s
+        # The high-water mark outside the data dir (mark.py): None, no mark kept.
+        # Set before open() by whoever configures it (gateway/app.py).
+        self.offset_mark: Path | None = None
         self.stats = StorageStats()
 
         # Everything below the lock is shared between the loop and the writer
@@ -257,8 +261,19 @@ class SQLiteStorage(SQLiteWriter, SQLiteReaders):
                 # Belt and braces: rows can never be above R, but a hand-edited or
                 # restored file could; never start below a stored offset.
                 top = conn.execute('SELECT MAX("offset") FROM telemetry').fetchone()[0] or 0
-                start = max(reserved, top) + 1
+                # Above the mark kept outside the data dir too: a file restored
+                # by hand (a copy) may hold an old reservation (mark.py).
+                start = max(reserved, top, read_mark(self.offset_mark)) + 1
                 lease_end = start - 1 + self.offset_block
+                if self.offset_mark is not None:
+                    # Raised before the reservation commits, so it is never below it.
+                    try:
+                        write_mark(self.offset_mark, lease_end)
+                    except OSError as e:
+                        raise StorageError(
+                            f"cannot write the offset mark {self.offset_mark} "
+                            f"(storage.offset_mark): {e.strerror or e}"
+                        ) from None
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?)"
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

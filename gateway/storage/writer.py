@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..hub.store import FaultLog
+from .mark import write_mark
 from .records import (
     CommandEvent,
     DeviceRecord,
@@ -105,6 +106,7 @@ class SQLiteWriter:
     batch_interval: float
     batch_rows: int
     offset_block: int
+    offset_mark: Path | None
     max_pending_rows: int
     stats: StorageStats
     prune_interval: float
@@ -463,6 +465,10 @@ class SQLiteWriter:
                 self._after_commit.append(functools.partial(self._count, telemetry))
                 rows += len(telemetry)
             if lease_want:
+                if self.offset_mark is not None:
+                    # The mark outside the data dir first (mark.py): if it cannot be
+                    # written, the block is not reserved and the chunk is retried.
+                    write_mark(self.offset_mark, lease_want)
                 conn.execute("UPDATE meta SET value = ? WHERE key = ?", (lease_want, _RESERVED_KEY))
             conn.execute("COMMIT")
         except BaseException:

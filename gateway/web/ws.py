@@ -17,7 +17,7 @@ import uuid
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..auth import origin_allowed
+from ..auth import forwarded_origin, origin_allowed, parse_networks
 from ..hub import Dashboard, ErrorCode, Refused, dumps, error_message
 from ..hub.dashboard import CONTROL_QUEUE
 from .context import WEB, WebContext
@@ -47,11 +47,29 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     """``GET /ws``: authenticate, check the Origin, then serve one dashboard."""
     ctx = request.app[WEB]
     role = require(request, websocket=True)
-    if not origin_allowed(
-        request.headers.get("Origin"),
+    # Behind a trusted reverse proxy the browser's scheme and host are the
+    # forwarded ones (docs/api.md §1, docs/deployment.md).
+    host, scheme = forwarded_origin(
         request.host,
         request.scheme,
-        ctx.config.auth.allowed_origins,
+        request.remote,
+        request.headers,
+        parse_networks(ctx.config.http.trusted_proxies),
+    )
+    log.debug(
+        "origin check: Origin=%s Host=%s X-Forwarded-Proto=%s X-Forwarded-Host=%s "
+        "X-Forwarded-For=%s peer=%s -> %s://%s",
+        request.headers.get("Origin"),
+        request.headers.get("Host"),
+        request.headers.get("X-Forwarded-Proto"),
+        request.headers.get("X-Forwarded-Host"),
+        request.headers.get("X-Forwarded-For"),
+        request.remote,
+        scheme,
+        host,
+    )
+    if not origin_allowed(
+        request.headers.get("Origin"), host, scheme, ctx.config.auth.allowed_origins
     ):
         ctx.metrics.refused.labels("origin").inc()
         raise http_error(web.HTTPForbidden, ErrorCode.FORBIDDEN, "Origin not allowed")
