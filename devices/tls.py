@@ -103,7 +103,7 @@ def failure_reason(exc: BaseException) -> str:
         return "protocol"
     # asyncio's SSLProtocol gives up with ConnectionAbortedError at the timeout;
     # uvloop's and wait_for's with TimeoutError.
-    if isinstance(exc, ConnectionAbortedError | TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, ConnectionAbortedError | TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionError | EOFError | OSError):
         return "closed"

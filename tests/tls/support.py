@@ -59,6 +59,7 @@ class Pki:
         self.leaves = {
             "good": _device_cert(self.device_ca, "tls-dev-1"),
             "good2": _device_cert(self.device_ca, "tls-dev-2"),
+            "good3": _device_cert(self.device_ca, "tls-dev-3"),
             "expired": _device_cert(
                 self.device_ca,
                 "tls-old",
