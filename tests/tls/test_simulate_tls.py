@@ -85,8 +85,10 @@ async def test_without_a_certificate_the_simulator_is_refused_and_counted(
     host, port = gateway.device_address
     before = failures(tls_metrics(gateway, pki), "devices", "no_certificate")
     args = cli.parse_args(
-        ["--gateway", f"{host}:{port}", "--prefix", "tnocert", "--duration", "1.5"]
-        + ["--tls-ca", str(pki.server_ca_file)]
+        [
+            *("--gateway", f"{host}:{port}", "--prefix", "tnocert", "--duration", "1.5"),
+            *("--tls-ca", str(pki.server_ca_file)),
+        ]
     )
     assert (
         await asyncio.wait_for(cli.simulate(args, out=io.StringIO(), handle_signals=False), 10) == 0
@@ -102,7 +104,8 @@ def test_a_certificate_that_cannot_be_used_is_exit_2(
     code = cli.main(["--gateway", "127.0.0.1:1", "--tls-cert", str(missing), "--duration", "1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(missing) in err, err
+    assert err.count("\n") == 1, err
+    assert str(missing) in err
 
 
 def test_tls_flags_are_for_tcp_devices(capsys: pytest.CaptureFixture[str]) -> None:
