@@ -60,6 +60,9 @@ class TlsClient:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    # Accept any server certificate: only for devices that connect to their own process
+    # over loopback (``serve --demo``), where there is nobody in between to check.
+    insecure: bool = False
     _contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = field(
         default_factory=dict, repr=False
     )
@@ -75,6 +78,9 @@ class TlsClient:
             ctx = ssl.create_default_context(cafile=self.ca)
         except (OSError, ssl.SSLError) as e:
             raise TlsSetupError(f"--tls-ca {self.ca}: cannot be used: {e}") from None
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
         if cert is not None:
             try:
                 ctx.load_cert_chain(cert, key)
