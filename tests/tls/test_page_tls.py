@@ -75,6 +75,8 @@ def test_the_page_works_over_https_and_wss(browser: Browser, gateway: GatewayPro
         expect(sensor).not_to_have_attribute("data-offset", offset)
     finally:
         context.close()
+    # --demo prints the page's address (without the configured token): https now.
+    assert f"dashboard: https://127.0.0.1:{gateway.http_port}/\n" in gateway.log()
     assert sockets, "the page opened no WebSocket"
     assert all(re.match(rf"wss://{re.escape(gateway.http_host)}:\d+/", url) for url in sockets)
     assert not errors, errors
