@@ -264,6 +264,8 @@ class DeviceServer:
         """Stop accepting and close every device connection."""
         self.closing = True
         await self.stop_accepting()
+        if self.tls is not None:
+            self.tls.abort_handshakes()
         for connection in list(self.held):
             connection._let_go()
         for connection in list(self.connections):

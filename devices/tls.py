@@ -223,7 +223,19 @@ class TlsDoor:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     failures: dict[str, int] = field(default_factory=dict)
     handshakes: int = 0  # completed (and not revoked)
-    handshaking: int = 0  # in progress now
+    # The connections whose handshake is in progress (what ``abort_handshakes`` ends).
+    pending: set[_Handshake] = field(default_factory=set)
+
+    @property
+    def handshaking(self) -> int:
+        """Handshakes in progress now."""
+        return len(self.pending)
+
+    def abort_handshakes(self) -> None:
+        """Close every connection still in its handshake (the listener is closing):
+        they would otherwise hold a shutdown for up to the handshake timeout."""
+        for handshake in list(self.pending):
+            handshake.abort()
 
     def failed(self, reason: str, peer: str, detail: object) -> None:
         """Count one failed handshake."""
@@ -269,7 +281,7 @@ class _Handshake(asyncio.Protocol):
         # uvloop starts reading only after connection_made, so the first bytes of the
         # ClientHello may still come here: they are kept and given to the TLS layer.
         self.transport.pause_reading()  # type: ignore[union-attr]
-        self.door.handshaking += 1
+        self.door.pending.add(self)
         loop = asyncio.get_running_loop()
         self.task = loop.create_task(self._handshake())
         # Runs just after the task's first step, in which start_tls installed its
@@ -328,7 +340,13 @@ class _Handshake(asyncio.Protocol):
                     tls.close()
             self.pending.clear()
         finally:
-            door.handshaking -= 1
+            door.pending.discard(self)
+            self.task = None  # no cycle left for the collector
+
+    def abort(self) -> None:
+        """Close the connection now, in whatever step of the handshake it is."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.tls_started:

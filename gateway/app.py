@@ -144,11 +144,15 @@ def _tls_metrics(rt: Runtime) -> list[Any]:
     done = CounterMetricFamily(
         "iot_tls_handshakes", "TLS handshakes that succeeded, by port", labels=["port"]
     )
+    busy = GaugeMetricFamily(
+        "iot_tls_handshakes_in_progress", "TLS handshakes in progress, by port", labels=["port"]
+    )
     for port, door in rt.tls.items():
         for reason in TLS_REASONS:
             failures.add_metric([port, reason], door.failures.get(reason, 0))
         done.add_metric([port], door.handshakes)
-    return [failures, done]
+        busy.add_metric([port], door.handshaking)
+    return [failures, done, busy]
 
 
 # Every reason a command can be refused for, so each series exists from the start.
@@ -358,6 +362,9 @@ async def stop_traffic(rt: Runtime) -> None:
         return
     rt.accepting = False
     await rt.device_server.stop_accepting()
+    http_tls = rt.tls.get("http")
+    if http_tls is not None:
+        http_tls.abort_handshakes()  # the HTTP site stops accepting later, in runner.cleanup
     for link in rt.serial_links:
         await link.stop()
     rt.serial_links.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import ssl
 import struct
 from collections.abc import Iterator
@@ -108,3 +109,30 @@ async def test_a_bad_file_at_sighup_keeps_the_certificates_in_use(
     assert outcome.welcomed, outcome.error
     assert _served(outcome) == _der(pki.server.cert_chain_pems[0].bytes())
     await outcome.close()
+
+
+async def test_a_stop_does_not_wait_for_handshakes_in_progress(tmp_path: Path, pki: Pki) -> None:
+    config = {"tls": pki.tls_table(handshake_timeout=60.0)}
+    gw = GatewayProcess(tmp_path / "gw-stop", config, token=TOKEN)
+    gw.workdir.mkdir()
+    await gw.start()
+    stalled = [
+        socket.create_connection(gw.device_address),
+        socket.create_connection(gw.http_address),
+    ]
+    try:
+
+        def handshaking() -> bool:
+            metrics = tls_metrics(gw, pki)
+            return all(
+                metrics.value("iot_tls_handshakes_in_progress", port=port) == 1
+                for port in ("devices", "http")
+            )
+
+        await wait_until(handshaking, "both connections in their handshakes")
+        exit = await gw.stop(timeout=30)
+    finally:
+        for s in stalled:
+            s.close()
+    assert exit.code == 0, exit
+    assert exit.elapsed < 10, exit  # not the 60 s handshake timeout
