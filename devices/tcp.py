@@ -211,6 +211,10 @@ class DeviceServer:
         factory: Callable[[], asyncio.BaseProtocol] = functools.partial(_DeviceConnection, self)
         if self.tls is not None:
             factory = self.tls.wrap(factory)
+            # A failed handshake is a link that never went online (devices/strikes.py); an
+            # address past max_failed_links is closed before its handshake, not after.
+            self.tls.on_failure = self._handshake_failed
+            self.tls.admit = self._admit
         self._server = await loop.create_server(
             factory,
             self.host,
@@ -226,6 +230,27 @@ class DeviceServer:
         log.info("listening for devices on %s:%d%s", host, port, " (TLS)" if self.tls else "")
         self._log_rule(host, port, anonymous, loopback=anonymous_allowed(bound, False))
         await self._server.start_serving()
+
+    def _handshake_failed(self, host: str) -> None:
+        if not self.closing:
+            self.failed_links.failed(host, asyncio.get_running_loop().time())
+
+    def _admit(self, host: str) -> bool:
+        if not self.failed_links.max_failed:
+            return True
+        if not self.failed_links.held_until(host, asyncio.get_running_loop().time()):
+            return True
+        self.manager.counters.refused_failed_links += 1
+        self.manager.logs.log(
+            "held",
+            logging.WARNING,
+            "closing TLS connections from %s before their handshake: %d links failed "
+            "within %g s (devices.max_failed_links)",
+            host,
+            self.failed_links.max_failed,
+            self.failed_links.window,
+        )
+        return False
 
     def _log_rule(self, host: str, port: int, anonymous: bool, *, loopback: bool) -> None:
         """Say at start which rule applies to devices without a token (docs/devices.md)."""

@@ -225,6 +225,10 @@ class TlsDoor:
     handshakes: int = 0  # completed (and not revoked)
     # The connections whose handshake is in progress (what ``abort_handshakes`` ends).
     pending: set[_Handshake] = field(default_factory=set)
+    # The listener's say, by the peer's address: ``admit`` before a handshake (False:
+    # closed at once, no handshake paid for), ``on_failure`` after a failed one.
+    admit: Callable[[str], bool] | None = None
+    on_failure: Callable[[str], None] | None = None
 
     @property
     def handshaking(self) -> int:
@@ -237,9 +241,11 @@ class TlsDoor:
         for handshake in list(self.pending):
             handshake.abort()
 
-    def failed(self, reason: str, peer: str, detail: object) -> None:
-        """Count one failed handshake."""
+    def failed(self, reason: str, peer: str, detail: object, host: str = "") -> None:
+        """Count one failed handshake (of ``peer``, from address ``host``)."""
         self.failures[reason] = self.failures.get(reason, 0) + 1
+        if self.on_failure is not None and host:
+            self.on_failure(host)
         log.debug(
             "TLS handshake on the %s port from %s failed (%s): %s", self.port, peer, reason, detail
         )
@@ -266,6 +272,7 @@ class _Handshake(asyncio.Protocol):
         self.factory = factory
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.host = ""
         self.pending: list[bytes] = []
         self.early: list[bytes] = []
         self.tls_started = False
@@ -277,6 +284,11 @@ class _Handshake(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer: Any = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.host = str(peer[0]) if isinstance(peer, tuple) else self.peer
+        admit = self.door.admit
+        if admit is not None and not admit(self.host):
+            self.transport.abort()  # type: ignore[union-attr]  # no handshake for an address held back
+            return
         # asyncio reads nothing more until start_tls has put the TLS layer in place;
         # uvloop starts reading only after connection_made, so the first bytes of the
         # ClientHello may still come here: they are kept and given to the TLS layer.
@@ -317,7 +329,7 @@ class _Handshake(asyncio.Protocol):
                     ssl_handshake_timeout=door.handshake_timeout,
                 )
             except Exception as e:
-                door.failed(failure_reason(e), self.peer, e)
+                door.failed(failure_reason(e), self.peer, e, self.host)
                 raw.abort()
                 return
             if tls is None or self.lost:  # pragma: no cover - gone as it finished
@@ -326,7 +338,7 @@ class _Handshake(asyncio.Protocol):
             sslobj = tls.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
             if der and door.deny_list and fingerprint(der) in door.deny_list:
-                door.failed("revoked", self.peer, "certificate in the deny-list")
+                door.failed("revoked", self.peer, "certificate in the deny-list", self.host)
                 tls.abort()
                 return
             door.handshakes += 1
