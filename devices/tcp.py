@@ -236,6 +236,11 @@ class DeviceServer:
             self.failed_links.failed(host, asyncio.get_running_loop().time())
 
     def _admit(self, host: str) -> bool:
+        tls = self.tls
+        if tls is not None and len(self.connections) + tls.handshaking >= self.max_connections:
+            # Connections in their handshake hold a descriptor too: max_connections bounds both.
+            self.manager.counters.refused_connections += 1
+            return False
         if not self.failed_links.max_failed:
             return True
         if not self.failed_links.held_until(host, asyncio.get_running_loop().time()):

@@ -113,6 +113,10 @@ def build_runtime(
     )
     http = HttpConnectionCap(config.http.max_connections)
     http.on_refused = metrics.refused.labels("http_connections").inc
+    http_tls = doors.get("http")
+    if http_tls is not None:
+        # Handshakes hold descriptors before the cap sees them: bound them by it too.
+        http_tls.admit = lambda _host: _admit_handshake(http_tls, http)
     rt = Runtime(
         config,
         tokens,
@@ -132,6 +136,15 @@ def build_runtime(
     # Without TLS the families are there with no samples: every documented metric is.
     metrics.add_snapshot(lambda: _tls_metrics(rt))
     return rt
+
+
+def _admit_handshake(door: TlsDoor, cap: HttpConnectionCap) -> bool:
+    """Whether the HTTP port may start one more TLS handshake (at most ``http.max_connections``
+    at once, whatever the open connections); a refusal is counted as the cap's own."""
+    if door.handshaking < cap.limit:
+        return True
+    cap.on_refused()
+    return False
 
 
 def _tls_metrics(rt: Runtime) -> list[Any]:
