@@ -32,6 +32,7 @@ from .ports import LinkPort, ManagedSession, ReadFlow, SessionHost
 from .serial_link import SerialLink
 from .session import DeviceSession
 from .tcp import DeviceServer
+from .tls import TlsConfigError, TlsDoor, TlsFiles, load_deny_list, server_context
 
 __all__ = [
     "CloseLink",
@@ -68,5 +69,10 @@ __all__ = [
     "SessionEvent",
     "SessionHost",
     "SessionState",
+    "TlsConfigError",
+    "TlsDoor",
+    "TlsFiles",
     "Transport",
+    "load_deny_list",
+    "server_context",
 ]

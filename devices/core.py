@@ -556,7 +556,26 @@ class SessionCore:
         else:
             client_id, protocol = hello.client_id, hello.protocol
             auth = self.config.auth
-            if auth.expected(client_id) is None:
+            certified = self.policy.certified_id
+            if certified is not None:
+                # The certificate is the credential (docs/tls.md): its CN, and only it.
+                if client_id != certified:
+                    self.logs.warning(
+                        "auth",
+                        "device on %s: HELLO as %s, but its certificate's CN is %s",
+                        self.peer,
+                        client_id,
+                        certified,
+                    )
+                    self.totals.auth_failed += 1
+                    self._close(
+                        CloseReason.AUTH_FAILED,
+                        ErrorCode.AUTH_FAILED,
+                        "client_id differs from the certificate's CN",
+                        events,
+                    )
+                    return
+            elif auth.expected(client_id) is None:
                 if not self.policy.allow_anonymous:
                     self.logs.warning(
                         "auth",

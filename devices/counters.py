@@ -49,7 +49,7 @@ class DeviceCounters:
     errors_sent: dict[ErrorCode, int] = field(default_factory=dict)
     replaced: int = 0  # sessions taken over by a newer HELLO of the same client_id
     stray_acks: int = 0  # ACKs for no command in flight
-    auth_failed: int = 0  # HELLOs with a wrong token
+    auth_failed: int = 0  # HELLOs with a wrong token, or not the certificate's CN
     garbage_closed: int = 0  # TCP links closed by the garbage rule
     refused_connections: int = 0  # TCP connections refused at max_connections
     refused_failed_links: int = 0  # TCP connections held: their address failed too often

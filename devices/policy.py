@@ -41,6 +41,9 @@ class LinkPolicy:
     allow_anonymous: bool = True
     # The link's own heartbeat (a serial port's ``heartbeat``): see SessionConfig.heartbeat_for.
     heartbeat: int | None = None
+    # The subject CN of the link's verified client certificate (docs/tls.md): the only
+    # client_id its HELLO may give, and no device token is asked of it.
+    certified_id: str | None = None
 
     @classmethod
     def tcp(

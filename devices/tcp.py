@@ -10,14 +10,22 @@ Anonymous devices (docs/protocol.md §4): a port that listens on an address
 other than loopback refuses a HELLO for which no device token is configured,
 unless ``allow_anonymous`` is set. The rule is decided from the addresses
 actually bound, once, and logged at start.
+
+With a ``TlsDoor`` (devices/tls.py, docs/tls.md) each connection is made only
+once its TLS handshake has succeeded; when the door asks for client
+certificates, the certificate's subject CN is the only client_id the link's
+HELLO may give, and it needs no device token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import ipaddress
 import logging
-from collections.abc import Iterable
+import ssl
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from frames import FrameOptions
@@ -28,6 +36,7 @@ from .manager import DeviceManager
 from .policy import LinkPolicy
 from .session import DeviceSession
 from .strikes import FailedLinks
+from .tls import TlsDoor, subject_cn
 from .writer import LinkWriter
 
 log = logging.getLogger(__name__)
@@ -67,7 +76,13 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
             self.transport.abort()
             return
         server.connections.add(self)
-        self._session = DeviceSession(server.manager, self, policy=server.policy)
+        policy = server.policy
+        tls = server.tls
+        if tls is not None and tls.context.verify_mode == ssl.CERT_REQUIRED:
+            # Verified by the handshake: the CN is this link's identity (docs/tls.md).
+            cn = subject_cn(transport.get_extra_info("peercert")) or ""
+            policy = dataclasses.replace(policy, certified_id=cn)
+        self._session = DeviceSession(server.manager, self, policy=policy)
         self._session.start()
 
     def _hold(self) -> bool:
@@ -169,6 +184,7 @@ class DeviceServer:
         max_connections: int = MAX_CONNECTIONS,
         backlog: int = 1024,
         max_held: int = 1024,
+        tls: TlsDoor | None = None,
     ) -> None:
         self.manager = manager
         self.host = host
@@ -186,13 +202,21 @@ class DeviceServer:
         self.held: set[_DeviceConnection] = set()
         self.max_held = max_held
         self.closing = False
+        self.tls = tls  # None: plain TCP
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         """Start listening; ``port`` 0 lets the system choose (see ``address``)."""
         loop = asyncio.get_running_loop()
+        factory: Callable[[], asyncio.BaseProtocol] = functools.partial(_DeviceConnection, self)
+        if self.tls is not None:
+            factory = self.tls.wrap(factory)
+            # A failed handshake is a link that never went online (devices/strikes.py); an
+            # address past max_failed_links is closed before its handshake, not after.
+            self.tls.on_failure = self._handshake_failed
+            self.tls.admit = self._admit
         self._server = await loop.create_server(
-            lambda: _DeviceConnection(self),
+            factory,
             self.host,
             self.port,
             backlog=self.backlog,
@@ -203,9 +227,35 @@ class DeviceServer:
         anonymous = anonymous_allowed(bound, config.allow_anonymous)
         self.policy = LinkPolicy.tcp(config, self.frame_options, allow_anonymous=anonymous)
         host, port = self.address
-        log.info("listening for devices on %s:%d", host, port)
+        log.info("listening for devices on %s:%d%s", host, port, " (TLS)" if self.tls else "")
         self._log_rule(host, port, anonymous, loopback=anonymous_allowed(bound, False))
         await self._server.start_serving()
+
+    def _handshake_failed(self, host: str) -> None:
+        if not self.closing:
+            self.failed_links.failed(host, asyncio.get_running_loop().time())
+
+    def _admit(self, host: str) -> bool:
+        tls = self.tls
+        if tls is not None and len(self.connections) + tls.handshaking >= self.max_connections:
+            # Connections in their handshake hold a descriptor too: max_connections bounds both.
+            self.manager.counters.refused_connections += 1
+            return False
+        if not self.failed_links.max_failed:
+            return True
+        if not self.failed_links.held_until(host, asyncio.get_running_loop().time()):
+            return True
+        self.manager.counters.refused_failed_links += 1
+        self.manager.logs.log(
+            "held",
+            logging.WARNING,
+            "closing TLS connections from %s before their handshake: %d links failed "
+            "within %g s (devices.max_failed_links)",
+            host,
+            self.failed_links.max_failed,
+            self.failed_links.window,
+        )
+        return False
 
     def _log_rule(self, host: str, port: int, anonymous: bool, *, loopback: bool) -> None:
         """Say at start which rule applies to devices without a token (docs/devices.md)."""
@@ -244,6 +294,8 @@ class DeviceServer:
         """Stop accepting and close every device connection."""
         self.closing = True
         await self.stop_accepting()
+        if self.tls is not None:
+            self.tls.abort_handshakes()
         for connection in list(self.held):
             connection._let_go()
         for connection in list(self.connections):

@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, web
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from devices import DeviceManager, DeviceServer, SerialLink
+from devices import (
+    DeviceManager,
+    DeviceServer,
+    SerialLink,
+    TlsDoor,
+    load_deny_list,
+    server_context,
+)
+from devices.tls import REASONS as TLS_REASONS
 
 from .auth import TokenTable
 from .config import GatewayConfig
@@ -36,13 +44,50 @@ class Runtime(WebContext):
     manager: DeviceManager = field(kw_only=True)
     device_server: DeviceServer = field(kw_only=True)
     serial_links: list[SerialLink] = field(default_factory=list, kw_only=True)
+    # The TLS doors by port (``http``, ``devices``); a plain port has none (docs/tls.md).
+    tls: dict[str, TlsDoor] = field(default_factory=dict, kw_only=True)
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 
 
-def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
-    """Wire storage, hub and device side together (nothing is started)."""
+TLS_PORTS = ("http", "devices")
+
+
+def build_tls(config: GatewayConfig) -> dict[str, TlsDoor]:
+    """A TLS door for each port with a certificate (``devices.TlsConfigError`` if a file
+    cannot be used): read at start, and again at each SIGHUP (``reload_tls``)."""
+    doors = {}
+    for port in TLS_PORTS:
+        files = config.tls.files(port)
+        if files is not None:
+            doors[port] = TlsDoor(
+                port,
+                server_context(files),
+                load_deny_list(files.deny_list),
+                config.tls.handshake_timeout,
+            )
+    return doors
+
+
+def reload_tls(rt: Runtime) -> None:
+    """Read the certificates, CRL and deny-list again: new connections get them, open ones
+    stay. Everything is read before anything is swapped, so a bad file changes nothing."""
+    fresh = build_tls(rt.config)
+    for port, door in rt.tls.items():
+        new = fresh.get(port)
+        if new is not None:
+            door.reload(new.context, new.deny_list)
+
+
+def build_runtime(
+    config: GatewayConfig, tokens: TokenTable, tls: dict[str, TlsDoor] | None = None
+) -> Runtime:
+    """Wire storage, hub and device side together (nothing is started).
+
+    ``tls``: the doors ``build_tls`` made (None: made here from the config).
+    """
+    doors = build_tls(config) if tls is None else tls
     metrics = Metrics()
     s = config.storage
     storage = SQLiteStorage(
@@ -66,9 +111,14 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         config.device_port,
         frame_options=config.frame_options(),
         max_connections=config.devices.max_connections,
+        tls=doors.get("devices"),
     )
     http = HttpConnectionCap(config.http.max_connections)
     http.on_refused = metrics.refused.labels("http_connections").inc
+    http_tls = doors.get("http")
+    if http_tls is not None:
+        # Handshakes hold descriptors before the cap sees them: bound them by it too.
+        http_tls.admit = lambda _host: _admit_handshake(http_tls, http)
     rt = Runtime(
         config,
         tokens,
@@ -80,11 +130,44 @@ def build_runtime(config: GatewayConfig, tokens: TokenTable) -> Runtime:
         device_server=server,
         # Made (not started) now, so each configured port is listed from the start.
         serial_links=[SerialLink(manager, port) for port in config.serial_ports()],
+        tls=doors,
     )
     metrics.add_snapshot(lambda: _link_metrics(rt))
     metrics.add_snapshot(lambda: _hub_metrics(rt))
     metrics.add_snapshot(lambda: _storage_metrics(rt))
+    # Without TLS the families are there with no samples: every documented metric is.
+    metrics.add_snapshot(lambda: _tls_metrics(rt))
     return rt
+
+
+def _admit_handshake(door: TlsDoor, cap: HttpConnectionCap) -> bool:
+    """Whether the HTTP port may start one more TLS handshake (at most ``http.max_connections``
+    at once, whatever the open connections); a refusal is counted as the cap's own."""
+    if door.handshaking < cap.limit:
+        return True
+    cap.on_refused()
+    return False
+
+
+def _tls_metrics(rt: Runtime) -> list[Any]:
+    """Failed TLS handshakes by port and reason (docs/tls.md), every reason from the start."""
+    failures = CounterMetricFamily(
+        "iot_tls_handshake_failures",
+        "TLS handshakes that failed, by port and reason",
+        labels=["port", "reason"],
+    )
+    done = CounterMetricFamily(
+        "iot_tls_handshakes", "TLS handshakes that succeeded, by port", labels=["port"]
+    )
+    busy = GaugeMetricFamily(
+        "iot_tls_handshakes_in_progress", "TLS handshakes in progress, by port", labels=["port"]
+    )
+    for port, door in rt.tls.items():
+        for reason in TLS_REASONS:
+            failures.add_metric([port, reason], door.failures.get(reason, 0))
+        done.add_metric([port], door.handshakes)
+        busy.add_metric([port], door.handshaking)
+    return [failures, done, busy]
 
 
 # Every reason a command can be refused for, so each series exists from the start.
@@ -294,6 +377,9 @@ async def stop_traffic(rt: Runtime) -> None:
         return
     rt.accepting = False
     await rt.device_server.stop_accepting()
+    http_tls = rt.tls.get("http")
+    if http_tls is not None:
+        http_tls.abort_handshakes()  # the HTTP site stops accepting later, in runner.cleanup
     for link in rt.serial_links:
         await link.stop()
     rt.serial_links.clear()
@@ -308,9 +394,11 @@ async def stop_traffic(rt: Runtime) -> None:
     await asyncio.gather(*closing, return_exceptions=True)
 
 
-def create_app(config: GatewayConfig, tokens: TokenTable) -> web.Application:
+def create_app(
+    config: GatewayConfig, tokens: TokenTable, tls: dict[str, TlsDoor] | None = None
+) -> web.Application:
     """The gateway as an aiohttp application (devices, storage and hub start with it)."""
-    rt = build_runtime(config, tokens)
+    rt = build_runtime(config, tokens, tls)
     app = web.Application(
         client_max_size=config.dashboards.max_message, middlewares=[rt.http.middleware]
     )

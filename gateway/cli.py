@@ -28,10 +28,10 @@ from typing import Any
 
 from aiohttp import web
 
-from devices import SerialPortConfig
+from devices import SerialPortConfig, TlsConfigError, TlsDoor
 from frames import known_protocols
 
-from .app import RUNTIME, create_app
+from .app import RUNTIME, build_tls, create_app, reload_tls
 from .auth import TokenTable, generate_token
 from .backup import BackupError, DataDirBusy, backup, hold_data_dir, restore
 from .config import ConfigError, GatewayConfig, build_config, load_file
@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_serial,
         metavar="URL[,client_id=ID,protocol=NAME,baud=N,heartbeat=S]",
         help="a serial port (any pyserial URL); repeat for more ports",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate (chain): HTTPS and wss:// on the HTTP port, TLS on the "
+        "device port (docs/tls.md)",
+    )
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    serve.add_argument(
+        "--device-ca",
+        metavar="FILE",
+        help="require device client certificates signed by this CA; the CN is the client_id",
     )
     serve.add_argument(
         "--demo", type=_count, metavar="N", help="also run N simulated devices in this process"
@@ -227,6 +239,9 @@ def load_config(
         "devices.token": args.device_token,
         "demo": args.demo,
         "log_level": args.log_level,
+        "tls.cert": args.tls_cert,
+        "tls.key": args.tls_key,
+        "tls.device_ca": args.device_ca,
     }
     if args.serial:
         ports = [SerialPortConfig.parse(spec) for spec in args.serial]
@@ -485,6 +500,12 @@ async def _serve(
     for warning in protocol_warnings(config):
         log.warning("%s", warning)
     try:
+        # Certificates first: a wrong path is the config's fault (2), before anything opens.
+        tls: dict[str, TlsDoor] = build_tls(config)
+    except TlsConfigError as e:
+        log.error("cannot start the gateway: %s (tls, --tls-cert/--tls-key/--device-ca)", e)
+        return EXIT_CONFIG
+    try:
         data_dir = check_data_dir(config.data_dir)
         # Held shared while serving, so `iot-gateway restore` refuses to replace
         # the database under a running gateway (gateway/backup.py).
@@ -507,7 +528,7 @@ async def _serve(
     for note in lowered:
         key = note.split(" ", 1)[0]
         log.log(logging.WARNING if key in explicit else logging.INFO, "%s", note)
-    app = create_app(config, tokens)
+    app = create_app(config, tokens, tls)
     rt = app[RUNTIME]
     runner = web.AppRunner(
         app,
@@ -542,7 +563,14 @@ async def _serve(
         )
         log.error("cannot start the gateway: %s", message)
         return EXIT_LISTEN
-    site = CappedSite(runner, config.host, config.http_port, rt.http)
+    http_tls = rt.tls.get("http")
+    site = CappedSite(
+        runner,
+        config.host,
+        config.http_port,
+        rt.http,
+        wrap=None if http_tls is None else http_tls.wrap,
+    )
     try:
         await site.start()
     except OSError as e:
@@ -563,6 +591,8 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if rt.tls:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls, rt)
     stop_demo: Callable[[], Awaitable[None]] | None = None
     try:
         if config.demo:
@@ -570,7 +600,8 @@ async def _serve(
 
             stop_demo = await start_demo(rt, config.demo, dev_host, dev_port)
         url_host = "127.0.0.1" if http_host in ("0.0.0.0", "::") else http_host
-        page = f"http://{_address(url_host, http_port)}/"
+        scheme = "https" if http_tls is not None else "http"
+        page = f"{scheme}://{_address(url_host, http_port)}/"
         if generated:
             # In the fragment, which browsers never send: the token stays out of
             # request lines, proxy logs and Referer headers (docs/api.md §1).
@@ -584,12 +615,23 @@ async def _serve(
         await stop.wait()
         log.info("shutting down")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if stop_demo is not None:
             await stop_demo()
         await runner.cleanup()
     return EXIT_OK
+
+
+def _reload_tls(rt: Any) -> None:
+    """SIGHUP: read the certificates, CRL and deny-list again (docs/tls.md); a file that
+    cannot be used keeps the old ones, with an error line."""
+    try:
+        reload_tls(rt)
+    except TlsConfigError as e:
+        log.error("TLS reload failed, keeping the certificates in use: %s", e)
+    else:
+        log.info("TLS certificates reloaded (ports: %s)", ", ".join(sorted(rt.tls)))
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devices import SerialPortConfig, SessionConfig
+from devices import SerialPortConfig, SessionConfig, TlsFiles
 from devices.config import MAX_CONNECTIONS
 from frames import FrameOptions, valid_client_id
 from frames.backoff import BackoffPolicy
@@ -121,6 +121,55 @@ class HttpSection:
     trusted_proxies: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsListenerSection:
+    """``[tls.http]`` or ``[tls.devices]``: one listener's own certificate (docs/tls.md)."""
+
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSection:
+    """``[tls]``: certificates of both ports, device certificates and revocation (docs/tls.md).
+
+    ``cert``/``key`` serve both ports unless ``[tls.http]`` or ``[tls.devices]``
+    gives a listener its own. ``device_ca`` makes the device port require client
+    certificates; ``crl`` and ``deny_list`` revoke some of them.
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    device_ca: str | None = None
+    crl: str | None = None
+    deny_list: str | None = None  # a file of SHA-256 fingerprints, one a line
+    handshake_timeout: float = 10.0
+    http: TlsListenerSection = field(default_factory=TlsListenerSection)
+    devices: TlsListenerSection = field(default_factory=TlsListenerSection)
+
+    def __post_init__(self) -> None:
+        for where, part in (("", self), ("http.", self.http), ("devices.", self.devices)):
+            if (part.cert is None) != (part.key is None):
+                raise ValueError(f"{where}cert and {where}key go together: give both or neither")
+        if not self.handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be > 0, not {self.handshake_timeout}")
+        if self.device_ca is not None and self.files("devices") is None:
+            raise ValueError("device_ca needs a certificate for the device port (tls.cert/key)")
+        for name, value in (("crl", self.crl), ("deny_list", self.deny_list)):
+            if value is not None and self.device_ca is None:
+                raise ValueError(f"{name} revokes device certificates: it needs tls.device_ca")
+
+    def files(self, port: str) -> TlsFiles | None:
+        """The files of listener ``port`` (``http`` or ``devices``); None: plain."""
+        own = self.http if port == "http" else self.devices
+        cert, key = (own.cert, own.key) if own.cert is not None else (self.cert, self.key)
+        if cert is None or key is None:
+            return None
+        if port != "devices":
+            return TlsFiles(cert, key)  # browsers need no client certificate
+        return TlsFiles(cert, key, self.device_ca, self.crl, self.deny_list)
+
+
 # [storage] is the storage engine's own settings: each default written once.
 StorageSection = StorageConfig
 
@@ -169,6 +218,7 @@ class GatewayConfig:
     dashboards: DashboardsSection = field(default_factory=DashboardsSection)
     http: HttpSection = field(default_factory=HttpSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    tls: TlsSection = field(default_factory=TlsSection)
 
     # ---- what the other layers take ------------------------------------------------------------
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from devices import SerialLink, SerialPortConfig
-from simulators import DeviceSpec, PtyDevice, make_specs, run_devices
+from simulators import DeviceSpec, PtyDevice, TlsClient, make_specs, run_devices
 
 from .app import Runtime
 
@@ -43,9 +44,20 @@ async def start_demo(
     if tcp_count:
         specs = make_specs(tcp_count, protocol="mix", rate=rate, prefix="demo")
         connect_host = "127.0.0.1" if device_host in ("0.0.0.0", "::", "") else device_host
+        tls = None
+        door = rt.tls.get("devices")
+        if door is not None:
+            # To this very process on loopback: TLS as any device, no certificate check.
+            tls = TlsClient(insecure=True)
+            if door.context.verify_mode == ssl.CERT_REQUIRED:
+                log.warning(
+                    "demo: the TCP demo devices have no client certificates: the device "
+                    "port (tls.device_ca) refuses them (docs/tls.md)"
+                )
         tasks.append(
             asyncio.create_task(
-                run_devices(specs, connect_host, device_port, stop), name="demo tcp devices"
+                run_devices(specs, connect_host, device_port, stop, tls=tls),
+                name="demo tcp devices",
             )
         )
     log.info("demo: %d simulated devices (%d over TCP, %d serial)", count, tcp_count, len(links))

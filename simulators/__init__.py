@@ -9,7 +9,7 @@ pseudo-terminal, and ``simulators.runner`` runs many at once.
 Only ``frames`` and the standard library are imported.
 """
 
-from .drivers import DeviceDriver, LinkEnd, PtyDevice, TcpDevice
+from .drivers import DeviceDriver, LinkEnd, PtyDevice, TcpDevice, TlsClient, TlsSetupError
 from .faults import FaultCounters, FaultInjector, Faults, FaultSpecError, parse_faults
 from .handshake import DeviceHandshake, MessageReader, Phase, error_name, is_fatal
 from .models import (
@@ -46,6 +46,8 @@ __all__ = [
     "Simulation",
     "SimulationStats",
     "TcpDevice",
+    "TlsClient",
+    "TlsSetupError",
     "error_name",
     "is_fatal",
     "make_specs",

@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Final, TextIO
 
+from .drivers import TlsClient, TlsSetupError
 from .faults import Faults, FaultSpecError, parse_faults
 from .runner import Simulation, SimulationStats
 from .spec import MIX, PROTOCOL_CHOICES, make_specs
@@ -132,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default="", help="device token sent in HELLO")
     p.add_argument("--seed", type=int, default=0, help="makes telemetry and faults repeatable")
     p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="connect with TLS, trusting this CA (PEM) for the gateway's certificate",
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="connect with TLS and present this client certificate (PEM); {client_id} in "
+        "the path is each device's id (its CN must be the client_id: docs/tls.md)",
+    )
+    p.add_argument(
+        "--tls-key", metavar="FILE", help="the private key of --tls-cert ({client_id} too)"
+    )
+    p.add_argument(
         "--prefix", default="sim", help="client_id prefix: PREFIX-1, PREFIX-2, ... (default sim)"
     )
     return p
@@ -149,7 +164,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         make_specs(1, prefix=args.prefix)
     except ValueError:
         parser.error(f"--prefix {args.prefix!r}: client ids allow only A-Za-z0-9._:-")
+    if (args.tls_ca or args.tls_cert or args.tls_key) and args.serial:
+        parser.error("--tls-ca/--tls-cert/--tls-key apply to TCP devices, not --serial")
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
     return args
+
+
+def tls_client(args: argparse.Namespace) -> TlsClient | None:
+    """The devices' TLS settings, or None for plain TCP."""
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return TlsClient(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 async def simulate(
@@ -171,8 +197,11 @@ async def simulate(
         hello=not args.no_hello,
         faults=args.faults,
     )
-    sim = Simulation(specs, gateway=args.gateway, serial=args.serial)
+    tls = tls_client(args)
+    sim = Simulation(specs, gateway=args.gateway, serial=args.serial, tls=tls)
     target = "pseudo-terminals" if args.serial else "{}:{}".format(*args.gateway)
+    if tls is not None:
+        target += " (TLS)"
     _say(
         out,
         f"simulating {len(specs)} device(s), protocol {args.protocol}, {args.rate:g} Hz, "
@@ -240,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C before the handlers were in place: still a clean stop.
         return 0
+    except TlsSetupError as e:
+        print(f"iot-gateway simulate: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         # Our side failed before any device ran (e.g. no pseudo-terminals left).
         print(f"iot-gateway simulate: cannot start the devices: {e}", file=sys.stderr)

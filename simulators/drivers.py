@@ -10,6 +10,9 @@ policy. One pump serves both links:
 - ``PtyDevice`` opens a pseudo-terminal pair and speaks on its master end;
   a gateway opens the slave (``.path``) as a serial port, exactly as it
   would a USB adapter.
+
+A ``TlsClient`` makes the TCP devices connect with TLS, each with its own
+client certificate if the paths name ``{client_id}`` (docs/tls.md).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import errno
 import os
 import random
 import socket
+import ssl
 import tty
 from collections.abc import Awaitable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from frames import FrameDecoder, Message
@@ -40,6 +45,51 @@ READ_SIZE: Final = 4096
 PTY_BACKLOG: Final = 4096
 
 T = TypeVar("T")
+
+
+class TlsSetupError(ValueError):
+    """A CA, certificate or key the simulated devices cannot use; the message is one line."""
+
+
+@dataclass
+class TlsClient:
+    """TLS for simulated TCP devices: trust ``ca`` (None: the system's CAs), and present
+    ``cert``/``key`` when given. ``{client_id}`` in a path is each device's own id, so
+    each device may have its own certificate (its CN must be its client_id)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    # Accept any server certificate: only for devices that connect to their own process
+    # over loopback (``serve --demo``), where there is nobody in between to check.
+    insecure: bool = False
+    _contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = field(
+        default_factory=dict, repr=False
+    )
+
+    def context(self, client_id: str) -> ssl.SSLContext:
+        """The context device ``client_id`` connects with (one per certificate file)."""
+        cert = None if self.cert is None else self.cert.replace("{client_id}", client_id)
+        key = None if self.key is None else self.key.replace("{client_id}", client_id)
+        found = self._contexts.get((cert, key))
+        if found is not None:
+            return found
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsSetupError(f"--tls-ca {self.ca}: cannot be used: {e}") from None
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cert is not None:
+            try:
+                ctx.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as e:
+                raise TlsSetupError(
+                    f"--tls-cert {cert} / --tls-key {key}: cannot be used: {e}"
+                ) from None
+        self._contexts[(cert, key)] = ctx
+        return ctx
 
 
 class LinkEnd(enum.Enum):
@@ -163,13 +213,21 @@ class TcpDevice(DeviceDriver):
     """A simulated device on the gateway's TCP device port, reconnecting when it goes away."""
 
     def __init__(
-        self, spec: DeviceSpec, host: str, port: int, *, backoff: BackoffPolicy | None = None
+        self,
+        spec: DeviceSpec,
+        host: str,
+        port: int,
+        *,
+        backoff: BackoffPolicy | None = None,
+        tls: TlsClient | None = None,
     ) -> None:
         if not spec.hello:
             raise ValueError(f"{spec.client_id}: a TCP device must send HELLO (hello=True)")
         super().__init__(spec, backoff=backoff)
         self.host = host
         self.port = port
+        # Made now, so a certificate that cannot be used fails before anything runs.
+        self.ssl = None if tls is None else tls.context(spec.client_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, run sessions and reconnect until ``stop`` is set or a fatal ERROR."""
@@ -177,7 +235,8 @@ class TcpDevice(DeviceDriver):
             try:
                 opened = await _unless_stopped(
                     asyncio.wait_for(
-                        asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT
+                        asyncio.open_connection(self.host, self.port, ssl=self.ssl),
+                        CONNECT_TIMEOUT,
                     ),
                     stop,
                 )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from frames.backoff import BackoffPolicy
 
-from .drivers import DeviceDriver, PtyDevice, TcpDevice
+from .drivers import DeviceDriver, PtyDevice, TcpDevice, TlsClient
 from .faults import FaultCounters
 from .handshake import error_name
 from .spec import DeviceSpec
@@ -88,6 +88,7 @@ class Simulation:
         gateway: tuple[str, int] | None = None,
         serial: bool = False,
         backoff: BackoffPolicy | None = None,
+        tls: TlsClient | None = None,
     ) -> None:
         self.devices: list[DeviceDriver] = []
         if serial:
@@ -101,7 +102,7 @@ class Simulation:
             if gateway is None:
                 raise ValueError("TCP devices need the gateway's (host, port)")
             host, port = gateway
-            self.devices = [TcpDevice(spec, host, port, backoff=backoff) for spec in specs]
+            self.devices = [TcpDevice(spec, host, port, backoff=backoff, tls=tls) for spec in specs]
 
     @property
     def pty_devices(self) -> list[PtyDevice]:
@@ -158,6 +159,10 @@ async def run_devices(
     stop: asyncio.Event,
     *,
     backoff: BackoffPolicy | None = None,
+    tls: TlsClient | None = None,
 ) -> SimulationStats:
-    """Run ``specs`` as TCP devices against the gateway until ``stop`` is set; return totals."""
-    return await Simulation(specs, gateway=(gateway_host, gateway_port), backoff=backoff).run(stop)
+    """Run ``specs`` as TCP devices against the gateway until ``stop`` is set; return totals.
+
+    ``tls``: connect with TLS (docs/tls.md)."""
+    simulation = Simulation(specs, gateway=(gateway_host, gateway_port), backoff=backoff, tls=tls)
+    return await simulation.run(stop)

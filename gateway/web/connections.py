@@ -235,23 +235,34 @@ class HttpConnectionCap:
         return make
 
 
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+
 class CappedSite(web.BaseSite):
     """A TCP site, as aiohttp's ``TCPSite``, whose connections pass an ``HttpConnectionCap``."""
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, cap: HttpConnectionCap
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        cap: HttpConnectionCap,
+        *,
+        wrap: Callable[[ProtocolFactory], ProtocolFactory] | None = None,
     ) -> None:
         super().__init__(runner, backlog=1024)
         self._host = host
         self._port = port
         self._cap = cap
+        # TLS (docs/tls.md): wraps the factory so each connection handshakes first.
+        self._wrap = wrap
         self._listener: asyncio.Server | None = None
 
     @property
     def name(self) -> str:
         """The URL it serves, as aiohttp's sites name themselves."""
         host, port = self.address if self._listener is not None else (self._host, self._port)
-        return f"http://{host}:{port}"
+        return f"{'https' if self._wrap else 'http'}://{host}:{port}"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -266,8 +277,11 @@ class CappedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        factory = self._cap.factory(server)
+        if self._wrap is not None:
+            factory = self._wrap(factory)
         self._listener = await loop.create_server(
-            self._cap.factory(server), self._host, self._port, backlog=self._backlog
+            factory, self._host, self._port, backlog=self._backlog
         )
         self._server = self._listener  # what BaseSite.stop closes
 

@@ -29,6 +29,8 @@ from gateway.config import (
     ProtocolSection,
     SerialSection,
     StorageSection,
+    TlsListenerSection,
+    TlsSection,
     build_config,
     load_file,
 )
@@ -442,6 +444,9 @@ SECTIONS: dict[str, type[Any]] = {
     "[storage]": StorageSection,
     '[labels."ID"]': LabelsSection,
     '[protocols."NAME"]': ProtocolSection,
+    "[tls]": TlsSection,
+    "[tls.http]": TlsListenerSection,
+    "[tls.devices]": TlsListenerSection,
 }
 
 
