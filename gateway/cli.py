@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
     )
+    serve.add_argument(
+        "--cluster",
+        metavar="URL",
+        help="redis://HOST:PORT/DB or rediss://...: join the cluster on that Redis "
+        "(docs/cluster.md; password from IOT_GATEWAY_CLUSTER_PASSWORD or the config file)",
+    )
+    serve.add_argument("--node-id", metavar="NAME", help="this node's name in the cluster")
+    serve.add_argument(
+        "--cluster-prefix", metavar="P", help="prefix of the cluster's Redis keys (default iotgw)"
+    )
     simulate = sub.add_parser(
         "simulate",
         help="run simulated devices against a gateway",
@@ -201,6 +211,9 @@ def load_config(
         "devices.token": args.device_token,
         "demo": args.demo,
         "log_level": args.log_level,
+        "cluster.url": args.cluster,
+        "cluster.node_id": args.node_id,
+        "cluster.prefix": args.cluster_prefix,
     }
     if args.serial:
         ports = [SerialPortConfig.parse(spec) for spec in args.serial]

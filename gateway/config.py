@@ -21,6 +21,7 @@ from devices.config import MAX_CONNECTIONS
 from frames import FrameOptions, valid_client_id
 from frames.backoff import BackoffPolicy
 
+from .cluster.config import ClusterConfig
 from .hub import HubConfig
 from .hub.registry import check_labels
 from .storage import StorageConfig
@@ -119,6 +120,8 @@ class HttpSection:
 
 # [storage] is the storage engine's own settings: each default written once.
 StorageSection = StorageConfig
+#: ``[cluster]``: N nodes as one gateway through Redis (docs/cluster.md).
+ClusterSection = ClusterConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,7 @@ class GatewayConfig:
     dashboards: DashboardsSection = field(default_factory=DashboardsSection)
     http: HttpSection = field(default_factory=HttpSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     # ---- what the other layers take ------------------------------------------------------------
 
@@ -197,6 +201,7 @@ ENV_SECRETS = {
     "IOT_GATEWAY_TOKEN": ("auth", "token"),
     "IOT_GATEWAY_VIEWER_TOKEN": ("auth", "viewer_token"),
     "IOT_GATEWAY_DEVICE_TOKEN": ("devices", "token"),
+    "IOT_GATEWAY_CLUSTER_PASSWORD": ("cluster", "password"),
 }
 
 
@@ -434,6 +439,15 @@ def _check(config: GatewayConfig, source: str) -> None:
             raise bad(f"{key} must not be empty (leave it out to have one generated)")
     if a.token and a.token == a.viewer_token:
         raise bad("auth.token and auth.viewer_token must differ")
+    problem = config.cluster.check()
+    if problem is not None:
+        raise bad(problem)
+    if config.cluster.url is not None and not a.token:
+        # A generated token differs per node: a dashboard could not move between them.
+        raise bad(
+            "cluster.url (--cluster) needs an operator token, the same on every node "
+            "(--token, IOT_GATEWAY_TOKEN or auth.token)"
+        )
     for i, port in enumerate(config.serial):
         if not port.url:
             raise bad(f"serial[{i}].url is required")

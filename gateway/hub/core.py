@@ -270,6 +270,8 @@ class Hub:
             self._admitting.discard(info.client_id)
             ts = now_ms()
             state = self.registry.online(info, ts)
+            if self.engine.clustered:
+                state.node = self.engine.node
             self.metrics.devices_online.set(self.registry.online_count())
             self.engine.publish_presence(
                 Presence(state.device, state.protocol, True, ts, "connected"), state.record(ts)
@@ -307,7 +309,20 @@ class Hub:
             self.metrics.observe_pipeline(asyncio.get_running_loop().time() - received)
 
     def deliver_presence(self, presence: Presence) -> None:
-        """Tell the device's subscribers."""
+        """Tell the device's subscribers (and, from another node, update the registry)."""
+        if presence.node and presence.node != self.engine.node:
+            known = self.registry.remote(
+                presence.device,
+                presence.protocol,
+                presence.node,
+                presence.online,
+                presence.ts,
+                presence.reason,
+                presence.transport,
+            )
+            self.metrics.devices_online.set(self.registry.online_count())
+            if known is None:
+                return
         subscribers = self.subscriptions.subscribers(presence.device, presence.protocol)
         if subscribers:
             text = presence_text(
@@ -316,6 +331,12 @@ class Hub:
             # A copy: a dashboard whose control queue overflows leaves the index now.
             for d in tuple(subscribers):
                 d.push_control(text)
+
+    def replaced(self, device: str) -> None:
+        """Close this node's session of ``device`` (ERROR REPLACED): it moved to another node."""
+        replace = getattr(self.commands.links, "replace", None)
+        if replace is not None:
+            replace(device)
 
     def _tell(self, device: str, protocol: str, text: str) -> None:
         """A control message about a device, to the dashboards subscribed to it."""

@@ -1,0 +1,141 @@
+"""Nodes of one cluster act as one gateway (docs/cluster.md).
+
+Real redis-server, real ``serve`` processes, devices and dashboards over
+real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+import frames
+from tests.cluster.conftest import NodeFactory
+from tests.resilience.support import Telemetry, connect_dashboard, connect_device, data_frame
+from tests.support.wait import wait_until
+
+
+async def test_device_on_a_dashboards_on_b_and_c_see_the_same(nodes: NodeFactory) -> None:
+    a, b, c = nodes("A"), nodes("B"), nodes("C")
+    await asyncio.gather(a.start(), b.start(), c.start())
+    async with aiohttp.ClientSession() as session:
+        on_b = Telemetry(await connect_dashboard(b, session))
+        on_c = Telemetry(await connect_dashboard(c, session))
+        dev = await connect_device(a, "cl-1")
+        for seq in range(1, 31):
+            dev.send_raw(data_frame(seq, 20.0 + seq))
+        await on_b.wait_for(lambda: on_b.count("cl-1") >= 30)
+        await on_c.wait_for(lambda: on_c.count("cl-1") >= 30)
+        offsets = on_b.offsets("cl-1")
+        assert offsets == on_c.offsets("cl-1")
+        assert len(offsets) == 30
+        assert offsets == sorted(set(offsets)), "strictly increasing"
+        # The presence of a device of A reached B's dashboard too.
+        assert any(
+            m.get("op") == "presence" and m["device"] == "cl-1" and m["online"] for m in on_b.other
+        )
+        # Every node lists the device, with the node that holds it.
+        for gw in (a, b, c):
+            entry = await gw.get_json("/api/devices/cl-1")
+            assert entry["online"] is True, (gw.name, entry)
+            assert entry["node"] == "A", (gw.name, entry)
+            assert entry["last"]["offset"] == offsets[-1], (gw.name, entry)
+        health = await c.get_json("/healthz")
+        assert health["cluster"]["node"] == "C"
+        assert health["cluster"]["state"] == "ok"
+
+        async def three_nodes() -> bool:
+            return (await c.get_json("/healthz"))["cluster"]["nodes"] == ["A", "B", "C"]
+
+        await wait_until(three_nodes, "C seeing nodes A, B and C")
+        await dev.aclose()
+
+
+async def test_dashboard_moves_from_b_to_c_with_since(nodes: NodeFactory) -> None:
+    a, b, c = nodes("A"), nodes("B"), nodes("C")
+    await asyncio.gather(a.start(), b.start(), c.start())
+    async with aiohttp.ClientSession() as session:
+        whole = Telemetry(await connect_dashboard(a, session))
+        first = Telemetry(await connect_dashboard(b, session))
+        dev = await connect_device(a, "mover")
+        for seq in range(1, 21):
+            dev.send_raw(data_frame(seq))
+        await first.wait_for(lambda: first.count("mover") >= 20)
+        seen = first.offsets("mover")
+        await first.aclose()
+        for seq in range(21, 41):
+            dev.send_raw(data_frame(seq))
+        await whole.wait_for(lambda: whole.count("mover") >= 40)
+        second = Telemetry(
+            await connect_dashboard(c, session, {"device": "mover", "since": seen[-1]})
+        )
+        for seq in range(41, 51):
+            dev.send_raw(data_frame(seq))
+        await whole.wait_for(lambda: whole.count("mover") >= 50)
+        await second.wait_for(lambda: second.count("mover") >= 30)
+        assert seen + second.offsets("mover") == whole.offsets("mover")
+        await dev.aclose()
+
+
+async def test_takeover_from_a_to_b(nodes: NodeFactory) -> None:
+    a, b, c = nodes("A"), nodes("B"), nodes("C")
+    await asyncio.gather(a.start(), b.start(), c.start())
+    async with aiohttp.ClientSession() as session:
+        watch = Telemetry(await connect_dashboard(c, session))
+        old = await connect_device(a, "mover-2")
+        await watch.wait_for(
+            lambda: any(m.get("op") == "presence" for m in watch.other), what="online from A"
+        )
+        new = await connect_device(b, "mover-2")
+        error = await old.expect(frames.Error)
+        assert error.code == frames.ErrorCode.REPLACED
+        new.send_raw(data_frame(1))
+        await watch.wait_for(lambda: watch.count("mover-2") >= 1)
+
+        async def on_b() -> bool:
+            entry = await c.get_json("/api/devices/mover-2")
+            return bool(entry["online"] and entry["node"] == "B")
+
+        await wait_until(on_b, "C listing mover-2 online on B")
+        for gw in (a, b):
+            entry = await gw.get_json("/api/devices/mover-2")
+            assert entry["online"] is True, (gw.name, entry)
+            assert entry["node"] == "B", (gw.name, entry)
+        presence = [m for m in watch.other if m.get("op") == "presence"]
+        assert [p["online"] for p in presence] == [True, True], presence
+        await new.aclose()
+
+
+async def test_kill9_node_lost_and_clean_stop_shutdown(nodes: NodeFactory) -> None:
+    a, b, c = nodes("A"), nodes("B"), nodes("C")
+    await asyncio.gather(a.start(), b.start(), c.start())
+    async with aiohttp.ClientSession() as session:
+        watch = Telemetry(await connect_dashboard(b, session))
+        await connect_device(a, "on-a")
+        await connect_device(c, "on-c")
+
+        def offline(device: str) -> list[str]:
+            return [
+                m["reason"]
+                for m in watch.other
+                if m.get("op") == "presence" and m["device"] == device and not m["online"]
+            ]
+
+        await watch.wait_for(
+            lambda: sum(m.get("op") == "presence" for m in watch.other) >= 2, what="both online"
+        )
+        await a.kill()
+        await watch.wait_for(lambda: bool(offline("on-a")), 15, "node_lost of on-a")
+        assert offline("on-a") == ["node_lost"]
+        entry = await b.get_json("/api/devices/on-a")
+        assert entry["online"] is False
+        assert entry["offline_reason"] == "node_lost"
+        await c.stop()
+        await watch.wait_for(lambda: bool(offline("on-c")), 15, "offline of on-c")
+        assert offline("on-c") == ["shutdown"]
+
+        async def alone() -> bool:
+            return (await b.get_json("/healthz"))["cluster"]["nodes"] == ["B"]
+
+        await wait_until(alone, "B seeing only itself", timeout=15)
