@@ -46,7 +46,7 @@ async def test_device_on_a_dashboards_on_b_and_c_see_the_same(nodes: NodeFactory
         assert health["cluster"]["state"] == "ok"
 
         async def three_nodes() -> bool:
-            return (await c.get_json("/healthz"))["cluster"]["nodes"] == ["A", "B", "C"]
+            return bool((await c.get_json("/healthz"))["cluster"]["nodes"] == ["A", "B", "C"])
 
         await wait_until(three_nodes, "C seeing nodes A, B and C")
         await dev.aclose()
@@ -136,6 +136,6 @@ async def test_kill9_node_lost_and_clean_stop_shutdown(nodes: NodeFactory) -> No
         assert offline("on-c") == ["shutdown"]
 
         async def alone() -> bool:
-            return (await b.get_json("/healthz"))["cluster"]["nodes"] == ["B"]
+            return bool((await b.get_json("/healthz"))["cluster"]["nodes"] == ["B"])
 
         await wait_until(alone, "B seeing only itself", timeout=15)
