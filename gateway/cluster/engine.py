@@ -96,6 +96,11 @@ class RedisEngine:
         self._k_seq, self._k_log = f"{p}:seq", f"{p}:log"
         self._k_dev, self._k_owner = f"{p}:dev", f"{p}:owner"
         self._k_fence, self._k_nodes = f"{p}:fence", f"{p}:nodes"
+        self._k_inbox = self._inbox(self._node)
+        self._inbox_cursor = f"{_now_ms()}-0"  # entries from before this start are stale
+        # Commands this node forwarded, by command_id: where their statuses go,
+        # and the first one awaited by ``forward_command``.
+        self._forwarded: dict[str, tuple[StatusCallback, asyncio.Future[CommandStatus | None]]] = {}
         self._sink: EngineSink | None = None
         self._r: aioredis.Redis | None = None
         self._rx: aioredis.Redis | None = None
@@ -166,6 +171,9 @@ class RedisEngine:
         self._failing = f"cluster_unavailable: {what}: {e}"
         if first:
             log.warning("cluster: %s failed: %s", what, e)
+
+    def _inbox(self, node: str) -> str:
+        return f"{self.config.prefix}:inbox:{node}"
 
     # ---- life cycle -----------------------------------------------------------------------------
 
@@ -311,7 +319,9 @@ class RedisEngine:
             try:
                 assert self._rx is not None
                 reply = await self._rx.xread(
-                    {self._k_log: f"{self._cursor}-0"}, count=_READ_COUNT, block=block_ms
+                    {self._k_log: f"{self._cursor}-0", self._k_inbox: self._inbox_cursor},
+                    count=_READ_COUNT,
+                    block=block_ms,
                 )
             except (RedisError, OSError) as e:
                 self._fail("reading the log", e)
@@ -320,7 +330,12 @@ class RedisEngine:
             backoff.reset()
             self._ok()
             streams: Any = reply or []
-            for _, entries in streams:
+            for stream, entries in streams:
+                if stream == self._k_inbox:
+                    for entry_id, fields in entries:
+                        self._inbox_cursor = entry_id
+                        self._message(fields)
+                    continue
                 for entry_id, fields in entries:
                     self._entry(int(entry_id.split("-", 1)[0]), fields)
 
@@ -613,8 +628,89 @@ class RedisEngine:
     async def forward_command(
         self, device: str, body: bytes, reply: StatusCallback, command_id: str | None = None
     ) -> CommandStatus | None:
-        """Not forwarded yet (docs/cluster.md, "Not yet"): the command is queued."""
-        return None
+        """Through the holding node's inbox; its statuses come back through this node's.
+
+        None when no other node holds the device (the hub queues the command).
+        ``rejected`` with ``cluster_unavailable`` while Redis cannot be reached;
+        ``timeout`` when the holding node does not answer.
+        """
+        if command_id is None:
+            return None
+        r = self._r
+        try:
+            if r is None or self.degraded:
+                raise RedisError(self._failing or "redis unreachable")
+            found = await r.hget(self._k_owner, device)
+            if found is None:
+                return None
+            holder = found if isinstance(found, str) else found.decode()
+            if holder == self._node:
+                return None
+            first: asyncio.Future[CommandStatus | None] = asyncio.get_running_loop().create_future()
+            self._forwarded[command_id] = (reply, first)
+            await r.xadd(
+                self._inbox(holder),
+                {"k": "c", "c": command_id, "d": device, "b": body.hex(), "f": self._node},
+                maxlen=10_000,
+                approximate=True,
+            )
+        except (RedisError, OSError) as e:
+            self._forwarded.pop(command_id or "", None)
+            reply({"status": str(CommandStatus.REJECTED), "error": f"cluster_unavailable: {e}"})
+            return CommandStatus.REJECTED
+        try:
+            status = await asyncio.wait_for(asyncio.shield(first), self.config.node_lost_after)
+        except TimeoutError:
+            self._forwarded.pop(command_id, None)
+            reply({"status": str(CommandStatus.TIMEOUT), "error": f"node {holder} did not answer"})
+            return CommandStatus.TIMEOUT
+        if status is None:
+            self._forwarded.pop(command_id, None)
+        return status
+
+    def _message(self, f: dict[str, str]) -> None:
+        """An entry of this node's inbox: a command to run, or a status of one forwarded."""
+        kind = f.get("k")
+        command_id = f.get("c", "")
+        if kind == "c":
+            run = getattr(self._sink, "run_forwarded", None)
+            origin = f.get("f", "")
+            if run is None or not origin:
+                return
+            try:
+                body = bytes.fromhex(f.get("b", ""))
+            except ValueError:
+                return
+
+            def answer(status: str, extra: dict[str, Any]) -> None:
+                fields = {"k": "s", "c": command_id, "s": status, "x": _encode(extra)}
+                self._op(lambda: self._answer(origin, fields))
+
+            run(f.get("d", ""), body, answer)
+        elif kind == "s":
+            waiting = self._forwarded.get(command_id)
+            if waiting is None:
+                return
+            reply, first = waiting
+            status = f.get("s", "")
+            if status == "gone":
+                if not first.done():
+                    first.set_result(None)
+                return
+            try:
+                extra = json.loads(f.get("x", "{}"))
+                value = CommandStatus(status)
+            except ValueError:
+                return
+            reply({"status": status, **extra})
+            if not first.done():
+                first.set_result(value)
+            if value not in (CommandStatus.SENT, CommandStatus.QUEUED):
+                self._forwarded.pop(command_id, None)
+
+    async def _answer(self, origin: str, fields: dict[str, str]) -> None:
+        assert self._r is not None
+        await self._r.xadd(self._inbox(origin), fields, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
 
 
 def _presence(device: str, e: dict[str, Any], node: str) -> Presence:

@@ -294,7 +294,13 @@ class CommandRouter:
             else:
                 return self._sent(handle, report, f"ack {device}")
         elif state.online:
-            forwarded = await self.engine.forward_command(device, body, reply, command_id)
+            # Each status the holding node reports goes through this node's
+            # reporter: counted, kept in its command log, sent with the caller's id.
+            def relay(message: dict[str, Any]) -> None:
+                extra = {k: message[k] for k in ("code", "error") if k in message}
+                report(CommandStatus(message["status"]), **extra)
+
+            forwarded = await self.engine.forward_command(device, body, relay, command_id)
             if forwarded is not None:
                 return forwarded
         return await self._enqueue(request, device, body, reply, report, command_id)
@@ -333,6 +339,42 @@ class CommandRouter:
         request_id = request.request_id
         self._owners[queued.key] = lambda m: reply({**m, "id": request_id})
         return report(CommandStatus.QUEUED)
+
+    def run_forwarded(
+        self, device: str, body: bytes, answer: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        """Another node's command for a device whose link is on this node (docs/cluster.md).
+
+        Each status goes to ``answer`` (``sent``, then ``acked``, ``nacked`` or
+        ``timeout``, with ``code``/``error``); ``gone`` when the device has no
+        link here any more (the other node then queues the command).
+        """
+        self._spawn(self._run_forwarded(device, body, answer), f"forwarded {device}")
+
+    async def _run_forwarded(
+        self, device: str, body: bytes, answer: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        links = self.links
+        if links is None or not links.is_online(device):
+            answer("gone", {})
+            return
+        try:
+            handle = await links.send_command(device, body)
+        except DeviceNotOnline:
+            answer("gone", {})
+            return
+        except (OSError, TimeoutError) as e:
+            answer(str(CommandStatus.TIMEOUT), {"error": _write_error(e)})
+            return
+        if not (handle.seq < 0 and handle.result.done()):
+            answer(str(CommandStatus.SENT), {})
+        result = await handle.result
+        extra: dict[str, Any] = {}
+        if result.code is not None:
+            extra["code"] = result.code
+        if result.error is not None:
+            extra["error"] = result.error
+        answer(str(result.status), extra)
 
     def _sent(
         self, handle: CommandHandle, report: Callable[..., CommandStatus], name: str

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,6 +331,12 @@ class Hub:
             # A copy: a dashboard whose control queue overflows leaves the index now.
             for d in tuple(subscribers):
                 d.push_control(text)
+
+    def run_forwarded(
+        self, device: str, body: bytes, answer: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        """Another node's command for one of this node's devices (the cluster engine's)."""
+        self.commands.run_forwarded(device, body, answer)
 
     def replaced(self, device: str) -> None:
         """Close this node's session of ``device`` (ERROR REPLACED): it moved to another node."""

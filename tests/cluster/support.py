@@ -8,12 +8,14 @@ module's server without flushing anything.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from tests.support.gateway import GatewayProcess
 from tests.support.wait import wait_until_sync
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -93,3 +95,13 @@ class RedisServer:
             except AssertionError:  # the port not free again yet
                 continue
         self.start()
+
+
+async def listed(
+    gw: GatewayProcess, device: str, *, online: bool = True, node: str | None = None
+) -> bool:
+    """True when ``gw`` lists ``device`` as (not) online, on ``node`` when given."""
+    status, entry = await asyncio.to_thread(gw.request_sync, "GET", f"/api/devices/{device}")
+    if status != 200:
+        return False
+    return bool(entry["online"] is online and (node is None or entry.get("node") == node))
