@@ -54,6 +54,8 @@ _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
 # Redis unreachable this long: /healthz says degraded (docs/cluster.md).
 _DEGRADED_AFTER = 2.0
+# Seconds a command's statuses stay in Redis for other nodes' GET /api/commands/{id}.
+_COMMAND_LOG_TTL = 7 * 24 * 3600
 
 
 def _now_ms() -> int:
@@ -584,12 +586,46 @@ class RedisEngine:
     # ---- commands: kept by the node that took them ----------------------------------------------
 
     def log_command(self, event: CommandEvent) -> None:
-        """Locally."""
+        """Locally, durably, and to Redis so that every node answers for it."""
         self.local.log_command(event)
+        self._op(lambda: self._share_log(event))
+
+    async def _share_log(self, event: CommandEvent) -> None:
+        assert self._r is not None
+        key = f"{self.config.prefix}:cmd:{event.gateway_id}"
+        row = _encode(
+            {
+                "id": event.request_id,
+                "device": event.device,
+                "status": event.status,
+                "ts": event.ts,
+                **event.extra,
+            }
+        )
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, row)
+            pipe.expire(key, _COMMAND_LOG_TTL)
+            await pipe.execute()
 
     async def command_log(self, gateway_id: str) -> CommandLog | None:
-        """Locally."""
-        return await self.local.command_log(gateway_id)
+        """This node's, else the one another node shared through Redis."""
+        found = await self.local.command_log(gateway_id)
+        if found is not None or self._r is None:
+            return found
+        try:
+            rows = await self._r.lrange(f"{self.config.prefix}:cmd:{gateway_id}", 0, -1)
+        except (RedisError, OSError):
+            return None
+        if not rows:
+            return None
+        history = [json.loads(row) for row in rows]
+        first = history[0]
+        for entry in history:
+            entry.pop("id", None)
+            entry.pop("device", None)
+        return CommandLog(
+            gateway_id, first.get("id"), str(first.get("device")), history[-1]["status"], history
+        )
 
     async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
         """Locally, durably."""

@@ -401,6 +401,70 @@ class CommandRouter:
         self._deliveries[device] = task
         task.add_done_callback(partial(self._delivery_ended, device))
 
+    def device_elsewhere(self, device: str) -> None:
+        """The device came online on another cluster node: the commands queued on this
+        node for it are forwarded there, oldest first (docs/cluster.md)."""
+        previous = self._deliveries.get(device)
+        task = self._spawn(self._deliver_remote(device, previous), f"forward queue {device}")
+        self._deliveries[device] = task
+        task.add_done_callback(partial(self._delivery_ended, device))
+
+    def _elsewhere(self, device: str) -> bool:
+        state = self.registry.get(device)
+        return (
+            state is not None
+            and state.online
+            and state.node is not None
+            and state.node != self.engine.node
+        )
+
+    async def _deliver_remote(self, device: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        page_size = max(1, self._settings().delivery_page)
+        after = 0
+        try:
+            while self._elsewhere(device):
+                page = await self.engine.pending_commands(
+                    device, now_ms(), after=after, limit=page_size
+                )
+                if not page:
+                    return
+                after = page[-1].key
+                for cmd in page:
+                    if not self._elsewhere(device):
+                        return
+                    # Durable before it leaves: written at most once, as locally.
+                    if not await self.engine.mark_sending([cmd.key]):
+                        continue
+                    if not await self._forward_queued(device, cmd):
+                        await self.engine.unmark_sending([cmd.key])
+                        return
+                    await self.engine.remove_commands([cmd.key])
+        except StoreError as e:
+            self._delivery_faults.failed(e)
+
+    async def _forward_queued(self, device: str, cmd: QueuedCommand) -> bool:
+        """One queued command to the node holding the device; False if it never left."""
+        reporter: list[Callable[..., CommandStatus]] = []
+        unavailable = False
+
+        def relay(message: dict[str, Any]) -> None:
+            nonlocal unavailable
+            error = message.get("error")
+            if message["status"] == "rejected" and str(error).startswith("cluster_unavailable"):
+                unavailable = True  # never sent: it stays queued
+                return
+            if not reporter:
+                reporter.append(self._queued_reporter(cmd))
+            extra = {k: message[k] for k in ("code", "error") if k in message}
+            reporter[0](CommandStatus(message["status"]), **extra)
+
+        status = await self.engine.forward_command(
+            device, cmd.body, relay, cmd.gateway_id or new_command_id()
+        )
+        return status is not None and not unavailable
+
     def _delivery_ended(self, device: str, task: asyncio.Task[None]) -> None:
         if self._deliveries.get(device) is task:
             del self._deliveries[device]

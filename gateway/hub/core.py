@@ -323,6 +323,8 @@ class Hub:
             self.metrics.devices_online.set(self.registry.online_count())
             if known is None:
                 return
+            if presence.online:
+                self.commands.device_elsewhere(presence.device)
         subscribers = self.subscriptions.subscribers(presence.device, presence.protocol)
         if subscribers:
             text = presence_text(

@@ -11,6 +11,7 @@ import asyncio
 from functools import partial
 
 import aiohttp
+import pytest
 
 import frames
 from tests.cluster.conftest import NodeFactory
@@ -103,3 +104,44 @@ async def test_group_command_across_nodes_one_status_per_device(nodes: NodeFacto
         assert statuses == {d: ["sent", "acked"] for d in devices}, statuses
         for dev in devices.values():
             await dev.aclose()
+
+
+async def test_queued_through_b_delivered_on_c_once(nodes: NodeFactory) -> None:
+    a, b, c = nodes("A"), nodes("B"), nodes("C")
+    await asyncio.gather(a.start(), b.start(), c.start())
+    async with aiohttp.ClientSession() as session:
+        dash = await connect_dashboard(b, session, {"device": "sleepy"})
+        dev = await connect_device(a, "sleepy")
+        await wait_until(partial(listed, b, "sleepy", node="A"), "sleepy online, seen from B")
+        await dev.aclose()
+        await wait_until(partial(listed, b, "sleepy", online=False), "sleepy offline, seen from B")
+        for i in range(3):
+            await dash.send(
+                {
+                    "op": "command",
+                    "id": i,
+                    "device": "sleepy",
+                    "command": {"name": "set_interval", "args": {"seconds": 10 + i}},
+                }
+            )
+            assert (await dash.expect("command_status", id=i))["status"] == "queued"
+        back = await connect_device(c, "sleepy")
+        got = []
+        for _ in range(3):
+            command = await back.expect(frames.Command, timeout=15)
+            got.append(command.body)
+            back.send(frames.Ack(command.seq, 0))
+        assert len(set(got)) == 3
+        last = None
+        for i in range(3):
+            assert (await dash.expect("command_status", id=i))["status"] == "sent"
+            last = await dash.expect("command_status", id=i)
+            assert last["status"] == "acked", last
+        assert last is not None
+        # Once: nothing more reaches the device.
+        with pytest.raises(TimeoutError):
+            await back.expect(frames.Command, timeout=1.5)
+        # Any node answers for the command.
+        entry = await a.get_json(f"/api/commands/{last['command_id']}")
+        assert entry["status"] == "acked", entry
+        await back.aclose()
