@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -118,6 +118,8 @@ class RedisEngine:
         # When each own message was decoded: the pipeline latency is observed
         # when it comes back from the log.
         self._received: dict[tuple[str, int, int], float] = {}
+        # Own messages already delivered here unsequenced (Redis was away).
+        self._shown: set[tuple[str, int, int]] = set()
         # This node's online devices: their fences and what reseeds Redis.
         self._mine: dict[str, tuple[Presence, DeviceRecord]] = {}
         self._fences: dict[str, str] = {}
@@ -173,6 +175,9 @@ class RedisEngine:
         self._failing = f"cluster_unavailable: {what}: {e}"
         if first:
             log.warning("cluster: %s failed: %s", what, e)
+            # What waits for its offset reaches this node's dashboards now.
+            for event, data_json in list(self._outbox):
+                self._show(event, data_json)
 
     def _inbox(self, node: str) -> str:
         return f"{self.config.prefix}:inbox:{node}"
@@ -270,12 +275,29 @@ class RedisEngine:
         """To the spool; the sequencer task gives it its offset. Never blocks."""
         outbox = self._outbox
         if len(outbox) >= max(self.config.spool, _BATCH):
-            outbox.popleft()
+            gone, _ = outbox.popleft()
+            self._shown.discard((gone.client_id, gone.seq, gone.ts))
             self.counters.spool_dropped += 1
-        outbox.append((event, _encode(event.data)))
+        data_json = _encode(event.data)
+        outbox.append((event, data_json))
         if event.received:
             self._received[(event.client_id, event.seq, event.ts)] = event.received
+        if self._failing is not None:
+            self._show(event, data_json)
         self._wake.set()
+
+    def _show(self, event: DeviceTelemetry, data_json: str) -> None:
+        """Deliver an own message to this node's dashboards before it has an offset
+        (``"offset": null``): Redis is away (docs/cluster.md, "Degraded mode")."""
+        key = (event.client_id, event.seq, event.ts)
+        if key in self._shown or self._sink is None:
+            return
+        self._shown.add(key)
+        # Not yet sequenced: None where the offset goes (the hub sends it as null).
+        record = TelemetryRecord(
+            cast(int, None), event.client_id, event.protocol, event.ts, event.seq, event.data
+        )
+        self._sink.deliver_telemetry(record, data_json, 0.0)
 
     def _floor(self) -> int:
         # Microseconds of wall clock, or above what this node has seen (a
@@ -302,7 +324,8 @@ class RedisEngine:
                     # Back to the front, in order, for the next attempt.
                     outbox.extendleft(reversed(batch))
                     while len(outbox) > max(cfg.spool, _BATCH):
-                        outbox.popleft()
+                        gone, _ = outbox.popleft()
+                        self._shown.discard((gone.client_id, gone.seq, gone.ts))
                         self.counters.spool_dropped += 1
                     await backoff.wait()
                     continue
@@ -358,10 +381,16 @@ class RedisEngine:
                 log.warning("cluster: malformed telemetry entry %s skipped", offset)
                 return
             received = 0.0
+            shown = False
             if f.get("n") == self._node:
-                received = self._received.pop((record.device, record.seq, record.ts), 0.0)
+                key = (record.device, record.seq, record.ts)
+                received = self._received.pop(key, 0.0)
+                if self._shown:
+                    # Delivered here already, with a null offset: not again.
+                    shown = key in self._shown
+                    self._shown.discard(key)
             self.local.storage.append_telemetry(record, f["j"])
-            if sink is not None:
+            if sink is not None and not shown:
                 sink.deliver_telemetry(record, f["j"], received)
         elif kind == "p":
             node = f.get("n", "")
