@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 import frames
 from tests.cluster.conftest import NodeFactory
@@ -49,6 +50,12 @@ async def test_device_on_a_dashboards_on_b_and_c_see_the_same(nodes: NodeFactory
             return bool((await c.get_json("/healthz"))["cluster"]["nodes"] == ["A", "B", "C"])
 
         await wait_until(three_nodes, "C seeing nodes A, B and C")
+        metrics_a, metrics_c = await a.metrics(), await c.metrics()
+        assert metrics_a.value("iot_cluster_sequenced_total") >= 30
+        assert metrics_c.value("iot_cluster_sequenced_total") == 0
+        assert metrics_c.value("iot_cluster_log_read_total") >= 31  # presence too
+        assert metrics_c.value("iot_cluster_nodes") == 3
+        assert metrics_c.value("iot_cluster_degraded") == 0
         await dev.aclose()
 
 
@@ -131,6 +138,23 @@ async def test_kill9_node_lost_and_clean_stop_shutdown(nodes: NodeFactory) -> No
         entry = await b.get_json("/api/devices/on-a")
         assert entry["online"] is False
         assert entry["offline_reason"] == "node_lost"
+        # Queued through C meanwhile; the device comes back on B: delivered once.
+        status, queued = await c.post_json(
+            "/api/devices/on-a/commands", {"command": {"name": "reboot"}}
+        )
+        assert (status, queued["status"]) == (202, "queued"), queued
+        back = await connect_device(b, "on-a")
+        command = await back.expect(frames.Command, timeout=15)
+        back.send(frames.Ack(command.seq, 0))
+
+        async def acked() -> bool:
+            entry = await c.get_json(f"/api/commands/{queued['command_id']}")
+            return bool(entry["status"] == "acked")
+
+        await wait_until(acked, "the queued command acked, in C's command log")
+        with pytest.raises(TimeoutError):
+            await back.expect(frames.Command, timeout=1.0)
+        await back.aclose()
         await c.stop()
         await watch.wait_for(lambda: bool(offline("on-c")), 15, "offline of on-c")
         assert offline("on-c") == ["shutdown"]
