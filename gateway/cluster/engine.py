@@ -313,9 +313,13 @@ class RedisEngine:
             while self._outbox:
                 outbox = self._outbox
                 batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
-                args: list[Any] = [self._floor(), cfg.stream_maxlen, self._node]
-                for event, data_json in batch:
-                    args += [event.client_id, event.protocol, event.ts, event.seq, data_json]
+                # One line per message: its header as a JSON array, a tab (never
+                # raw in JSON), its data as JSON (never a raw newline either).
+                lines = "\n".join(
+                    f"{_encode([e.client_id, e.protocol, e.ts, e.seq])}\t{data_json}"
+                    for e, data_json in batch
+                )
+                args: list[Any] = [self._floor(), cfg.stream_maxlen, self._node, len(batch), lines]
                 try:
                     assert self._r is not None
                     await self._s_telemetry(keys=[self._k_seq, self._k_log], args=args)
@@ -369,30 +373,43 @@ class RedisEngine:
             return
         self._cursor = offset
         self._hwm = max(self._hwm, offset)
-        self.counters.read += 1
         sink = self._sink
         kind = f.get("k")
-        if kind == "t":
+        if kind == "b":
+            own = f.get("n") == self._node
             try:
-                record = TelemetryRecord(
-                    offset, f["d"], f["p"], int(f["t"]), int(f["s"]), json.loads(f["j"])
-                )
+                first = int(f["f"])
+                lines = f["m"].split("\n")
             except (KeyError, ValueError):
                 log.warning("cluster: malformed telemetry entry %s skipped", offset)
                 return
-            received = 0.0
-            shown = False
-            if f.get("n") == self._node:
-                key = (record.device, record.seq, record.ts)
-                received = self._received.pop(key, 0.0)
-                if self._shown:
-                    # Delivered here already, with a null offset: not again.
-                    shown = key in self._shown
-                    self._shown.discard(key)
-            self.local.storage.append_telemetry(record, f["j"])
-            if sink is not None and not shown:
-                sink.deliver_telemetry(record, f["j"], received)
-        elif kind == "p":
+            self.counters.read += len(lines)
+            append = self.local.storage.append_telemetry
+            for i, line in enumerate(lines):
+                try:
+                    head, data_json = line.split("\t", 1)
+                    device, protocol, ts, seq = json.loads(head)
+                    record = TelemetryRecord(
+                        first + i, device, protocol, ts, seq, json.loads(data_json)
+                    )
+                except ValueError:
+                    log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
+                    continue
+                received = 0.0
+                shown = False
+                if own:
+                    key = (device, seq, ts)
+                    received = self._received.pop(key, 0.0)
+                    if self._shown:
+                        # Delivered here already, with a null offset: not again.
+                        shown = key in self._shown
+                        self._shown.discard(key)
+                append(record, data_json)
+                if sink is not None and not shown:
+                    sink.deliver_telemetry(record, data_json, received)
+            return
+        self.counters.read += 1
+        if kind == "p":
             node = f.get("n", "")
             if node == self._node:
                 # Own presence was delivered when it happened; node_lost of this

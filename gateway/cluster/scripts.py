@@ -32,16 +32,17 @@ local function done()
 end
 """
 
-#: Telemetry of one node, in order: ARGV[4..] holds 5 values per message
-#: (device, protocol, ts, seq, data as JSON). Returns the first offset.
+#: A batch of one node's telemetry, in order, as ONE log entry: ARGV[4] is
+#: the number of messages k, ARGV[5] the batch (one line per message). The
+#: messages take offsets first..first+k-1; the entry's id is the last, and
+#: its field ``f`` the first. One XADD per batch: per message, Redis only
+#: counts (a Lua ``XADD`` per message cost 30-100 us here). Returns the first.
 TELEMETRY = (
     _PRELUDE
     + """
 local first = n + 1
-for i = 4, #ARGV, 5 do
-  add('k', 't', 'n', ARGV[3], 'd', ARGV[i], 'p', ARGV[i + 1], 't', ARGV[i + 2],
-      's', ARGV[i + 3], 'j', ARGV[i + 4])
-end
+n = n + tonumber(ARGV[4]) - 1
+add('k', 'b', 'n', ARGV[3], 'f', string.format('%.0f', first), 'm', ARGV[5])
 done()
 return string.format('%.0f', first)
 """
