@@ -59,16 +59,28 @@ def _redis_pid(redis: RedisServer | None) -> list[int]:
 
 
 async def run_once(
-    system: str, devices: int, rate: float, workdir: Path, *, loop: str, measure: float
+    system: str,
+    devices: int,
+    rate: float,
+    workdir: Path,
+    *,
+    loop: str,
+    measure: float,
+    dashboards: int = 0,
 ) -> dict[str, Any]:
-    """One run; every process is stopped before this returns."""
+    """One run; every process is stopped before this returns.
+
+    ``dashboards``: how many (spread over the nodes); 0, one per node.
+    """
     nodes, redis = await _start(system, loop, workdir)
     server_pids = [pid for n in nodes for pid in n.pids] + _redis_pid(redis)
     children: list[Child] = []
-    lat_files = [workdir / f"lat-{i}.bin" for i in range(len(nodes))]
+    count = dashboards or len(nodes)
+    dash_nodes = [nodes[i % len(nodes)] for i in range(count)]
+    lat_files = [workdir / f"lat-{i}.bin" for i in range(count)]
     try:
         dashes = []
-        for i, node in enumerate(nodes):
+        for i, node in enumerate(dash_nodes):
             assert node.http is not None
             dash = await harness.spawn(
                 f"dash-{i}",
@@ -146,14 +158,14 @@ async def run_once(
             redis.stop()
     sent = sum(d["sent_in_window"] for d in done)
     delivered = sum(int(d["in_window"]) for d in dash_done)
-    expected = sent * len(nodes)
+    expected = sent * count
     cpu = harness.cpu_between(before, after)
     redis_cpu = sum(after[p].cpu - before[p].cpu for p in _redis_pid(redis))
     others = harness.others_cpu(
         everyone_before, everyone_after, [*server_pids, *(c.pid for c in children)]
     )
     return {
-        "system": system,
+        "system": system if dashboards == 0 else f"{system}/{count}d",
         "devices": devices,
         "rate_hz": rate,
         "frames_in_per_s": sent / measure,
@@ -171,7 +183,7 @@ async def run_once(
 def _line(r: dict[str, Any]) -> str:
     lat = r["latency"]
     return (
-        f"{r['system']:>7} {r['devices']:>5} dev x {r['rate_hz']:>4g} Hz: "
+        f"{r['system']:>9} {r['devices']:>5} dev x {r['rate_hz']:>4g} Hz: "
         f"in {r['frames_in_per_s']:>7.0f}/s out {r['delivered_per_s']:>7.0f}/s "
         f"lost {r['lost']:>5}  p50 {lat.get('p50_ms', math.nan):6.2f} ms "
         f"p99 {lat.get('p99_ms', math.nan):7.2f} ms  server {r['server_cores']:.2f} cores "
@@ -186,10 +198,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         base = Path(tmp)
         for rep in range(args.repeat):
-            for system in ("single", "cluster"):
+            # single/2d: the single node with as many dashboards as the cluster
+            # has (the same deliveries): the fair baseline per delivered message.
+            for system, dashboards in (("single", 0), ("single", 2), ("cluster", 0)):
                 r = await run_once(
-                    system, args.devices, args.rate, base / f"{system}-{rep}",
-                    loop=args.loop, measure=measure,
+                    system, args.devices, args.rate, base / f"{system}-{dashboards}-{rep}",
+                    loop=args.loop, measure=measure, dashboards=dashboards,
                 )  # fmt: skip
                 runs.append(r)
                 print(_line(r), flush=True)
@@ -214,7 +228,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         med("single", "cpu_us_per_frame_in"),
         med("cluster", "cpu_us_per_frame_in"),
     )
+    single2_in = med("single/2d", "cpu_us_per_frame_in")
     summary = {
+        "single_2_dashboards_us_per_frame_in": single2_in,
+        "ratio_per_frame_in_vs_single_2_dashboards": cluster_in / single2_in,
         "single_us_per_frame_in": single_in,
         "cluster_us_per_frame_in": cluster_in,
         "ratio_per_frame_in": cluster_in / single_in,

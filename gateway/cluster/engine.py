@@ -40,6 +40,7 @@ from ..hub.records import (
 )
 from .config import ClusterConfig
 from .scripts import LEASE, OFFLINE, ONLINE, TELEMETRY
+from .wire import decode_line, encode_batch, split_batch
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 # Telemetry messages per sequencer call: one round trip for a batch.
 _BATCH = 500
-# Entries per XREAD.
-_READ_COUNT = 2000
+# Entries per XREAD (an entry is a presence change or a batch of up to _BATCH
+# messages): small enough that a node catching up yields to its devices.
+_READ_COUNT = 20
 # Seconds the sequencer and the reader wait to let a batch gather: each Redis
 # call costs the node 50-100 us of Python (redis-py), so at a few thousand
 # messages/s one call per message cost 3-4x the single node's CPU per frame.
@@ -320,9 +322,8 @@ class RedisEngine:
                 batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
                 # One line per message: its header as a JSON array, a tab (never
                 # raw in JSON), its data as JSON (never a raw newline either).
-                lines = "\n".join(
-                    f"{_encode([e.client_id, e.protocol, e.ts, e.seq])}\t{data_json}"
-                    for e, data_json in batch
+                lines = encode_batch(
+                    [(e.client_id, e.protocol, e.ts, e.seq, data_json) for e, data_json in batch]
                 )
                 args: list[Any] = [self._floor(), cfg.stream_maxlen, self._node, len(batch), lines]
                 try:
@@ -372,6 +373,9 @@ class RedisEngine:
                     continue
                 for entry_id, fields in entries:
                     self._entry(int(entry_id.split("-", 1)[0]), fields)
+                    if fields.get("k") == "b":
+                        # Between batches, the loop serves devices and the sequencer.
+                        await asyncio.sleep(0)
             if streams:
                 # Let the next read find a few entries rather than one.
                 await asyncio.sleep(_LINGER)
@@ -387,7 +391,7 @@ class RedisEngine:
             own = f.get("n") == self._node
             try:
                 first = int(f["f"])
-                lines = f["m"].split("\n")
+                lines = split_batch(f["m"])
             except (KeyError, ValueError):
                 log.warning("cluster: malformed telemetry entry %s skipped", offset)
                 return
@@ -395,8 +399,7 @@ class RedisEngine:
             append = self.local.storage.append_telemetry
             for i, line in enumerate(lines):
                 try:
-                    head, data_json = line.split("\t", 1)
-                    device, protocol, ts, seq = json.loads(head)
+                    device, protocol, ts, seq, data_json = decode_line(line)
                     record = TelemetryRecord(
                         first + i, device, protocol, ts, seq, json.loads(data_json)
                     )
