@@ -376,8 +376,9 @@ class RedisEngine:
                     if fields.get("k") == "b":
                         # Between batches, the loop serves devices and the sequencer.
                         await asyncio.sleep(0)
-            if streams:
-                # Let the next read find a few entries rather than one.
+            if streams and sum(len(entries) for _, entries in streams) < _READ_COUNT:
+                # Caught up: let the next read find a few entries rather than
+                # one. (Behind, read on at once.)
                 await asyncio.sleep(_LINGER)
 
     def _entry(self, offset: int, f: dict[str, str]) -> None:

@@ -7,6 +7,8 @@ real sockets.
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,6 +17,8 @@ import frames
 from tests.cluster.conftest import NodeFactory
 from tests.resilience.support import Telemetry, connect_dashboard, connect_device, data_frame
 from tests.support.wait import wait_until
+
+CLUSTER_DOC = Path(__file__).parents[2] / "docs" / "cluster.md"
 
 
 async def test_device_on_a_dashboards_on_b_and_c_see_the_same(nodes: NodeFactory) -> None:
@@ -56,6 +60,11 @@ async def test_device_on_a_dashboards_on_b_and_c_see_the_same(nodes: NodeFactory
         assert metrics_c.value("iot_cluster_log_read_total") >= 31  # presence too
         assert metrics_c.value("iot_cluster_nodes") == 3
         assert metrics_c.value("iot_cluster_degraded") == 0
+        documented = re.findall(r"^\| `(iot_cluster_[a-z_]+)` \|", CLUSTER_DOC.read_text(), re.M)
+        assert len(documented) >= 7
+        exported = {name for name, _ in metrics_c}
+        for name in documented:
+            assert name in exported, name
         await dev.aclose()
 
 
