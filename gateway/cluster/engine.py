@@ -39,7 +39,7 @@ from ..hub.records import (
     TelemetryRecord,
 )
 from .config import ClusterConfig
-from .scripts import LEASE, OFFLINE, ONLINE, TELEMETRY
+from .scripts import LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
 from .wire import decode_line, encode_batch, split_batch
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ class RedisEngine:
         self._s_online = self._r.register_script(ONLINE)
         self._s_offline = self._r.register_script(OFFLINE)
         self._s_lease = self._r.register_script(LEASE)
+        self._s_reset = self._r.register_script(RESET)
         newest = await self.local.history(0, limit=1, newest=True)
         self._hwm = self._cursor = newest[0].offset if newest else 0
 
@@ -229,6 +230,12 @@ class RedisEngine:
         await self.local.open(sink)
         self._sink = sink
         try:
+            # Devices Redis says this node holds are from its previous run
+            # (killed, restarted before its lease expired): offline now.
+            await self._s_reset(
+                keys=[self._k_seq, self._k_log, self._k_dev, self._k_owner],
+                args=[self._floor(), self.config.stream_maxlen, self._node, _now_ms()],
+            )
             await self._lease()
             await self._load_registry(sink)
         except (RedisError, OSError) as e:

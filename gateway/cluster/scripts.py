@@ -132,3 +132,35 @@ if had then h = 1 end
 return {h, live, lost}
 """
 )
+
+#: A node starts: the devices Redis still says it holds (it was killed and
+#: restarted before its lease expired) are offline now, reason ``restart``,
+#: for every node. KEYS as ``LEASE`` minus the sorted set; ARGV[3] the node,
+#: ARGV[4] now (unix ms). Returns how many.
+RESET = (
+    _PRELUDE
+    + """
+local owners = redis.call('HGETALL', KEYS[4])
+local count = 0
+for i = 1, #owners, 2 do
+  local dev, holder = owners[i], owners[i + 1]
+  if holder == ARGV[3] then
+    redis.call('HDEL', KEYS[4], dev)
+    local raw = redis.call('HGET', KEYS[3], dev)
+    local e = {}
+    if raw then e = cjson.decode(raw) end
+    e.online = false
+    e.reason = 'restart'
+    e.ts = tonumber(ARGV[4])
+    e.node = holder
+    local enc = cjson.encode(e)
+    redis.call('HSET', KEYS[3], dev, enc)
+    add('k', 'p', 'n', holder, 'x', '1', 'd', dev, 'p', e.protocol or '', 'o', '0',
+        't', ARGV[4], 'r', 'restart', 'e', enc)
+    count = count + 1
+  end
+end
+done()
+return count
+"""
+)

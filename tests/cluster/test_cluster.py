@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,7 @@ import pytest
 
 import frames
 from tests.cluster.conftest import NodeFactory
+from tests.cluster.support import listed
 from tests.resilience.support import Telemetry, connect_dashboard, connect_device, data_frame
 from tests.support.wait import wait_until
 
@@ -172,3 +174,26 @@ async def test_kill9_node_lost_and_clean_stop_shutdown(nodes: NodeFactory) -> No
             return bool((await b.get_json("/healthz"))["cluster"]["nodes"] == ["B"])
 
         await wait_until(alone, "B seeing only itself", timeout=15)
+
+
+async def test_node_killed_and_restarted_at_once_says_its_devices_went(
+    nodes: NodeFactory,
+) -> None:
+    a, b = nodes("A", {"cluster": {"node_lost_after": 30.0}}), nodes("B")
+    await asyncio.gather(a.start(), b.start())
+    async with aiohttp.ClientSession() as session:
+        watch = Telemetry(await connect_dashboard(b, session))
+        dev = await connect_device(a, "quick")
+        await wait_until(partial(listed, b, "quick", node="A"), "quick online on A, seen from B")
+        await a.kill()
+        await a.start()  # long before its 30 s lease expires
+        await wait_until(
+            partial(listed, b, "quick", online=False), "quick offline, seen from B", timeout=10
+        )
+        entry = await b.get_json("/api/devices/quick")
+        assert entry["offline_reason"] == "restart", entry
+        reasons = [
+            m["reason"] for m in watch.other if m.get("op") == "presence" and not m["online"]
+        ]
+        assert reasons == ["restart"], reasons
+        await dev.aclose()
