@@ -87,3 +87,40 @@ async def test_redis_cut_from_a(nodes: NodeFactory, redis_server: RedisServer) -
 
 async def _ok(gw: GatewayProcess) -> bool:
     return await _state(gw) == (200, "ok")
+
+
+async def test_the_spool_is_bounded_and_counts_what_it_drops(
+    nodes: NodeFactory, redis_server: RedisServer
+) -> None:
+    proxy = LinkProxy(redis_server.port)
+    await proxy.start()
+    OPEN.append(proxy)
+    fast = {"devices": {"max_frames_per_second": 10_000.0, "rate_burst": 10_000.0}}
+    # spool 0: the floor of one batch (500 messages) is kept.
+    a = nodes("A", {**fast, "cluster": {"node_lost_after": 2.0, "spool": 0}}, url=proxy.url)
+    b = nodes("B")
+    await asyncio.gather(a.start(), b.start())
+    async with aiohttp.ClientSession() as session:
+        on_a = Telemetry(await connect_dashboard(a, session))
+        on_b = Telemetry(await connect_dashboard(b, session))
+        dev = await connect_device(a, "spooled")
+        await wait_until(partial(listed, b, "spooled", node="A"), "spooled on A, seen from B")
+        await proxy.cut()
+        await wait_until(lambda: _degraded(a), "A degraded", timeout=8)
+        for seq in range(700):
+            dev.send_raw(data_frame(seq))
+        await on_a.wait_for(lambda: on_a.count("spooled") >= 700)
+        await proxy.heal()
+        await wait_until(lambda: _ok(a), "A ok again", timeout=15)
+        await on_b.wait_for(lambda: on_b.count("spooled") >= 500, 15)
+        metrics = await a.metrics()
+        assert metrics.value("iot_cluster_spool_dropped_total") == 200
+        # The newest 500 were kept, in order.
+        offsets = on_b.offsets("spooled")
+        assert len(offsets) == 500
+        assert offsets == sorted(set(offsets))
+        await dev.aclose()
+
+
+async def _degraded(gw: GatewayProcess) -> bool:
+    return await _state(gw) == (503, "degraded")
