@@ -199,6 +199,11 @@ class Hub:
     async def start(self) -> None:
         """Load the registry and latest values, start delivery and command expiry."""
         self.registry.load(await self.engine.known_devices(), await self.engine.latest())
+        if self.engine.clustered:
+            # The devices this node kept are the ones it held (docs/cluster.md);
+            # other nodes' come as presence once the engine is open.
+            for state in self.registry.devices.values():
+                state.node = self.engine.node
         self.registry.api_labels = await self.engine.labels()
         # Devices that went stale while the gateway was stopped (or whose rows
         # could not be deleted before it stopped) are forgotten now, rows too.

@@ -165,6 +165,7 @@ class Registry:
         self.config_labels: dict[str, Labels] = dict(config_labels or {})
         self.api_labels: dict[str, Labels] = {}
         self.ranges = ranges
+        self._latest_elsewhere: dict[str, TelemetryRecord] = {}
 
     def labels(self, device: str) -> Labels:
         """The device's labels: each field the API's value if set, else the config's."""
@@ -202,6 +203,10 @@ class Registry:
             state = self.devices.get(device)
             if state is not None:
                 state.last = rec
+            else:
+                # Another cluster node's device (its history is replicated
+                # here): its ``last`` once ``remote`` learns of it.
+                self._latest_elsewhere[device] = rec
 
     def get(self, device: str) -> DeviceState | None:
         """The device's state, or None when it was never seen."""
@@ -265,6 +270,7 @@ class Registry:
         state = self.devices.get(device)
         if state is None:
             state = DeviceState(device, protocol, first_seen=ts)
+            state.last = self._latest_elsewhere.pop(device, None)
             self.devices[device] = state
             bisect.insort(self._ids, device)
         elif not online and state.online and state.node != node:

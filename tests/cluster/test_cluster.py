@@ -197,3 +197,28 @@ async def test_node_killed_and_restarted_at_once_says_its_devices_went(
         ]
         assert reasons == ["restart"], reasons
         await dev.aclose()
+
+
+async def test_a_node_that_joins_or_restarts_lists_every_device_with_its_last(
+    nodes: NodeFactory,
+) -> None:
+    a, c = nodes("A"), nodes("C")
+    await a.start()
+    async with aiohttp.ClientSession() as session:
+        watch = Telemetry(await connect_dashboard(a, session))
+        dev = await connect_device(a, "early")
+        for seq in range(1, 4):
+            dev.send_raw(data_frame(seq))
+        await watch.wait_for(lambda: watch.count("early") >= 3)
+        newest = watch.offsets("early")[-1]
+        for start in range(2):  # joins late, then restarts on its data dir
+            await c.start()
+            await wait_until(
+                partial(listed, c, "early", node="A"), f"C listing early (start {start})"
+            )
+            entry = await c.get_json("/api/devices/early")
+            assert entry["last"]["offset"] == newest, entry
+            history = await c.get_json("/api/devices/early/telemetry?since=0")
+            assert [m["offset"] for m in history["telemetry"]] == watch.offsets("early")
+            await c.stop()
+        await dev.aclose()
