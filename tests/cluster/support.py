@@ -32,8 +32,9 @@ def free_port() -> int:
 class RedisServer:
     """``redis-server`` in a child process; ``restart()`` brings it back empty."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         self.workdir = workdir
+        self.password = password
         self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -61,6 +62,7 @@ class RedisServer:
                 str(self.workdir),
                 "--maxmemory-policy",
                 "noeviction",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -73,7 +75,9 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                reply = s.recv(64)
+                # With a password, NOAUTH is the answer of a server that is up.
+                return reply.startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from gateway.cli import EXIT_CONFIG
 from gateway.cluster import ClusterConfig
 from gateway.config import ConfigError, build_config
+from tests.cluster.support import RedisServer
 from tests.support.gateway import OPERATOR, GatewayProcess
 
 
@@ -63,3 +65,26 @@ def test_without_url_nothing_changes() -> None:
                 "cluster": {"url": "redis://h/0", "node_id": "n", "node_lost_after": 0},
             }
         )
+
+
+async def test_redis_password_from_the_environment(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis", password="pw-14")
+    redis.start()
+    try:
+        args = ["--cluster", redis.url, "--node-id", "n1", "--token", OPERATOR]
+        good = GatewayProcess(
+            tmp_path, None, args=args, env={"IOT_GATEWAY_CLUSTER_PASSWORD": "pw-14"}, name="good"
+        )
+        bad = GatewayProcess(tmp_path, None, args=args, name="bad")
+        await good.start()
+        await bad.start()  # starts degraded: local work goes on
+        status, body = await asyncio.to_thread(good.request_sync, "GET", "/healthz")
+        assert (status, body["cluster"]["state"]) == (200, "ok"), body
+        status, body = await asyncio.to_thread(bad.request_sync, "GET", "/healthz")
+        assert (status, body["status"]) == (503, "degraded"), body
+        assert "cluster_unavailable" in body["cluster"]["error"], body
+        assert "pw-14" not in good.log() + bad.log()  # never logged
+        await good.stop()
+        await bad.stop()
+    finally:
+        redis.stop()
