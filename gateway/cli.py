@@ -137,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
     )
+    serve.add_argument(
+        "--cluster",
+        metavar="URL",
+        help="redis://HOST:PORT/DB or rediss://...: join the cluster on that Redis "
+        "(docs/cluster.md; password from IOT_GATEWAY_CLUSTER_PASSWORD or the config file)",
+    )
+    serve.add_argument("--node-id", metavar="NAME", help="this node's name in the cluster")
+    serve.add_argument(
+        "--cluster-prefix", metavar="P", help="prefix of the cluster's Redis keys (default iotgw)"
+    )
     for name, what, help_text in (
         (
             "backup",
@@ -242,6 +252,9 @@ def load_config(
         "tls.cert": args.tls_cert,
         "tls.key": args.tls_key,
         "tls.device_ca": args.device_ca,
+        "cluster.url": args.cluster,
+        "cluster.node_id": args.node_id,
+        "cluster.prefix": args.cluster_prefix,
     }
     if args.serial:
         ports = [SerialPortConfig.parse(spec) for spec in args.serial]

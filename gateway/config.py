@@ -22,6 +22,7 @@ from frames import FrameOptions, valid_client_id
 from frames.backoff import BackoffPolicy
 
 from .auth import parse_networks
+from .cluster.config import ClusterConfig
 from .hub import HubConfig
 from .hub.registry import check_labels
 from .storage import StorageConfig
@@ -172,6 +173,8 @@ class TlsSection:
 
 # [storage] is the storage engine's own settings: each default written once.
 StorageSection = StorageConfig
+#: ``[cluster]``: N nodes as one gateway through Redis (docs/cluster.md).
+ClusterSection = ClusterConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +222,7 @@ class GatewayConfig:
     http: HttpSection = field(default_factory=HttpSection)
     storage: StorageSection = field(default_factory=StorageSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     # ---- what the other layers take ------------------------------------------------------------
 
@@ -251,6 +255,7 @@ ENV_SECRETS = {
     "IOT_GATEWAY_TOKEN": ("auth", "token"),
     "IOT_GATEWAY_VIEWER_TOKEN": ("auth", "viewer_token"),
     "IOT_GATEWAY_DEVICE_TOKEN": ("devices", "token"),
+    "IOT_GATEWAY_CLUSTER_PASSWORD": ("cluster", "password"),
 }
 
 
@@ -488,6 +493,15 @@ def _check(config: GatewayConfig, source: str) -> None:
             raise bad(f"{key} must not be empty (leave it out to have one generated)")
     if a.token and a.token == a.viewer_token:
         raise bad("auth.token and auth.viewer_token must differ")
+    problem = config.cluster.check()
+    if problem is not None:
+        raise bad(problem)
+    if config.cluster.url is not None and not a.token:
+        # A generated token differs per node: a dashboard could not move between them.
+        raise bad(
+            "cluster.url (--cluster) needs an operator token, the same on every node "
+            "(--token, IOT_GATEWAY_TOKEN or auth.token)"
+        )
     for i, port in enumerate(config.serial):
         if not port.url:
             raise bad(f"serial[{i}].url is required")
