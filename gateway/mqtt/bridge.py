@@ -119,7 +119,10 @@ class MqttConfig:
 
     def __post_init__(self) -> None:
         if self.url is not None:
-            parse_url(self.url)
+            try:
+                parse_url(self.url)
+            except MqttUrlError as e:
+                raise ValueError(f"url is not usable: {e}") from None
         _topic_level("prefix", self.prefix)
         if self.discovery != "none":
             _topic_level("discovery", self.discovery)
