@@ -355,6 +355,16 @@ class DeviceManager:
             raise DeviceNotOnline(client_id)
         return await session.send_command(body)
 
+    def replace(self, client_id: str) -> None:
+        """Close ``client_id``'s session with ERROR REPLACED: a newer one began elsewhere
+        (another node of a cluster). Nothing when it has none."""
+        session = self.online.get(client_id)
+        if session is not None:
+            self.counters.replaced += 1
+            session.close(
+                CloseReason.REPLACED, ErrorCode.REPLACED, "another link logged in as this device"
+            )
+
     def totals(self) -> LinkCounters:
         """Traffic counters summed over every link, open and closed."""
         out = LinkCounters()

@@ -8,6 +8,7 @@ the CLI are the only modules that import every layer (docs/architecture.md).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from devices import (
 from devices.tls import REASONS as TLS_REASONS
 
 from .auth import TokenTable
+from .cluster import RedisEngine
 from .config import GatewayConfig
 from .hub import Hub, LocalEngine
+from .hub.engine import Engine
 from .metrics import Metrics, counter, counters, gauge
 from .mqtt import MqttBridge
 from .storage import SQLiteStorage, Storage
@@ -105,7 +108,13 @@ def build_runtime(
     if s.offset_mark is not None:
         storage.offset_mark = Path(s.offset_mark)
     storage.stats.on_batch = metrics.storage_batch.observe
-    hub = Hub(LocalEngine(storage), config.hub_config(), metrics)
+    engine: Engine = LocalEngine(storage)
+    if config.cluster.url is not None:
+        engine = RedisEngine(
+            LocalEngine(storage, config.cluster.node_id or "local"), config.cluster
+        )
+        metrics.add_snapshot(lambda: _cluster_metrics(engine))
+    hub = Hub(engine, config.hub_config(), metrics)
     manager = DeviceManager(hub, config.session_config())
     hub.attach(manager)
     server = DeviceServer(
@@ -136,7 +145,11 @@ def build_runtime(
         tls=doors,
     )
     if config.mqtt.enabled:
-        bridge = rt.mqtt = MqttBridge(hub, config.mqtt)
+        mqtt = config.mqtt
+        if config.cluster.url is not None and mqtt.node is None:
+            # Each node its own bridge state and will, commands shared (docs/mqtt.md).
+            mqtt = dataclasses.replace(mqtt, node=config.cluster.node_id)
+        bridge = rt.mqtt = MqttBridge(hub, mqtt)
         rt.mqtt_state = lambda: "connected" if bridge.connected else "down"
     metrics.add_snapshot(lambda: _link_metrics(rt))
     metrics.add_snapshot(lambda: _hub_metrics(rt))
@@ -217,6 +230,30 @@ def _tls_metrics(rt: Runtime) -> list[Any]:
         done.add_metric([port], door.handshakes)
         busy.add_metric([port], door.handshaking)
     return [failures, done, busy]
+
+
+def _cluster_metrics(engine: Engine) -> list[Any]:
+    """The node's cluster counters (docs/api.md §4, docs/cluster.md)."""
+    if not isinstance(engine, RedisEngine):
+        return []
+    c = engine.counters
+    return [
+        gauge(
+            "iot_cluster_nodes", "Live nodes of the cluster, this one included", len(engine.nodes())
+        ),
+        gauge("iot_cluster_degraded", "1 while Redis is unreachable, else 0", int(engine.degraded)),
+        counter("iot_cluster_sequenced", "Telemetry of this node given an offset", c.sequenced),
+        counter("iot_cluster_log_read", "Log entries this node read", c.read),
+        counter(
+            "iot_cluster_spool_dropped",
+            "Telemetry dropped at cluster.spool while Redis was away (never sequenced)",
+            c.spool_dropped,
+        ),
+        counter(
+            "iot_cluster_node_lost", "Devices this node declared offline (node_lost)", c.nodes_lost
+        ),
+        counter("iot_cluster_redis_errors", "Failed Redis operations", c.redis_errors),
+    ]
 
 
 # Every reason a command can be refused for, so each series exists from the start.

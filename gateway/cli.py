@@ -167,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(what.lower(), metavar=what)
         cmd.add_argument("--config", metavar="FILE", help="the TOML config file serve uses")
         cmd.add_argument("--data-dir", metavar="DIR", help="the data dir (default: the config's)")
+    serve.add_argument(
+        "--cluster",
+        metavar="URL",
+        help="redis://HOST:PORT/DB or rediss://...: join the cluster on that Redis "
+        "(docs/cluster.md; password from IOT_GATEWAY_CLUSTER_PASSWORD or the config file)",
+    )
+    serve.add_argument("--node-id", metavar="NAME", help="this node's name in the cluster")
+    serve.add_argument(
+        "--cluster-prefix", metavar="P", help="prefix of the cluster's Redis keys (default iotgw)"
+    )
     simulate = sub.add_parser(
         "simulate",
         help="run simulated devices against a gateway",
@@ -257,6 +267,9 @@ def load_config(
         "mqtt.url": args.mqtt,
         "mqtt.prefix": args.mqtt_prefix,
         "mqtt.discovery": args.mqtt_discovery,
+        "cluster.url": args.cluster,
+        "cluster.node_id": args.node_id,
+        "cluster.prefix": args.cluster_prefix,
     }
     if args.mqtt and "@" in args.mqtt and ":" in args.mqtt.rsplit("@", 1)[0].split("//", 1)[-1]:
         # Every local user can read a process's argv (ps): the password goes elsewhere.

@@ -22,6 +22,7 @@ from frames import FrameOptions, valid_client_id
 from frames.backoff import BackoffPolicy
 
 from .auth import parse_networks
+from .cluster.config import ClusterConfig
 from .hub import HubConfig
 from .hub.registry import check_labels
 from .mqtt import MqttConfig
@@ -173,6 +174,8 @@ class TlsSection:
 
 # [storage] is the storage engine's own settings: each default written once.
 StorageSection = StorageConfig
+#: ``[cluster]``: N nodes as one gateway through Redis (docs/cluster.md).
+ClusterSection = ClusterConfig
 
 # [mqtt] is the MQTT bridge's own settings (docs/mqtt.md).
 MqttSection = MqttConfig
@@ -224,6 +227,7 @@ class GatewayConfig:
     storage: StorageSection = field(default_factory=StorageSection)
     tls: TlsSection = field(default_factory=TlsSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     # ---- what the other layers take ------------------------------------------------------------
 
@@ -260,6 +264,7 @@ ENV_SECRETS = {
     "IOT_GATEWAY_MQTT_URL": ("mqtt", "url"),
     "IOT_GATEWAY_MQTT_USERNAME": ("mqtt", "username"),
     "IOT_GATEWAY_MQTT_PASSWORD": ("mqtt", "password"),
+    "IOT_GATEWAY_CLUSTER_PASSWORD": ("cluster", "password"),
 }
 
 
@@ -497,6 +502,15 @@ def _check(config: GatewayConfig, source: str) -> None:
             raise bad(f"{key} must not be empty (leave it out to have one generated)")
     if a.token and a.token == a.viewer_token:
         raise bad("auth.token and auth.viewer_token must differ")
+    problem = config.cluster.check()
+    if problem is not None:
+        raise bad(problem)
+    if config.cluster.url is not None and not a.token:
+        # A generated token differs per node: a dashboard could not move between them.
+        raise bad(
+            "cluster.url (--cluster) needs an operator token, the same on every node "
+            "(--token, IOT_GATEWAY_TOKEN or auth.token)"
+        )
     for i, port in enumerate(config.serial):
         if not port.url:
             raise bad(f"serial[{i}].url is required")

@@ -148,6 +148,15 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "devices": ("devices", "frames"),
     "simulators": ("simulators", "frames"),
     "gateway.hub": ("gateway.hub", "gateway.metrics", "gateway", "devices", "frames"),
+    # The cluster engine (docs/cluster.md) fills the hub's seam: no web, no SQLite of its own.
+    "gateway.cluster": (
+        "gateway.cluster",
+        "gateway.hub",
+        "gateway.metrics",
+        "gateway",
+        "devices",
+        "frames",
+    ),
 }
 
 # layer -> libraries nothing it reaches may import
@@ -156,6 +165,7 @@ FORBIDDEN_LIBRARIES: dict[str, tuple[str, ...]] = {
     "devices": ("aiohttp", "sqlite3"),
     "simulators": ("aiohttp", "sqlite3"),
     "gateway.hub": ("aiohttp", "sqlite3"),
+    "gateway.cluster": ("aiohttp", "sqlite3"),
     "gateway.storage": ("aiohttp",),
 }
 

@@ -294,7 +294,13 @@ class CommandRouter:
             else:
                 return self._sent(handle, report, f"ack {device}")
         elif state.online:
-            forwarded = await self.engine.forward_command(device, body, reply, command_id)
+            # Each status the holding node reports goes through this node's
+            # reporter: counted, kept in its command log, sent with the caller's id.
+            def relay(message: dict[str, Any]) -> None:
+                extra = {k: message[k] for k in ("code", "error") if k in message}
+                report(CommandStatus(message["status"]), **extra)
+
+            forwarded = await self.engine.forward_command(device, body, relay, command_id)
             if forwarded is not None:
                 return forwarded
         return await self._enqueue(request, device, body, reply, report, command_id)
@@ -334,6 +340,42 @@ class CommandRouter:
         self._owners[queued.key] = lambda m: reply({**m, "id": request_id})
         return report(CommandStatus.QUEUED)
 
+    def run_forwarded(
+        self, device: str, body: bytes, answer: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        """Another node's command for a device whose link is on this node (docs/cluster.md).
+
+        Each status goes to ``answer`` (``sent``, then ``acked``, ``nacked`` or
+        ``timeout``, with ``code``/``error``); ``gone`` when the device has no
+        link here any more (the other node then queues the command).
+        """
+        self._spawn(self._run_forwarded(device, body, answer), f"forwarded {device}")
+
+    async def _run_forwarded(
+        self, device: str, body: bytes, answer: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        links = self.links
+        if links is None or not links.is_online(device):
+            answer("gone", {})
+            return
+        try:
+            handle = await links.send_command(device, body)
+        except DeviceNotOnline:
+            answer("gone", {})
+            return
+        except (OSError, TimeoutError) as e:
+            answer(str(CommandStatus.TIMEOUT), {"error": _write_error(e)})
+            return
+        if not (handle.seq < 0 and handle.result.done()):
+            answer(str(CommandStatus.SENT), {})
+        result = await handle.result
+        extra: dict[str, Any] = {}
+        if result.code is not None:
+            extra["code"] = result.code
+        if result.error is not None:
+            extra["error"] = result.error
+        answer(str(result.status), extra)
+
     def _sent(
         self, handle: CommandHandle, report: Callable[..., CommandStatus], name: str
     ) -> CommandStatus:
@@ -358,6 +400,70 @@ class CommandRouter:
         task = self._spawn(self._deliver_queued(device, session, previous), f"deliver {device}")
         self._deliveries[device] = task
         task.add_done_callback(partial(self._delivery_ended, device))
+
+    def device_elsewhere(self, device: str) -> None:
+        """The device came online on another cluster node: the commands queued on this
+        node for it are forwarded there, oldest first (docs/cluster.md)."""
+        previous = self._deliveries.get(device)
+        task = self._spawn(self._deliver_remote(device, previous), f"forward queue {device}")
+        self._deliveries[device] = task
+        task.add_done_callback(partial(self._delivery_ended, device))
+
+    def _elsewhere(self, device: str) -> bool:
+        state = self.registry.get(device)
+        return (
+            state is not None
+            and state.online
+            and state.node is not None
+            and state.node != self.engine.node
+        )
+
+    async def _deliver_remote(self, device: str, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        page_size = max(1, self._settings().delivery_page)
+        after = 0
+        try:
+            while self._elsewhere(device):
+                page = await self.engine.pending_commands(
+                    device, now_ms(), after=after, limit=page_size
+                )
+                if not page:
+                    return
+                after = page[-1].key
+                for cmd in page:
+                    if not self._elsewhere(device):
+                        return
+                    # Durable before it leaves: written at most once, as locally.
+                    if not await self.engine.mark_sending([cmd.key]):
+                        continue
+                    if not await self._forward_queued(device, cmd):
+                        await self.engine.unmark_sending([cmd.key])
+                        return
+                    await self.engine.remove_commands([cmd.key])
+        except StoreError as e:
+            self._delivery_faults.failed(e)
+
+    async def _forward_queued(self, device: str, cmd: QueuedCommand) -> bool:
+        """One queued command to the node holding the device; False if it never left."""
+        reporter: list[Callable[..., CommandStatus]] = []
+        unavailable = False
+
+        def relay(message: dict[str, Any]) -> None:
+            nonlocal unavailable
+            error = message.get("error")
+            if message["status"] == "rejected" and str(error).startswith("cluster_unavailable"):
+                unavailable = True  # never sent: it stays queued
+                return
+            if not reporter:
+                reporter.append(self._queued_reporter(cmd))
+            extra = {k: message[k] for k in ("code", "error") if k in message}
+            reporter[0](CommandStatus(message["status"]), **extra)
+
+        status = await self.engine.forward_command(
+            device, cmd.body, relay, cmd.gateway_id or new_command_id()
+        )
+        return status is not None and not unavailable
 
     def _delivery_ended(self, device: str, task: asyncio.Task[None]) -> None:
         if self._deliveries.get(device) is task:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,11 @@ class Hub:
     async def start(self) -> None:
         """Load the registry and latest values, start delivery and command expiry."""
         self.registry.load(await self.engine.known_devices(), await self.engine.latest())
+        if self.engine.clustered:
+            # The devices this node kept are the ones it held (docs/cluster.md);
+            # other nodes' come as presence once the engine is open.
+            for state in self.registry.devices.values():
+                state.node = self.engine.node
         self.registry.api_labels = await self.engine.labels()
         # Devices that went stale while the gateway was stopped (or whose rows
         # could not be deleted before it stopped) are forgotten now, rows too.
@@ -270,6 +275,8 @@ class Hub:
             self._admitting.discard(info.client_id)
             ts = now_ms()
             state = self.registry.online(info, ts)
+            if self.engine.clustered:
+                state.node = self.engine.node
             self.metrics.devices_online.set(self.registry.online_count())
             self.engine.publish_presence(
                 Presence(state.device, state.protocol, True, ts, "connected"), state.record(ts)
@@ -307,7 +314,22 @@ class Hub:
             self.metrics.observe_pipeline(asyncio.get_running_loop().time() - received)
 
     def deliver_presence(self, presence: Presence) -> None:
-        """Tell the device's subscribers."""
+        """Tell the device's subscribers (and, from another node, update the registry)."""
+        if presence.node and presence.node != self.engine.node:
+            known = self.registry.remote(
+                presence.device,
+                presence.protocol,
+                presence.node,
+                presence.online,
+                presence.ts,
+                presence.reason,
+                presence.transport,
+            )
+            self.metrics.devices_online.set(self.registry.online_count())
+            if known is None:
+                return
+            if presence.online:
+                self.commands.device_elsewhere(presence.device)
         subscribers = self.subscriptions.subscribers(presence.device, presence.protocol)
         if subscribers:
             text = presence_text(
@@ -316,6 +338,18 @@ class Hub:
             # A copy: a dashboard whose control queue overflows leaves the index now.
             for d in tuple(subscribers):
                 d.push_control(text)
+
+    def run_forwarded(
+        self, device: str, body: bytes, answer: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        """Another node's command for one of this node's devices (the cluster engine's)."""
+        self.commands.run_forwarded(device, body, answer)
+
+    def replaced(self, device: str) -> None:
+        """Close this node's session of ``device`` (ERROR REPLACED): it moved to another node."""
+        replace = getattr(self.commands.links, "replace", None)
+        if replace is not None:
+            replace(device)
 
     def _tell(self, device: str, protocol: str, text: str) -> None:
         """A control message about a device, to the dashboards subscribed to it."""

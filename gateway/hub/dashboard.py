@@ -134,7 +134,8 @@ class Dashboard:
             queue.append((seq, offset, text, received))
             self.dropped += 1
             self.dropped_total += 1
-            if self.resume_from is None or off < self.resume_from:
+            # None: not yet sequenced (a cluster node cut from Redis), not resumable.
+            if off is not None and (self.resume_from is None or off < self.resume_from):
                 self.resume_from = off
             return 1
         dropped = self.held.offer((offset, text, received, device, protocol))
@@ -164,7 +165,7 @@ class Dashboard:
         self._ready.set()
         self.dropped += 1
         self.dropped_total += 1
-        if self.resume_from is None or offset < self.resume_from:
+        if offset is not None and (self.resume_from is None or offset < self.resume_from):
             self.resume_from = offset
 
     def queued_items(self) -> list[tuple[Kind, int, str]]:

@@ -53,6 +53,9 @@ class Presence:
     online: bool
     ts: int  # unix ms
     reason: str
+    # The node that holds (held) the device's link; "" for this node in a single node.
+    node: str = ""
+    transport: str | None = None
 
 
 class EngineSink(Protocol):
@@ -75,6 +78,11 @@ class Engine(Protocol):
     @property
     def node(self) -> str:
         """This node's name (``local`` for a single node)."""
+        ...
+
+    @property
+    def clustered(self) -> bool:
+        """True for a node of a cluster (device entries then say ``node``)."""
         ...
 
     async def open(self, sink: EngineSink) -> None:
@@ -249,6 +257,11 @@ class LocalEngine:
     def node(self) -> str:
         """This node's name."""
         return self._node
+
+    @property
+    def clustered(self) -> bool:
+        """A single node."""
+        return False
 
     async def open(self, sink: EngineSink) -> None:
         """Deliveries go to ``sink`` (the storage is opened by its owner)."""

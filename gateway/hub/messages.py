@@ -74,6 +74,10 @@ def telemetry_text(
     The data is encoded once, for the dashboards and for the storage row; the
     rest of the message is a few scalars.
     """
+    if rec.offset is None:
+        # Not yet sequenced: a cluster node's own telemetry while Redis is away
+        # (docs/cluster.md, "Degraded mode").
+        return _encode(telemetry_message(rec, out_of_range))
     if out_of_range:
         return (
             f'{{"op":"telemetry","device":{_encode(rec.device)},'

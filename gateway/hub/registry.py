@@ -90,6 +90,8 @@ class DeviceState:
     last: TelemetryRecord | None = None  # latest telemetry (its message is built when asked)
     offline_since: int | None = None  # unix ms; None while online
     offline_reason: str | None = None  # the presence reason; None while online
+    # The cluster node holding its link (docs/cluster.md); None in a single node.
+    node: str | None = None
     # Counted since the gateway started (docs/api.md §3.2 ``counters``).
     telemetry_count: int = 0
     out_of_range_count: int = 0
@@ -105,7 +107,7 @@ class DeviceState:
         values of ``last`` outside their range.
         """
         last = self.last
-        return {
+        out = {
             "device": self.device,
             "protocol": self.protocol,
             "online": self.online,
@@ -129,6 +131,9 @@ class DeviceState:
                 "nacks": self.nacks_count,
             },
         }
+        if self.node is not None:
+            out["node"] = self.node
+        return out
 
     def record(self, now_ms: int) -> DeviceRecord:
         """What is kept of the device across restarts."""
@@ -160,6 +165,7 @@ class Registry:
         self.config_labels: dict[str, Labels] = dict(config_labels or {})
         self.api_labels: dict[str, Labels] = {}
         self.ranges = ranges
+        self._latest_elsewhere: dict[str, TelemetryRecord] = {}
 
     def labels(self, device: str) -> Labels:
         """The device's labels: each field the API's value if set, else the config's."""
@@ -197,6 +203,10 @@ class Registry:
             state = self.devices.get(device)
             if state is not None:
                 state.last = rec
+            else:
+                # Another cluster node's device (its history is replicated
+                # here): its ``last`` once ``remote`` learns of it.
+                self._latest_elsewhere[device] = rec
 
     def get(self, device: str) -> DeviceState | None:
         """The device's state, or None when it was never seen."""
@@ -240,6 +250,51 @@ class Registry:
         state.offline_since = now_ms
         state.offline_reason = reason
         self._online -= 1
+        return state
+
+    def remote(
+        self,
+        device: str,
+        protocol: str,
+        node: str,
+        online: bool,
+        ts: int,
+        reason: str,
+        transport: str | None,
+    ) -> DeviceState | None:
+        """Another cluster node says a device it holds came or went (docs/cluster.md).
+
+        Returns the state, or None for an offline from a node that no longer
+        holds the device (it moved on: fencing already dropped most of those).
+        """
+        state = self.devices.get(device)
+        if state is None:
+            state = DeviceState(device, protocol, first_seen=ts)
+            state.last = self._latest_elsewhere.pop(device, None)
+            self.devices[device] = state
+            bisect.insort(self._ids, device)
+        elif not online and state.online and state.node != node:
+            return None
+        if online and not state.online:
+            self._online += 1
+        elif not online and state.online:
+            self._online -= 1
+        if protocol:
+            state.protocol = protocol
+        state.node = node
+        state.online = online
+        # A session of this node's for the device is not this one: its later
+        # offline (the takeover closing it) changes nothing.
+        state.session = None
+        if transport:
+            state.transport = transport
+        state.last_seen = ts
+        if online:
+            state.connected_at = ts
+            state.offline_since = state.offline_reason = None
+        else:
+            state.offline_since = ts
+            state.offline_reason = reason
         return state
 
     def telemetry(self, rec: TelemetryRecord, out_of_range: bool = False) -> None:

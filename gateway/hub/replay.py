@@ -180,7 +180,7 @@ async def _release_held(d: ReplayOutbox, target: Target, progress: _Progress) ->
         while held.items and not held.overflowed and d.has_room:
             offset, text, received, device, protocol = held.items.popleft()
             d.append_telemetry(offset, text, received)
-            if target.matches(device, protocol):
+            if offset is not None and target.matches(device, protocol):
                 progress.after = offset
 
 

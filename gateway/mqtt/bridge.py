@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
 import time
@@ -236,7 +237,8 @@ class MqttBridge:
         self.hub.subscriptions.subscribe(d, ALL)
         d.subscriptions.add(ALL)
         for device, state in self.hub.devices.items():
-            self.devices[device] = _Device(state.protocol, state.online)
+            if self._own(device):
+                self.devices[device] = _Device(state.protocol, state.online)
         self._tasks = [
             asyncio.create_task(self._read_hub(d), name="mqtt: read hub"),
             asyncio.create_task(self._supervise(), name="mqtt: broker connection"),
@@ -305,9 +307,19 @@ class MqttBridge:
         elif op == "removed":
             self._removed(msg["device"])
 
+    def _own(self, device: str) -> bool:
+        """Does this node publish ``device``? In a cluster, only the devices it holds."""
+        engine = self.hub.engine
+        if not engine.clustered:
+            return True
+        state = self.hub.devices.get(device)
+        return state is not None and state.node == engine.node
+
     def _telemetry(self, device: str, rest: str, payload: str) -> None:
         dev = self.devices.get(device)
         if dev is None:
+            if not self._own(device):
+                return  # another cluster node's: it publishes it
             protocol, _ = _DECODER.raw_decode(rest)
             dev = self.devices[device] = _Device(str(protocol), True)
         if self.config.min_interval == 0:
@@ -320,6 +332,11 @@ class MqttBridge:
         self._dirty[device] = None
 
     def _presence(self, device: str, protocol: str, online: bool) -> None:
+        if not self._own(device):
+            # Held by another cluster node now: that node publishes its topics.
+            self.devices.pop(device, None)
+            self._dirty.pop(device, None)
+            return
         dev = self.devices.get(device)
         first = dev is None
         if dev is None:
@@ -383,7 +400,8 @@ class MqttBridge:
             "port": broker.port,
             "username": cfg.username if cfg.username is not None else broker.username,
             "password": cfg.password if cfg.password is not None else broker.password,
-            "identifier": cfg.client_id or f"iotgw-{socket.gethostname()}-{id(self):x}"[:64],
+            "identifier": cfg.client_id
+            or f"iotgw-{cfg.node or socket.gethostname()}-{os.getpid()}"[:64],
             "protocol": version,
             "will": aiomqtt.Will(cfg.bridge_topic, "offline", qos=1, retain=True),
             "keepalive": cfg.keepalive,

@@ -431,8 +431,15 @@ async def healthz(request: web.Request) -> web.Response:
     if ctx.mqtt_state is not None:
         # A broker away is shown, not a failure of the node: devices and dashboards carry on.
         body["mqtt"] = ctx.mqtt_state()
+    cluster = getattr(ctx.hub.engine, "cluster_status", None)
+    if cluster is not None:
+        # docs/cluster.md: degraded while Redis is unreachable, so a load
+        # balancer sends new devices to another node.
+        body["cluster"] = cluster()
+        if body["cluster"]["state"] != "ok" and ctx.accepting:
+            body["status"] = "degraded"
     if health.ok:
-        return web.json_response(body)
+        return web.json_response(body, status=503 if body["status"] == "degraded" else 200)
     body["storage"] = {"status": "failing", "error": health.failing, "since": health.since_ms}
     if ctx.accepting:
         body["status"] = "degraded"

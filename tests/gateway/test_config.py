@@ -20,6 +20,7 @@ from devices.config import HeartbeatOverrides
 from gateway.cli import build_parser, config_from_args
 from gateway.config import (
     AuthSection,
+    ClusterSection,
     ConfigError,
     DashboardsSection,
     DevicesSection,
@@ -442,6 +443,7 @@ SECTIONS: dict[str, type[Any]] = {
     "[dashboards]": DashboardsSection,
     "[http]": HttpSection,
     "[storage]": StorageSection,
+    "[cluster]": ClusterSection,
     '[labels."ID"]': LabelsSection,
     '[protocols."NAME"]': ProtocolSection,
     "[tls]": TlsSection,

@@ -1,0 +1,826 @@
+"""``RedisEngine``: the hub's ``Engine`` seam filled by a Redis server shared by N nodes.
+
+One Redis stream, the *log*, carries every node's telemetry and presence in
+one order; a Lua script (gateway/cluster/scripts.py) gives each entry the next
+integer offset as its explicit id. Every node reads the whole log from its
+cursor (``XREAD BLOCK`` on a connection of its own) and keeps a replica of the
+telemetry in its own SQLite, which answers replay, history and ``last`` on
+that node. What a node is responsible for (its devices' registry rows, its
+queued commands and its command log) stays in its own SQLite too, so a Redis
+wiped clean is reseeded from the nodes. See docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from devices import CommandStatus, DeviceTelemetry
+
+from ..hub.engine import EngineSink, LocalEngine, Presence, StatusCallback
+from ..hub.records import (
+    CommandEvent,
+    CommandLog,
+    DeviceDeletion,
+    DeviceRecord,
+    QueuedCommand,
+    StoreHealth,
+    TelemetryRecord,
+)
+from .config import ClusterConfig
+from .scripts import LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
+from .wire import decode_line, encode_batch, split_batch
+
+log = logging.getLogger(__name__)
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+# Telemetry messages per sequencer call: one round trip for a batch.
+_BATCH = 500
+# Entries per XREAD (an entry is a presence change or a batch of up to _BATCH
+# messages): small enough that a node catching up yields to its devices.
+_READ_COUNT = 20
+# Seconds the sequencer and the reader wait to let a batch gather: each Redis
+# call costs the node 50-100 us of Python (redis-py), so at a few thousand
+# messages/s one call per message cost 3-4x the single node's CPU per frame.
+_LINGER = 0.005
+# Reconnect backoff (s): jittered, doubled up to the cap, reset after a success.
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 2.0
+# Redis unreachable this long: /healthz says degraded (docs/cluster.md).
+_DEGRADED_AFTER = 2.0
+# Seconds a command's statuses stay in Redis for other nodes' GET /api/commands/{id}.
+_COMMAND_LOG_TTL = 7 * 24 * 3600
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class ClusterCounters:
+    """The node's cluster counters (``/metrics``)."""
+
+    sequenced: int = 0  # telemetry messages this node had sequenced
+    read: int = 0  # log entries this node read
+    spool_dropped: int = 0  # telemetry dropped at the spool's bound, never sequenced
+    nodes_lost: int = 0  # devices this node declared node_lost
+    redis_errors: int = 0
+    trimmed: int = 0  # log entries trimmed before this node read them
+
+
+class _Backoff:
+    def __init__(self) -> None:
+        self.delay = _BACKOFF_MIN
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay * (0.5 + random.random()))
+        self.delay = min(self.delay * 2, _BACKOFF_MAX)
+
+    def reset(self) -> None:
+        self.delay = _BACKOFF_MIN
+
+
+class RedisEngine:
+    """A node of a cluster: ``LocalEngine`` for what it keeps, Redis for what it shares."""
+
+    def __init__(self, local: LocalEngine, config: ClusterConfig) -> None:
+        assert config.node_id is not None
+        self.local = local
+        self.config = config
+        self._node = config.node_id
+        p = config.prefix
+        self._k_seq, self._k_log = f"{p}:seq", f"{p}:log"
+        self._k_dev, self._k_owner = f"{p}:dev", f"{p}:owner"
+        self._k_fence, self._k_nodes = f"{p}:fence", f"{p}:nodes"
+        self._k_inbox = self._inbox(self._node)
+        self._inbox_cursor = f"{_now_ms()}-0"  # entries from before this start are stale
+        # Commands this node forwarded, by command_id: where their statuses go,
+        # and the first one awaited by ``forward_command``.
+        self._forwarded: dict[str, tuple[StatusCallback, asyncio.Future[CommandStatus | None]]] = {}
+        self._sink: EngineSink | None = None
+        self._r: aioredis.Redis | None = None
+        self._rx: aioredis.Redis | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        # Telemetry waiting for its offset (the spool while Redis is away).
+        self._outbox: deque[tuple[DeviceTelemetry, str]] = deque()
+        self._wake = asyncio.Event()
+        # Registry changes, applied in order (retried while Redis is away).
+        self._ops: deque[Callable[[], Awaitable[None]]] = deque()
+        self._ops_wake = asyncio.Event()
+        # Set when both the outbox and the registry changes are empty.
+        self._idle = asyncio.Event()
+        # When each own message was decoded: the pipeline latency is observed
+        # when it comes back from the log.
+        self._received: dict[tuple[str, int, int], float] = {}
+        # Own messages already delivered here unsequenced (Redis was away).
+        self._shown: set[tuple[str, int, int]] = set()
+        # This node's online devices: their fences and what reseeds Redis.
+        self._mine: dict[str, tuple[Presence, DeviceRecord]] = {}
+        self._fences: dict[str, str] = {}
+        self._cursor = 0  # the last offset read from the log
+        self._hwm = 0  # the highest offset this node has seen (kept in its SQLite)
+        self._nodes: list[str] = [self._node]
+        self._last_ok = time.monotonic()
+        self._failing: str | None = None
+        self._connected = False
+        self.counters = ClusterCounters()
+
+    # ---- the seam's properties ------------------------------------------------------------------
+
+    @property
+    def node(self) -> str:
+        """This node's name (``--node-id``)."""
+        return self._node
+
+    @property
+    def clustered(self) -> bool:
+        """A node of a cluster."""
+        return True
+
+    def nodes(self) -> list[str]:
+        """The live nodes (their leases not expired), this one included."""
+        return sorted(set(self._nodes) | {self._node})
+
+    def cluster_status(self) -> dict[str, Any]:
+        """``/healthz``'s ``cluster`` object (docs/api.md §4)."""
+        out: dict[str, Any] = {
+            "node": self._node,
+            "nodes": self.nodes(),
+            "state": "degraded" if self.degraded else "ok",
+        }
+        if self.degraded:
+            out["error"] = self._failing or "redis unreachable"
+        return out
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis has been unreachable for a while."""
+        return (
+            self._failing is not None and time.monotonic() - self._last_ok > _DEGRADED_AFTER
+        ) or not self._connected
+
+    def _ok(self) -> None:
+        self._last_ok = time.monotonic()
+        self._failing = None
+
+    def _fail(self, what: str, e: Exception) -> None:
+        self.counters.redis_errors += 1
+        first = self._failing is None
+        self._failing = f"cluster_unavailable: {what}: {e}"
+        if first:
+            log.warning("cluster: %s failed: %s", what, e)
+            # What waits for its offset reaches this node's dashboards now.
+            for event, data_json in list(self._outbox):
+                self._show(event, data_json)
+
+    def _inbox(self, node: str) -> str:
+        return f"{self.config.prefix}:inbox:{node}"
+
+    # ---- life cycle -----------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        if self._r is not None:
+            return
+        cfg = self.config
+        url = cfg.url
+        assert url is not None
+        self._r = aioredis.Redis.from_url(
+            url,
+            password=cfg.password,
+            decode_responses=True,
+            socket_timeout=3.0,
+            socket_connect_timeout=3.0,
+            retry_on_timeout=False,
+            protocol=2,
+        )
+        # Blocking reads on a connection of their own, with a socket timeout
+        # longer than the block: a dead link is noticed, a quiet one is not an error.
+        self._rx = aioredis.Redis.from_url(
+            url,
+            password=cfg.password,
+            decode_responses=True,
+            socket_timeout=cfg.block + 5.0,
+            socket_connect_timeout=3.0,
+            retry_on_timeout=False,
+            protocol=2,
+        )
+        self._s_telemetry = self._r.register_script(TELEMETRY)
+        self._s_online = self._r.register_script(ONLINE)
+        self._s_offline = self._r.register_script(OFFLINE)
+        self._s_lease = self._r.register_script(LEASE)
+        self._s_reset = self._r.register_script(RESET)
+        newest = await self.local.history(0, limit=1, newest=True)
+        self._hwm = self._cursor = newest[0].offset if newest else 0
+
+    async def open(self, sink: EngineSink) -> None:
+        """Join the cluster: take a lease, learn the registry, start reading the log."""
+        await self._connect()
+        await self.local.open(sink)
+        self._sink = sink
+        try:
+            # Devices Redis says this node holds are from its previous run
+            # (killed, restarted before its lease expired): offline now.
+            await self._s_reset(
+                keys=[self._k_seq, self._k_log, self._k_dev, self._k_owner],
+                args=[self._floor(), self.config.stream_maxlen, self._node, _now_ms()],
+            )
+            await self._lease()
+            await self._load_registry(sink)
+        except (RedisError, OSError) as e:
+            # Started while Redis is away: local work goes on (degraded).
+            self._fail("joining the cluster", e)
+        else:
+            self._connected = True
+        for coro, name in (
+            (self._read_loop(), "cluster log reader"),
+            (self._send_loop(), "cluster sequencer"),
+            (self._ops_loop(), "cluster registry"),
+            (self._lease_loop(), "cluster lease"),
+        ):
+            self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def close(self) -> None:
+        """Say this node's devices went (``shutdown``), leave the cluster, stop."""
+        # Registry changes already queued (the devices' offline) get a chance.
+        self._idle.clear()
+        if self._ops or self._outbox:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 3.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._r is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._r.zrem(self._k_nodes, self._node)
+            await self._r.aclose()
+        if self._rx is not None:
+            await self._rx.aclose()
+        self._r = self._rx = None
+        self._sink = None
+        await self.local.close()
+
+    async def _load_registry(self, sink: EngineSink) -> None:
+        """Other nodes' devices, as presence (the hub's registry learns them)."""
+        assert self._r is not None
+        entries: Any = await self._r.hgetall(self._k_dev)
+        for device, raw in entries.items():
+            e = json.loads(raw)
+            if e.get("node") == self._node:
+                continue
+            sink.deliver_presence(_presence(device, e, str(e.get("node", ""))))
+
+    # ---- telemetry ------------------------------------------------------------------------------
+
+    def publish_telemetry(self, event: DeviceTelemetry) -> None:
+        """To the spool; the sequencer task gives it its offset. Never blocks."""
+        outbox = self._outbox
+        if len(outbox) >= max(self.config.spool, _BATCH):
+            gone, _ = outbox.popleft()
+            self._shown.discard((gone.client_id, gone.seq, gone.ts))
+            self.counters.spool_dropped += 1
+        data_json = _encode(event.data)
+        outbox.append((event, data_json))
+        if event.received:
+            self._received[(event.client_id, event.seq, event.ts)] = event.received
+        if self._failing is not None:
+            self._show(event, data_json)
+        self._wake.set()
+
+    def _show(self, event: DeviceTelemetry, data_json: str) -> None:
+        """Deliver an own message to this node's dashboards before it has an offset
+        (``"offset": null``): Redis is away (docs/cluster.md, "Degraded mode")."""
+        key = (event.client_id, event.seq, event.ts)
+        if key in self._shown or self._sink is None:
+            return
+        self._shown.add(key)
+        # Not yet sequenced: None where the offset goes (the hub sends it as null).
+        record = TelemetryRecord(
+            cast(int, None), event.client_id, event.protocol, event.ts, event.seq, event.data
+        )
+        self._sink.deliver_telemetry(record, data_json, 0.0)
+
+    def _floor(self) -> int:
+        # Microseconds of wall clock, or above what this node has seen (a
+        # board without a real-time clock boots in the past).
+        return max(_now_ms() * 1000, self._hwm + 1)
+
+    async def _send_loop(self) -> None:
+        backoff = _Backoff()
+        cfg = self.config
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(_LINGER)
+            self._wake.clear()
+            while self._outbox:
+                outbox = self._outbox
+                batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
+                # One line per message: its header as a JSON array, a tab (never
+                # raw in JSON), its data as JSON (never a raw newline either).
+                lines = encode_batch(
+                    [(e.client_id, e.protocol, e.ts, e.seq, data_json) for e, data_json in batch]
+                )
+                args: list[Any] = [self._floor(), cfg.stream_maxlen, self._node, len(batch), lines]
+                try:
+                    assert self._r is not None
+                    await self._s_telemetry(keys=[self._k_seq, self._k_log], args=args)
+                except (RedisError, OSError) as e:
+                    self._fail("sequencing telemetry", e)
+                    # Back to the front, in order, for the next attempt.
+                    outbox.extendleft(reversed(batch))
+                    while len(outbox) > max(cfg.spool, _BATCH):
+                        gone, _ = outbox.popleft()
+                        self._shown.discard((gone.client_id, gone.seq, gone.ts))
+                        self.counters.spool_dropped += 1
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                self._ok()
+                self.counters.sequenced += len(batch)
+            if not self._ops:
+                self._idle.set()
+            if len(self._received) > 100_000:  # entries lost with a failed call
+                self._received.clear()
+
+    async def _read_loop(self) -> None:
+        backoff = _Backoff()
+        block_ms = int(self.config.block * 1000)
+        while True:
+            try:
+                assert self._rx is not None
+                reply = await self._rx.xread(
+                    {self._k_log: f"{self._cursor}-0", self._k_inbox: self._inbox_cursor},
+                    count=_READ_COUNT,
+                    block=block_ms,
+                )
+            except (RedisError, OSError) as e:
+                self._fail("reading the log", e)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            self._ok()
+            streams: Any = reply or []
+            for stream, entries in streams:
+                if stream == self._k_inbox:
+                    for entry_id, fields in entries:
+                        self._inbox_cursor = entry_id
+                        self._message(fields)
+                    continue
+                for entry_id, fields in entries:
+                    self._entry(int(entry_id.split("-", 1)[0]), fields)
+                    if fields.get("k") == "b":
+                        # Between batches, the loop serves devices and the sequencer.
+                        await asyncio.sleep(0)
+            if streams and sum(len(entries) for _, entries in streams) < _READ_COUNT:
+                # Caught up: let the next read find a few entries rather than
+                # one. (Behind, read on at once.)
+                await asyncio.sleep(_LINGER)
+
+    def _entry(self, offset: int, f: dict[str, str]) -> None:
+        if offset <= self._cursor:
+            return
+        self._cursor = offset
+        self._hwm = max(self._hwm, offset)
+        sink = self._sink
+        kind = f.get("k")
+        if kind == "b":
+            own = f.get("n") == self._node
+            try:
+                first = int(f["f"])
+                lines = split_batch(f["m"])
+            except (KeyError, ValueError):
+                log.warning("cluster: malformed telemetry entry %s skipped", offset)
+                return
+            self.counters.read += len(lines)
+            append = self.local.storage.append_telemetry
+            for i, line in enumerate(lines):
+                try:
+                    device, protocol, ts, seq, data_json = decode_line(line)
+                    record = TelemetryRecord(
+                        first + i, device, protocol, ts, seq, json.loads(data_json)
+                    )
+                except ValueError:
+                    log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
+                    continue
+                received = 0.0
+                shown = False
+                if own:
+                    key = (device, seq, ts)
+                    received = self._received.pop(key, 0.0)
+                    if self._shown:
+                        # Delivered here already, with a null offset: not again.
+                        shown = key in self._shown
+                        self._shown.discard(key)
+                append(record, data_json)
+                if sink is not None and not shown:
+                    sink.deliver_telemetry(record, data_json, received)
+            return
+        self.counters.read += 1
+        if kind == "p":
+            node = f.get("n", "")
+            if node == self._node:
+                # Own presence was delivered when it happened; node_lost of this
+                # node (it was cut off) is undone by the reseed of the next lease.
+                return
+            try:
+                e = json.loads(f.get("e", "{}"))
+            except ValueError:
+                e = {}
+            presence = Presence(
+                f["d"],
+                f.get("p", ""),
+                f.get("o") == "1",
+                int(f.get("t", "0")),
+                f.get("r", ""),
+                node=node,
+                transport=e.get("transport"),
+            )
+            if sink is not None:
+                sink.deliver_presence(presence)
+            if presence.online and presence.device in self._mine:
+                # Takeover across nodes: the newest HELLO, elsewhere, wins. The
+                # registry already names the new node, so the old session's
+                # end is no offline; its fence is dropped, so nothing reaches Redis.
+                self._mine.pop(presence.device, None)
+                self._fences.pop(presence.device, None)
+                # The hub's ``replaced`` (not part of the sink's protocol: a
+                # single node never calls it).
+                replaced = getattr(sink, "replaced", None)
+                if replaced is not None:
+                    replaced(presence.device)
+
+    def seam(self) -> int:
+        """Above every offset delivered: the next one read from the log is higher."""
+        return self._cursor + 1
+
+    async def flush(self) -> None:
+        """The local replica's pending rows committed."""
+        await self.local.flush()
+
+    async def history(
+        self,
+        after: int,
+        *,
+        until: int | None = None,
+        device: str | None = None,
+        protocol: str | None = None,
+        limit: int = 100,
+        from_ts: int | None = None,
+        to_ts: int | None = None,
+        newest: bool = False,
+    ) -> list[TelemetryRecord]:
+        """From this node's replica of the log."""
+        return await self.local.history(
+            after,
+            until=until,
+            device=device,
+            protocol=protocol,
+            limit=limit,
+            from_ts=from_ts,
+            to_ts=to_ts,
+            newest=newest,
+        )
+
+    async def latest(self) -> dict[str, TelemetryRecord]:
+        """From this node's replica."""
+        return await self.local.latest()
+
+    # ---- presence and the registry --------------------------------------------------------------
+
+    def publish_presence(self, presence: Presence, record: DeviceRecord) -> None:
+        """Kept locally, delivered locally now, and shared through the log (fenced)."""
+        presence = Presence(
+            presence.device,
+            presence.protocol,
+            presence.online,
+            presence.ts,
+            presence.reason,
+            node=self._node,
+            transport=record.transport,
+        )
+        self.local.publish_presence(presence, record)
+        if presence.online:
+            self._mine[presence.device] = (presence, record)
+        else:
+            self._mine.pop(presence.device, None)
+        self._op(lambda: self._share(presence, record))
+
+    def _op(self, op: Callable[[], Awaitable[None]]) -> None:
+        self._ops.append(op)
+        self._ops_wake.set()
+
+    async def _share(self, presence: Presence, record: DeviceRecord) -> None:
+        entry = _encode(
+            {
+                "node": self._node,
+                "online": presence.online,
+                "protocol": presence.protocol,
+                "transport": record.transport,
+                "ts": presence.ts,
+                "reason": presence.reason,
+                "first_seen": record.first_seen_ms,
+                "last_seen": record.last_seen_ms,
+            }
+        )
+        keys = [
+            self._k_seq,
+            self._k_log,
+            self._k_dev,
+            self._k_owner,
+            self._k_fence,
+        ]
+        args: list[Any] = [
+            self._floor(),
+            self.config.stream_maxlen,
+            self._node,
+            presence.device,
+            entry,
+            presence.protocol,
+            presence.ts,
+            presence.reason,
+        ]
+        if presence.online:
+            fence = await self._s_online(keys=keys, args=args)
+            self._fences[presence.device] = str(fence)
+        else:
+            fence = self._fences.pop(presence.device, None)
+            if fence is not None:
+                await self._s_offline(keys=keys, args=[*args, fence])
+
+    def _sharer(self, presence: Presence, record: DeviceRecord) -> Callable[[], Awaitable[None]]:
+        return lambda: self._share(presence, record)
+
+    async def _ops_loop(self) -> None:
+        backoff = _Backoff()
+        while True:
+            await self._ops_wake.wait()
+            self._ops_wake.clear()
+            while self._ops:
+                try:
+                    await self._ops[0]()
+                except (RedisError, OSError) as e:
+                    self._fail("sharing the registry", e)
+                    await backoff.wait()
+                    continue
+                self._ops.popleft()
+                backoff.reset()
+                self._ok()
+            if not self._outbox:
+                self._idle.set()
+
+    async def _lease(self) -> None:
+        assert self._r is not None
+        ttl_ms = int(self.config.node_lost_after * 1000)
+        had, live, lost = await self._s_lease(
+            keys=[self._k_seq, self._k_log, self._k_dev, self._k_owner, self._k_nodes],
+            args=[self._floor(), self.config.stream_maxlen, self._node, ttl_ms, self._hwm],
+        )
+        self._nodes = list(live)
+        self.counters.nodes_lost += int(lost)
+        if not had and self._mine:
+            # Redis lost this node (wiped, or the node was declared lost while
+            # cut off): announce its devices again, with new fences.
+            log.info("cluster: reseeding %d devices of this node", len(self._mine))
+            for presence, record in list(self._mine.values()):
+                self._op(self._sharer(presence, record))
+
+    async def _lease_loop(self) -> None:
+        period = self.config.node_lost_after / 4
+        while True:
+            await asyncio.sleep(period if self._failing is None else min(period, 0.5))
+            try:
+                await self._lease()
+            except (RedisError, OSError) as e:
+                self._fail("renewing the lease", e)
+                continue
+            self._connected = True
+            self._ok()
+
+    async def remember(self, record: DeviceRecord) -> None:
+        """Kept locally; a device of this node that stops with it is offline (``shutdown``)."""
+        await self.local.remember(record)
+        mine = self._mine.pop(record.device, None)
+        if mine is not None and record.offline_reason is not None:
+            presence = Presence(
+                record.device,
+                record.protocol,
+                False,
+                record.last_seen_ms,
+                record.offline_reason,
+                node=self._node,
+                transport=record.transport,
+            )
+            self._op(lambda: self._share(presence, record))
+
+    async def known_devices(self) -> list[DeviceRecord]:
+        """This node's registry rows (other nodes' devices come as presence at ``open``)."""
+        return await self.local.known_devices()
+
+    async def forget_devices(self, devices: list[str]) -> None:
+        """Locally."""
+        await self.local.forget_devices(devices)
+
+    async def delete_device(self, device: str) -> DeviceDeletion:
+        """Locally, and from the cluster registry."""
+        deletion = await self.local.delete_device(device)
+        if self._r is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._r.hdel(self._k_dev, device)
+        return deletion
+
+    async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        """Locally (labels are per node for now: docs/cluster.md)."""
+        await self.local.set_labels(device, labels)
+
+    async def labels(self) -> dict[str, dict[str, Any]]:
+        """Locally."""
+        return await self.local.labels()
+
+    # ---- commands: kept by the node that took them ----------------------------------------------
+
+    def log_command(self, event: CommandEvent) -> None:
+        """Locally, durably, and to Redis so that every node answers for it."""
+        self.local.log_command(event)
+        self._op(lambda: self._share_log(event))
+
+    async def _share_log(self, event: CommandEvent) -> None:
+        assert self._r is not None
+        key = f"{self.config.prefix}:cmd:{event.gateway_id}"
+        row = _encode(
+            {
+                "id": event.request_id,
+                "device": event.device,
+                "status": event.status,
+                "ts": event.ts,
+                **event.extra,
+            }
+        )
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, row)
+            pipe.expire(key, _COMMAND_LOG_TTL)
+            await pipe.execute()
+
+    async def command_log(self, gateway_id: str) -> CommandLog | None:
+        """This node's, else the one another node shared through Redis."""
+        found = await self.local.command_log(gateway_id)
+        if found is not None or self._r is None:
+            return found
+        try:
+            rows = await self._r.lrange(f"{self.config.prefix}:cmd:{gateway_id}", 0, -1)
+        except (RedisError, OSError):
+            return None
+        if not rows:
+            return None
+        history = [json.loads(row) for row in rows]
+        first = history[0]
+        for entry in history:
+            entry.pop("id", None)
+            entry.pop("device", None)
+        return CommandLog(
+            gateway_id, first.get("id"), str(first.get("device")), history[-1]["status"], history
+        )
+
+    async def enqueue_command(self, command: QueuedCommand) -> QueuedCommand:
+        """Locally, durably."""
+        return await self.local.enqueue_command(command)
+
+    async def pending_commands(
+        self, device: str, now_ms: int, *, after: int = 0, limit: int | None = None
+    ) -> list[QueuedCommand]:
+        """Locally."""
+        return await self.local.pending_commands(device, now_ms, after=after, limit=limit)
+
+    async def mark_sending(self, keys: Sequence[int]) -> list[int]:
+        """Locally."""
+        return await self.local.mark_sending(keys)
+
+    async def unmark_sending(self, keys: Sequence[int]) -> None:
+        """Locally."""
+        await self.local.unmark_sending(keys)
+
+    async def remove_commands(self, keys: Sequence[int]) -> None:
+        """Locally."""
+        await self.local.remove_commands(keys)
+
+    async def interrupted_commands(self) -> list[QueuedCommand]:
+        """Locally."""
+        return await self.local.interrupted_commands()
+
+    async def expire_commands(self, now_ms: int, limit: int = 1000) -> list[QueuedCommand]:
+        """Locally."""
+        return await self.local.expire_commands(now_ms, limit)
+
+    def health(self) -> StoreHealth:
+        """The local storage's (the cluster's state is ``cluster_status``)."""
+        return self.local.health()
+
+    async def forward_command(
+        self, device: str, body: bytes, reply: StatusCallback, command_id: str | None = None
+    ) -> CommandStatus | None:
+        """Through the holding node's inbox; its statuses come back through this node's.
+
+        None when no other node holds the device (the hub queues the command).
+        ``rejected`` with ``cluster_unavailable`` while Redis cannot be reached;
+        ``timeout`` when the holding node does not answer.
+        """
+        if command_id is None:
+            return None
+        r = self._r
+        try:
+            if r is None or self.degraded:
+                raise RedisError(self._failing or "redis unreachable")
+            found = await r.hget(self._k_owner, device)
+            if found is None:
+                return None
+            holder = found if isinstance(found, str) else found.decode()
+            if holder == self._node:
+                return None
+            first: asyncio.Future[CommandStatus | None] = asyncio.get_running_loop().create_future()
+            self._forwarded[command_id] = (reply, first)
+            await r.xadd(
+                self._inbox(holder),
+                {"k": "c", "c": command_id, "d": device, "b": body.hex(), "f": self._node},
+                maxlen=10_000,
+                approximate=True,
+            )
+        except (RedisError, OSError) as e:
+            self._forwarded.pop(command_id or "", None)
+            reply({"status": str(CommandStatus.REJECTED), "error": f"cluster_unavailable: {e}"})
+            return CommandStatus.REJECTED
+        try:
+            status = await asyncio.wait_for(asyncio.shield(first), self.config.node_lost_after)
+        except TimeoutError:
+            self._forwarded.pop(command_id, None)
+            reply({"status": str(CommandStatus.TIMEOUT), "error": f"node {holder} did not answer"})
+            return CommandStatus.TIMEOUT
+        if status is None:
+            self._forwarded.pop(command_id, None)
+        return status
+
+    def _message(self, f: dict[str, str]) -> None:
+        """An entry of this node's inbox: a command to run, or a status of one forwarded."""
+        kind = f.get("k")
+        command_id = f.get("c", "")
+        if kind == "c":
+            run = getattr(self._sink, "run_forwarded", None)
+            origin = f.get("f", "")
+            if run is None or not origin:
+                return
+            try:
+                body = bytes.fromhex(f.get("b", ""))
+            except ValueError:
+                return
+
+            def answer(status: str, extra: dict[str, Any]) -> None:
+                fields = {"k": "s", "c": command_id, "s": status, "x": _encode(extra)}
+                self._op(lambda: self._answer(origin, fields))
+
+            run(f.get("d", ""), body, answer)
+        elif kind == "s":
+            waiting = self._forwarded.get(command_id)
+            if waiting is None:
+                return
+            reply, first = waiting
+            status = f.get("s", "")
+            if status == "gone":
+                if not first.done():
+                    first.set_result(None)
+                return
+            try:
+                extra = json.loads(f.get("x", "{}"))
+                value = CommandStatus(status)
+            except ValueError:
+                return
+            reply({"status": status, **extra})
+            if not first.done():
+                first.set_result(value)
+            if value not in (CommandStatus.SENT, CommandStatus.QUEUED):
+                self._forwarded.pop(command_id, None)
+
+    async def _answer(self, origin: str, fields: dict[str, str]) -> None:
+        assert self._r is not None
+        await self._r.xadd(self._inbox(origin), fields, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
+
+
+def _presence(device: str, e: dict[str, Any], node: str) -> Presence:
+    return Presence(
+        device,
+        str(e.get("protocol", "")),
+        bool(e.get("online")),
+        int(e.get("ts") or 0),
+        str(e.get("reason") or ""),
+        node=node,
+        transport=e.get("transport"),
+    )
