@@ -108,11 +108,10 @@ async def test_a_command_is_taken_once_and_reaches_a_device_on_either_node(
                 assert RELAY_4.decode_command(cmd.body)["args"]["channel"] == i
                 relay.send(frames.Ack(cmd.seq, 0))
             statuses = f"cl/{client_id}/command/status"
-            await wait_until(
-                lambda s=statuses: (
-                    sum(json.loads(m.payload)["status"] == "acked" for m in w.on(s)) == 3
-                ),
-                f"three acked statuses on {statuses}",
-            )
+
+            def acked(topic: str = statuses) -> bool:
+                return sum(json.loads(m.payload)["status"] == "acked" for m in w.on(topic)) == 3
+
+            await wait_until(acked, f"three acked statuses on {statuses}")
     for relay in relays.values():
         await relay.aclose()
