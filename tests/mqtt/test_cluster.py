@@ -110,7 +110,8 @@ async def test_a_command_is_taken_once_and_reaches_a_device_on_either_node(
             statuses = f"cl/{client_id}/command/status"
 
             def acked(topic: str = statuses) -> bool:
-                return sum(json.loads(m.payload)["status"] == "acked" for m in w.on(topic)) == 3
+                done = [m for m in w.on(topic) if json.loads(m.payload)["status"] == "acked"]
+                return len(done) == 3
 
             await wait_until(acked, f"three acked statuses on {statuses}")
     for relay in relays.values():
