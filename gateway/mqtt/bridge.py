@@ -290,7 +290,6 @@ class MqttBridge:
                     self._hub_message(text)
                 except Exception:
                     log.exception("mqtt: could not handle %.200s", text)
-            self._wake.set()
             # Let the loop breathe between batches: devices come first.
             await asyncio.sleep(0)
 
@@ -326,10 +325,13 @@ class MqttBridge:
             dev.state = payload
             self._put((f"{self.config.prefix}/{device}", payload, 0, True, None))
             return
-        if dev.state is not None and device in self._dirty:
+        dirty = self._dirty
+        if device in dirty:
             self.counters.conflated += 1
+        elif not dirty:
+            self._wake.set()  # the publisher sleeps until something is due
         dev.state = payload
-        self._dirty[device] = None
+        dirty[device] = None
 
     def _presence(self, device: str, protocol: str, online: bool) -> None:
         if not self._own(device):
@@ -475,14 +477,19 @@ class MqttBridge:
                 self.counters.published += 1
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
-        interval = self.config.min_interval
+        # Woken by queued messages at once; conflated states are looked at a few
+        # times per min_interval, not once per telemetry message (which would cost
+        # a wake-up and a timer per frame on the hot loop).
+        tick = self.config.min_interval / 4
         while True:
             await self._flush(client)
             self._wake.clear()
-            if self._dirty and interval > 0:
-                # States wait for their interval; queued messages wake us at once.
+            if self._queue:
+                continue
+            if self._dirty:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval / 4)
+                    async with asyncio.timeout(tick):
+                        await self._wake.wait()
             else:
                 await self._wake.wait()
 
