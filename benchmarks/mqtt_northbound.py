@@ -50,15 +50,20 @@ MODES: dict[str, dict[str, Any] | None] = {
 }
 
 
-async def _frames_in(server: harness.Server) -> float:
+async def _counters(server: harness.Server) -> tuple[float, float, float]:
+    """Frames in, MQTT publishes, telemetry the hub dropped for a lagging reader (the bridge)."""
     assert server.http is not None
     host, port = server.http
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
     body = (await reader.read()).split(b"\r\n\r\n", 1)[1].decode()
     writer.close()
-    metrics = parse_metrics(body)
-    return metrics.value("iot_frames_in_total")
+    flat = parse_metrics(body).flat()
+    return (
+        flat.get("iot_frames_in_total", 0.0),
+        flat.get("iot_mqtt_published_total", 0.0),
+        flat.get("iot_telemetry_dropped_total", 0.0),
+    )
 
 
 async def _gateway_run(
@@ -98,9 +103,9 @@ async def _gateway_run(
         await asyncio.sleep(max(0.0, start_at + args.warmup - time.time()))
         pids = [server.process.pid]
         others0 = harness.all_cpu()
-        before, frames0 = harness.sample_all(pids), await _frames_in(server)
+        before, (frames0, pub0, drop0) = harness.sample_all(pids), await _counters(server)
         await asyncio.sleep(args.measure)
-        after, frames1 = harness.sample_all(pids), await _frames_in(server)
+        after, (frames1, pub1, drop1) = harness.sample_all(pids), await _counters(server)
         others1 = harness.all_cpu()
         cpu = harness.cpu_between(before, after)
         frames = frames1 - frames0
@@ -110,6 +115,8 @@ async def _gateway_run(
             "mode": mode,
             "frames_per_s": round(frames / args.measure),
             "cpu_cores": round(cpu / args.measure, 3),
+            "published_per_s": round((pub1 - pub0) / args.measure),
+            "hub_dropped_per_s": round((drop1 - drop0) / args.measure),
             "cpu_us_per_frame": round(cpu / frames * 1e6, 2) if frames else None,
             "other_cores": round(harness.others_cpu(others0, others1, ours) / args.measure, 2),
         }
@@ -180,8 +187,11 @@ def report(result: dict[str, Any]) -> str:
     for name in ("aiomqtt", "paho"):
         runs = [c[name] for c in result["clients"]]
         lines[-1] += f"{name} {_median(runs):.1f} ({', '.join(f'{v:.1f}' for v in runs)}); "
-    lines.append("| mode | frames/s | gateway cores | CPU us per frame | vs off (same run) |")
-    lines.append("|---|--:|--:|--:|--:|")
+    lines.append(
+        "| mode | frames/s | MQTT publishes/s | dropped for the bridge/s | gateway cores "
+        "| CPU us per frame | vs off (same run) |"
+    )
+    lines.append("|---|--:|--:|--:|--:|--:|--:|")
     by_mode: dict[str, list[dict[str, Any]]] = {}
     for run in result["gateway"]:
         by_mode.setdefault(run["mode"], []).append(run)
@@ -190,6 +200,8 @@ def report(result: dict[str, Any]) -> str:
         ratios = [r["cpu_us_per_frame"] / off for r, off in zip(runs, offs, strict=False) if off]
         lines.append(
             f"| {mode} | {_median([r['frames_per_s'] for r in runs]):,.0f} "
+            f"| {_median([r.get('published_per_s', 0) for r in runs]):,.0f} "
+            f"| {_median([r.get('hub_dropped_per_s', 0) for r in runs]):,.0f} "
             f"| {_median([r['cpu_cores'] for r in runs]):.2f} "
             f"| {_median([r['cpu_us_per_frame'] for r in runs]):.1f} "
             f"| x{_median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) |"

@@ -48,6 +48,15 @@ from .discovery import discovery_messages, removal_topics
 log = logging.getLogger(__name__)
 
 _TELEMETRY_HEAD = '{"op":"telemetry","device":'
+_DEVICE_AT = len(_TELEMETRY_HEAD) + 1  # after the device id's opening quote
+_OP = '"op":"telemetry",'
+
+
+def state_payload(text: str) -> str:
+    """The state topic's payload (docs/mqtt.md): the hub's telemetry text without its op."""
+    return "{" + text[1 + len(_OP) :]
+
+
 _DECODER = json.JSONDecoder()
 DISCOVERY_CHOICES = ("homeassistant", "none")
 
@@ -199,7 +208,7 @@ class MqttCounters:
 class _Device:
     protocol: str
     online: bool = False
-    state: str | None = None  # the latest state payload
+    state: str | None = None  # the hub's latest telemetry text (``state_payload`` of it)
     published_at: float = float("-inf")  # loop time of the last state publish
 
 
@@ -295,9 +304,7 @@ class MqttBridge:
 
     def _hub_message(self, text: str) -> None:
         if text.startswith(_TELEMETRY_HEAD):
-            # Only the device id is decoded: the payload is the message minus its "op".
-            device, end = _DECODER.raw_decode(text, len(_TELEMETRY_HEAD))
-            self._telemetry(device, text[end + 12 :], "{" + text[len('{"op":"telemetry",') :])
+            self._telemetry(text)
             return
         msg = json.loads(text)
         op = msg.get("op")
@@ -314,23 +321,31 @@ class MqttBridge:
         state = self.hub.devices.get(device)
         return state is not None and state.node == engine.node
 
-    def _telemetry(self, device: str, rest: str, payload: str) -> None:
+    def _telemetry(self, text: str) -> None:
+        """One ``telemetry`` text of the hub: kept as it is, made a state payload only
+        when published (conflated, that is once per device per min_interval)."""
+        # A client_id needs no JSON escape (docs/protocol.md §3): its end is the next quote.
+        start = _DEVICE_AT
+        end = text.find('"', start)
+        device = text[start:end]
+        if "\\" in device:  # never from a valid client_id; decoded properly all the same
+            device, end = _DECODER.raw_decode(text, start - 1)
+            end -= 1
         dev = self.devices.get(device)
         if dev is None:
             if not self._own(device):
                 return  # another cluster node's: it publishes it
-            protocol, _ = _DECODER.raw_decode(rest)
+            protocol, _ = _DECODER.raw_decode(text, end + 13)
             dev = self.devices[device] = _Device(str(protocol), True)
+        dev.state = text
         if self.config.min_interval == 0:
-            dev.state = payload
-            self._put((f"{self.config.prefix}/{device}", payload, 0, True, None))
+            self._put((f"{self.config.prefix}/{device}", state_payload(text), 0, True, None))
             return
         dirty = self._dirty
         if device in dirty:
             self.counters.conflated += 1
         elif not dirty:
             self._wake.set()  # the publisher sleeps until something is due
-        dev.state = payload
         dirty[device] = None
 
     def _presence(self, device: str, protocol: str, online: bool) -> None:
@@ -465,7 +480,9 @@ class MqttBridge:
             topic, payload, qos, retain, _ = self._availability(device, dev)
             await client.publish(topic, payload, qos=qos, retain=retain)
             if dev.state is not None:
-                await client.publish(f"{prefix}/{device}", dev.state, qos=0, retain=True)
+                await client.publish(
+                    f"{prefix}/{device}", state_payload(dev.state), qos=0, retain=True
+                )
                 dev.published_at = time.monotonic()
             self._dirty.pop(device, None)
         self.counters.published += len(self.devices) * 2 + 1
@@ -516,10 +533,11 @@ class MqttBridge:
                     continue
                 del self._dirty[device]
                 dev.published_at = now
-                await client.publish(f"{prefix}/{device}", dev.state, qos=0, retain=True)
+                payload = state_payload(dev.state)
+                await client.publish(f"{prefix}/{device}", payload, qos=0, retain=True)
                 self.counters.published += 1
                 if hook is not None:
-                    hook(f"{prefix}/{device}", dev.state)
+                    hook(f"{prefix}/{device}", payload)
 
     # ---- from the broker ------------------------------------------------------------------------
 

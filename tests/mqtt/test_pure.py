@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,8 +13,12 @@ from hypothesis import strategies as st
 
 from frames import get_protocol
 from gateway.config import ConfigError, build_config
-from gateway.mqtt import MqttConfig, discovery_messages, object_id, parse_url
-from gateway.mqtt.bridge import MqttUrlError, _command_device
+from gateway.hub import Hub, LocalEngine
+from gateway.hub.messages import telemetry_text
+from gateway.hub.records import TelemetryRecord
+from gateway.mqtt import MqttBridge, MqttConfig, discovery_messages, object_id, parse_url
+from gateway.mqtt.bridge import MqttUrlError, _command_device, state_payload
+from gateway.storage import MemoryStorage
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "mqtt.md"
 CLIENT_IDS = st.text(
@@ -111,3 +116,25 @@ def test_the_docs_discovery_examples_are_the_real_output() -> None:
             bridge_topic="iotgw/bridge/state",
         )
         assert json.loads(text) == json.loads(payload)
+
+
+PROTOCOLS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=1, max_size=32)
+DATA = st.dictionaries(
+    st.text(max_size=8), st.one_of(st.integers(), st.floats(allow_nan=False), st.text()), max_size=4
+)
+
+
+@given(CLIENT_IDS | st.text(min_size=1, max_size=20), PROTOCOLS, DATA, st.booleans())
+def test_the_state_payload_is_the_telemetry_message_without_its_op(
+    device: str, protocol: str, data: dict[str, Any], flagged: bool
+) -> None:
+    """The bridge reads only the device id (and a new device's protocol) of the hub's text."""
+    record = TelemetryRecord(7, device, protocol, 1_700_000_000_000, 3, data)
+    text = telemetry_text(record, json.dumps(data), ("x",) if flagged else None)
+    bridge = MqttBridge(Hub(LocalEngine(MemoryStorage())), MqttConfig(url="mqtt://h"))
+    bridge._telemetry(text)
+    dev = bridge.devices[device]
+    assert dev.protocol == protocol
+    assert dev.state is not None
+    expected = {k: v for k, v in json.loads(text).items() if k != "op"}
+    assert json.loads(state_payload(dev.state)) == expected
