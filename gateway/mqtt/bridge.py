@@ -40,16 +40,17 @@ from paho.mqtt.properties import Properties
 from frames import get_protocol
 from frames.backoff import Backoff, BackoffPolicy
 
-from ..hub import Hub
-from ..hub.dashboard import Dashboard, Role
-from ..hub.messages import ALL, ClientError, CommandRequest, dumps
+from ..hub import Hub, Presence
+from ..hub.messages import ClientError, CommandRequest, dumps, telemetry_text
+from ..hub.records import TelemetryRecord
 from .discovery import discovery_messages, removal_topics
 
 log = logging.getLogger(__name__)
 
-_TELEMETRY_HEAD = '{"op":"telemetry","device":'
-_DEVICE_AT = len(_TELEMETRY_HEAD) + 1  # after the device id's opening quote
 _OP = '"op":"telemetry",'
+
+# The latest telemetry of a device: what the hub delivered, encoded only when published.
+State = tuple[TelemetryRecord, str, tuple[str, ...] | None]
 
 
 def state_payload(text: str) -> str:
@@ -57,7 +58,10 @@ def state_payload(text: str) -> str:
     return "{" + text[1 + len(_OP) :]
 
 
-_DECODER = json.JSONDecoder()
+def _payload(state: State) -> str:
+    return state_payload(telemetry_text(*state))
+
+
 DISCOVERY_CHOICES = ("homeassistant", "none")
 
 
@@ -208,7 +212,7 @@ class MqttCounters:
 class _Device:
     protocol: str
     online: bool = False
-    state: str | None = None  # the hub's latest telemetry text (``state_payload`` of it)
+    state: State | None = None  # the latest telemetry (``_payload`` makes the JSON)
     published_at: float = float("-inf")  # loop time of the last state publish
 
 
@@ -224,7 +228,6 @@ class MqttBridge:
     counters: MqttCounters = field(default_factory=MqttCounters)
     connected: bool = False
     devices: dict[str, _Device] = field(default_factory=dict)
-    _dashboard: Dashboard | None = None
     _queue: deque[Message] = field(default_factory=deque)
     _dirty: dict[str, None] = field(default_factory=dict)  # devices whose state waits
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -240,28 +243,17 @@ class MqttBridge:
 
     async def start(self) -> None:
         """Subscribe to the hub and start connecting (returns at once; the broker may be down)."""
-        self._dashboard = d = self.hub.connect_dashboard(Role.OPERATOR, "mqtt-bridge")
-        # The bridge's queue: the hub drops the oldest telemetry beyond it, as for any
-        # dashboard; state is conflated anyway, so only the latest value matters.
-        self.hub.subscriptions.subscribe(d, ALL)
-        d.subscriptions.add(ALL)
+        # An observer of the hub: told synchronously of each delivery, it only keeps the
+        # latest record per device; building and publishing payloads is our task's.
+        self.hub.observers.append(self)
         for device, state in self.hub.devices.items():
             if self._own(device):
                 self.devices[device] = _Device(state.protocol, state.online)
-        self._tasks = [
-            asyncio.create_task(self._read_hub(d), name="mqtt: read hub"),
-            asyncio.create_task(self._supervise(), name="mqtt: broker connection"),
-        ]
+        self._tasks = [asyncio.create_task(self._supervise(), name="mqtt: broker connection")]
 
     async def stop(self) -> None:
         """Say ``offline`` on the bridge topic, disconnect, stop."""
         self._stopping = True
-        d = self._dashboard
-        if d is not None:
-            # What the hub said last (the devices' offline presence at a stop) goes out too.
-            while batch := d.take(1024):
-                for text in batch:
-                    self._hub_message(text)
         client = self._client
         if client is not None and self.connected:
             try:
@@ -276,9 +268,8 @@ class MqttBridge:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
-        if self._dashboard is not None:
-            self.hub.disconnect_dashboard(self._dashboard)
-            self._dashboard = None
+        if self in self.hub.observers:
+            self.hub.observers.remove(self)
 
     async def wait_connected(self, timeout: float) -> None:
         """Until the broker connection is up (for tests and benchmarks)."""
@@ -291,27 +282,34 @@ class MqttBridge:
 
     # ---- from the hub ---------------------------------------------------------------------------
 
-    async def _read_hub(self, d: Dashboard) -> None:
-        while not d.closed:
-            await d.wait()
-            for text in d.take(1024):
-                try:
-                    self._hub_message(text)
-                except Exception:
-                    log.exception("mqtt: could not handle %.200s", text)
-            # Let the loop breathe between batches: devices come first.
-            await asyncio.sleep(0)
-
-    def _hub_message(self, text: str) -> None:
-        if text.startswith(_TELEMETRY_HEAD):
-            self._telemetry(text)
+    def telemetry(
+        self, record: TelemetryRecord, data_json: str, out_of_range: tuple[str, ...] | None
+    ) -> None:
+        """``HubObserver``: the latest record of a device (its payload is made when published)."""
+        device = record.device
+        dev = self.devices.get(device)
+        if dev is None:
+            if not self._own(device):
+                return  # another cluster node's: it publishes it
+            dev = self.devices[device] = _Device(record.protocol, True)
+        dev.state = (record, data_json, out_of_range)
+        if self.config.min_interval == 0:
+            self._put((f"{self.config.prefix}/{device}", _payload(dev.state), 0, True, None))
             return
-        msg = json.loads(text)
-        op = msg.get("op")
-        if op == "presence":
-            self._presence(msg["device"], msg["protocol"], bool(msg["online"]))
-        elif op == "removed":
-            self._removed(msg["device"])
+        dirty = self._dirty
+        if device in dirty:
+            self.counters.conflated += 1
+        elif not dirty:
+            self._wake.set()  # the publisher sleeps until something is due
+        dirty[device] = None
+
+    def presence(self, presence: Presence) -> None:
+        """``HubObserver``: a device came or went (on this node or, in a cluster, another)."""
+        self._presence(presence.device, presence.protocol, presence.online)
+
+    def removed(self, device: str, reason: str) -> None:
+        """``HubObserver``: a device was deleted or forgotten: its retained topics go."""
+        self._removed(device)
 
     def _own(self, device: str) -> bool:
         """Does this node publish ``device``? In a cluster, only the devices it holds."""
@@ -320,33 +318,6 @@ class MqttBridge:
             return True
         state = self.hub.devices.get(device)
         return state is not None and state.node == engine.node
-
-    def _telemetry(self, text: str) -> None:
-        """One ``telemetry`` text of the hub: kept as it is, made a state payload only
-        when published (conflated, that is once per device per min_interval)."""
-        # A client_id needs no JSON escape (docs/protocol.md §3): its end is the next quote.
-        start = _DEVICE_AT
-        end = text.find('"', start)
-        device = text[start:end]
-        if "\\" in device:  # never from a valid client_id; decoded properly all the same
-            device, end = _DECODER.raw_decode(text, start - 1)
-            end -= 1
-        dev = self.devices.get(device)
-        if dev is None:
-            if not self._own(device):
-                return  # another cluster node's: it publishes it
-            protocol, _ = _DECODER.raw_decode(text, end + 13)
-            dev = self.devices[device] = _Device(str(protocol), True)
-        dev.state = text
-        if self.config.min_interval == 0:
-            self._put((f"{self.config.prefix}/{device}", state_payload(text), 0, True, None))
-            return
-        dirty = self._dirty
-        if device in dirty:
-            self.counters.conflated += 1
-        elif not dirty:
-            self._wake.set()  # the publisher sleeps until something is due
-        dirty[device] = None
 
     def _presence(self, device: str, protocol: str, online: bool) -> None:
         if not self._own(device):
@@ -480,9 +451,7 @@ class MqttBridge:
             topic, payload, qos, retain, _ = self._availability(device, dev)
             await client.publish(topic, payload, qos=qos, retain=retain)
             if dev.state is not None:
-                await client.publish(
-                    f"{prefix}/{device}", state_payload(dev.state), qos=0, retain=True
-                )
+                await client.publish(f"{prefix}/{device}", _payload(dev.state), qos=0, retain=True)
                 dev.published_at = time.monotonic()
             self._dirty.pop(device, None)
         self.counters.published += len(self.devices) * 2 + 1
@@ -533,7 +502,7 @@ class MqttBridge:
                     continue
                 del self._dirty[device]
                 dev.published_at = now
-                payload = state_payload(dev.state)
+                payload = _payload(dev.state)
                 await client.publish(f"{prefix}/{device}", payload, qos=0, retain=True)
                 self.counters.published += 1
                 if hook is not None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -19,6 +20,7 @@ import frames
 from frames.protocols import ENV_SENSOR, RELAY_4
 from gateway.mqtt import object_id
 from tests.devices.support import Client
+from tests.resilience.support import Telemetry, connect_dashboard
 from tests.support.gateway import GatewayProcess
 from tests.support.wait import wait_until
 
@@ -238,11 +240,21 @@ async def test_broker_restart_reconnect_republish_and_queue_bound(
             lambda: gw.get_json_sync("/healthz")["mqtt"] == "down", "healthz says down"
         )
         assert gw.healthy_sync()  # still 200: devices and dashboards carry on
-        for _ in range(40):
-            dev.send(frames.Data(dev.next_seq(), ENV_DATA))
-            await dev.writer.drain()
-        # Every message is still stored and served while the broker is away.
-        await wait_until(lambda: len(gw.stored_offsets_sync("restart.env")) == 41, "41 rows stored")
+        async with aiohttp.ClientSession() as session:
+            dash = await connect_dashboard(gw, session, token=TOKEN)
+            live = Telemetry(dash)
+            try:
+                for _ in range(40):
+                    dev.send(frames.Data(dev.next_seq(), ENV_DATA))
+                    await dev.writer.drain()
+                # A dashboard gets every message live, and every one is stored.
+                await live.wait_for(lambda: live.count("restart.env") == 40)
+                await wait_until(
+                    lambda: len(gw.stored_offsets_sync("restart.env")) == 41, "41 rows stored"
+                )
+            finally:
+                await live.aclose()
+                await dash.ws.close()
         await wait_until(
             lambda: gw.metrics_sync().value("iot_mqtt_dropped_total") >= 30, "drops counted"
         )

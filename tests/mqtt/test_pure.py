@@ -17,7 +17,7 @@ from gateway.hub import Hub, LocalEngine
 from gateway.hub.messages import telemetry_text
 from gateway.hub.records import TelemetryRecord
 from gateway.mqtt import MqttBridge, MqttConfig, discovery_messages, object_id, parse_url
-from gateway.mqtt.bridge import MqttUrlError, _command_device, state_payload
+from gateway.mqtt.bridge import MqttUrlError, _command_device, _payload, state_payload
 from gateway.storage import MemoryStorage
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "mqtt.md"
@@ -128,13 +128,14 @@ DATA = st.dictionaries(
 def test_the_state_payload_is_the_telemetry_message_without_its_op(
     device: str, protocol: str, data: dict[str, Any], flagged: bool
 ) -> None:
-    """The bridge reads only the device id (and a new device's protocol) of the hub's text."""
+    """What the bridge keeps of a delivery becomes the telemetry message minus its op."""
     record = TelemetryRecord(7, device, protocol, 1_700_000_000_000, 3, data)
     text = telemetry_text(record, json.dumps(data), ("x",) if flagged else None)
     bridge = MqttBridge(Hub(LocalEngine(MemoryStorage())), MqttConfig(url="mqtt://h"))
-    bridge._telemetry(text)
+    bridge.telemetry(record, json.dumps(data), ("x",) if flagged else None)
     dev = bridge.devices[device]
     assert dev.protocol == protocol
     assert dev.state is not None
     expected = {k: v for k, v in json.loads(text).items() if k != "op"}
-    assert json.loads(state_payload(dev.state)) == expected
+    assert json.loads(_payload(dev.state)) == expected
+    assert json.loads(state_payload(text)) == expected
