@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import aiomqtt
 from tests.support.wait import wait_until, wait_until_sync
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
 
 def free_port() -> int:
@@ -34,6 +36,8 @@ class Mosquitto:
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # user -> password: a password file, and no anonymous clients.
+    users: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -41,9 +45,22 @@ class Mosquitto:
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
+        auth = "allow_anonymous true\n"
+        if self.users is not None:
+            passwords = self.workdir / "passwords"
+            passwords.write_text("")
+            passwords.chmod(0o600)
+            for user, password in self.users.items():
+                subprocess.run(
+                    [PASSWD, "-b", str(passwords), user, password], check=True, timeout=10
+                )
+            auth = f"allow_anonymous false\npassword_file {passwords}\n"
+            if os.geteuid() == 0:
+                # Started by root, Mosquitto becomes the user "mosquitto", who cannot read
+                # a file under pytest's private (0700) directory: it stays who started it.
+                auth += "user root\n"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "set_tcp_nodelay true\n"
+            f"listener {self.port} 127.0.0.1\n{auth}persistence false\nset_tcp_nodelay true\n"
         )
         with (self.workdir / "mosquitto.log").open("ab") as log:
             self.proc = subprocess.Popen(

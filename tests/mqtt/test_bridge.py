@@ -304,3 +304,57 @@ def test_no_mqtt_field_without_a_broker(tmp_path: Path) -> None:
         assert "mqtt" not in gw.get_json_sync("/healthz")
     finally:
         gw.stop_sync()
+
+
+async def test_flags_prefix_and_no_discovery(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    args = ["--mqtt", mosquitto.url, "--mqtt-prefix", "flags", "--mqtt-discovery", "none"]
+    gw = GatewayProcess(tmp_path, None, args=args, token=TOKEN, name="flags")
+    await gw.start()
+    try:
+        async with watch(mosquitto, "flags/#", "homeassistant/#") as w:
+            dev = await device(gw, "flags.env")
+            dev.send(frames.Data(dev.next_seq(), ENV_DATA))
+            await w.until("flags/bridge/state", b"online")
+            await w.until("flags/flags.env/availability", b"online")
+            await w.until("flags/flags.env")
+            # Discovery would have come before the availability, on the same connection.
+            node = object_id("flags.env")
+            assert not [m for m in w.messages if node in m.topic.value]
+            await dev.aclose()
+    finally:
+        await gw.stop()
+
+
+async def test_credentials_from_the_environment(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "auth", users={"gw": "s3cret-pw"})
+    broker.workdir.mkdir()
+    broker.start()
+    try:
+        env = {"IOT_GATEWAY_MQTT_USERNAME": "gw", "IOT_GATEWAY_MQTT_PASSWORD": "s3cret-pw"}
+        gw = GatewayProcess(tmp_path, mqtt_config(broker), env=env, token=TOKEN, name="cred")
+        wrong = GatewayProcess(
+            tmp_path,
+            mqtt_config(broker, prefix="wrong"),
+            env={**env, "IOT_GATEWAY_MQTT_PASSWORD": "nope"},
+            token=TOKEN,
+            name="wrong",
+        )
+        await gw.start()
+        await wrong.start()
+        try:
+            await wait_until(
+                lambda: gw.get_json_sync("/healthz")["mqtt"] == "connected", "connected"
+            )
+            await wait_until(
+                lambda: wrong.metrics_sync().value("iot_mqtt_connect_failures_total") >= 2,
+                "the wrong password refused, again and again",
+            )
+            assert wrong.get_json_sync("/healthz")["mqtt"] == "down"
+        finally:
+            await gw.stop()
+            await wrong.stop()
+        for process in (gw, wrong):
+            assert "s3cret-pw" not in process.log()
+            assert "nope" not in process.log()
+    finally:
+        broker.stop()
