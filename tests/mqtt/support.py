@@ -38,14 +38,19 @@ class Mosquitto:
     proc: subprocess.Popen[bytes] | None = None
     # user -> password: a password file, and no anonymous clients.
     users: dict[str, str] | None = None
+    # (certfile, keyfile): the listener speaks TLS (mqtts://).
+    tls: tuple[Path, Path] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        scheme = "mqtt" if self.tls is None else "mqtts"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
         auth = "allow_anonymous true\n"
+        if self.tls is not None:
+            auth += f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}\n"
         if self.users is not None:
             passwords = self.workdir / "passwords"
             passwords.write_text("")
@@ -54,11 +59,12 @@ class Mosquitto:
                 subprocess.run(
                     [PASSWD, "-b", str(passwords), user, password], check=True, timeout=10
                 )
-            auth = f"allow_anonymous false\npassword_file {passwords}\n"
-            if os.geteuid() == 0:
-                # Started by root, Mosquitto becomes the user "mosquitto", who cannot read
-                # a file under pytest's private (0700) directory: it stays who started it.
-                auth += "user root\n"
+            auth = auth.replace("allow_anonymous true", "allow_anonymous false")
+            auth += f"password_file {passwords}\n"
+        if (self.users is not None or self.tls is not None) and os.geteuid() == 0:
+            # Started by root, Mosquitto becomes the user "mosquitto", who cannot read
+            # a file under pytest's private (0700) directory: it stays who started it.
+            auth += "user root\n"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n{auth}persistence false\nset_tcp_nodelay true\n"
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -356,5 +357,40 @@ async def test_credentials_from_the_environment(tmp_path: Path) -> None:
         for process in (gw, wrong):
             assert "s3cret-pw" not in process.log()
             assert "nope" not in process.log()
+    finally:
+        broker.stop()
+
+
+async def test_mqtts_with_a_ca(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = tmp_path / "pki"
+    files.mkdir()
+    chain, key, ca_file = files / "broker.pem", files / "broker.key", files / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    ca.cert_pem.write_to_path(str(ca_file))
+    broker = Mosquitto(files, tls=(chain, key))
+    broker.start()
+    try:
+        gw = GatewayProcess(tmp_path, mqtt_config(broker, ca=str(ca_file)), token=TOKEN, name="tls")
+        # Without the CA, the broker's certificate is not trusted: never connected.
+        untrusted = GatewayProcess(
+            tmp_path, mqtt_config(broker, prefix="untrusted"), token=TOKEN, name="untrusted"
+        )
+        await gw.start()
+        await untrusted.start()
+        try:
+            await wait_until(
+                lambda: gw.get_json_sync("/healthz")["mqtt"] == "connected", "connected"
+            )
+            await wait_until(
+                lambda: untrusted.metrics_sync().value("iot_mqtt_connect_failures_total") >= 2,
+                "the untrusted broker refused, again and again",
+            )
+            assert untrusted.get_json_sync("/healthz")["mqtt"] == "down"
+        finally:
+            await gw.stop()
+            await untrusted.stop()
     finally:
         broker.stop()
