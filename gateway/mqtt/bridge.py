@@ -48,6 +48,8 @@ from .discovery import discovery_messages, removal_topics
 log = logging.getLogger(__name__)
 
 _OP = '"op":"telemetry",'
+# The reason of the offline presence a cluster gives the devices of a node it lost.
+NODE_LOST = "node_lost"
 
 # The latest telemetry of a device: what the hub delivered, encoded only when published.
 State = tuple[TelemetryRecord, str, tuple[str, ...] | None]
@@ -305,6 +307,13 @@ class MqttBridge:
 
     def presence(self, presence: Presence) -> None:
         """``HubObserver``: a device came or went (on this node or, in a cluster, another)."""
+        if presence.reason == NODE_LOST and not presence.online and not self._own(presence.device):
+            # Its node is gone and cannot say so: every node that saw it go says it
+            # (the same retained value, so saying it more than once changes nothing).
+            self._put(
+                (f"{self.config.prefix}/{presence.device}/availability", "offline", 1, True, None)
+            )
+            return
         self._presence(presence.device, presence.protocol, presence.online)
 
     def removed(self, device: str, reason: str) -> None:

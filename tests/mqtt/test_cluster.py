@@ -116,3 +116,18 @@ async def test_a_command_is_taken_once_and_reaches_a_device_on_either_node(
             await wait_until(acked, f"three acked statuses on {statuses}")
     for relay in relays.values():
         await relay.aclose()
+
+
+async def test_a_lost_node_s_devices_and_bridge_go_offline(
+    cluster: list[GatewayProcess], mosquitto: Mosquitto
+) -> None:
+    n2 = cluster[1]
+    async with watch(mosquitto, "cl/#") as w:
+        d2 = await device(n2, "cl.lost")
+        await w.until("cl/cl.lost/availability", b"online")
+        await n2.kill()
+        # n2's will, then n1 declares n2's devices offline (node_lost) and says so.
+        await w.until("cl/bridge/n2/state", b"offline", timeout=20)
+        await w.until("cl/cl.lost/availability", b"offline", timeout=20)
+        await d2.aclose()
+    await n2.start()  # the fixture stops both
