@@ -394,3 +394,26 @@ async def test_mqtts_with_a_ca(tmp_path: Path) -> None:
             await untrusted.stop()
     finally:
         broker.stop()
+
+
+async def test_a_forgotten_device_leaves_nothing_retained(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = {**mqtt_config(mosquitto, prefix="forget"), "dashboards": {"forget_after": 1.0}}
+    gw = GatewayProcess(tmp_path, config, token=TOKEN, name="forget")
+    await gw.start()
+    try:
+        node = object_id("forget.env")
+        temperature = f"homeassistant/sensor/{node}/temperature/config"
+        async with watch(mosquitto, "forget/#", "homeassistant/#") as w:
+            dev = await device(gw, "forget.env")
+            dev.send(frames.Data(dev.next_seq(), ENV_DATA))
+            await w.until("forget/forget.env")
+            await w.until(temperature)
+            await dev.aclose()
+            # Unseen for forget_after: forgotten, and its retained topics emptied.
+            await w.until("forget/forget.env", b"", timeout=20)
+            await w.until("forget/forget.env/availability", b"")
+            await w.until(temperature, b"")
+    finally:
+        await gw.stop()
