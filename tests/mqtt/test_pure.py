@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +141,17 @@ def test_the_state_payload_is_the_telemetry_message_without_its_op(
     expected = {k: v for k, v in json.loads(text).items() if k != "op"}
     assert json.loads(_payload(dev.state)) == expected
     assert json.loads(state_payload(text)) == expected
+
+
+def test_every_mqtt_key_is_documented_with_its_default() -> None:
+    text = (DOC.parent / "configuration.md").read_text(encoding="utf-8")
+    section = text.split("## `[mqtt]`", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\|\s*`([a-z_]+)`\s*\|[^|]*\|\s*([^|]*?)\s*\|", section, re.M))
+    fields = {f.name: f.default for f in dataclasses.fields(MqttConfig)}
+    assert set(rows) == set(fields)
+    for key, default in fields.items():
+        literal = re.fullmatch(r"`(.+)`", rows[key])
+        if literal is None:
+            assert default is None, f"mqtt.{key}: give the default {default!r}"
+        else:
+            assert tomllib.loads(f"v = {literal.group(1)}")["v"] == default, key
