@@ -13,8 +13,9 @@ it to ``register_protocol`` (see docs/protocols.md).
 from __future__ import annotations
 
 import abc
+import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,11 @@ class Protocol(abc.ABC):
     name: str
     ranges: Mapping[str, tuple[float, float]] = {}
     ack_codes: Mapping[int, str] = {}
+    #: The entities Home Assistant shows for a device of this protocol (docs/mqtt.md,
+    #: "Entities of your own protocol"): mappings with ``component`` (sensor,
+    #: binary_sensor, switch), ``key`` and Home Assistant keys such as ``name``,
+    #: ``value_template``, ``device_class``, ``unit_of_measurement``, ``payload_on``.
+    mqtt_entities: Sequence[Mapping[str, Any]] = ()
 
     @abc.abstractmethod
     def decode_data(self, body: bytes) -> JsonObject:
@@ -371,6 +377,50 @@ RELAY_4 = ConstructProtocol(
         "set": CommandSchema(0x01, Struct("channel" / Integer(Int8ub, 0, 3), "on" / Boolean())),
     },
     ack_codes=DEVICE_ACK_CODES,
+)
+
+ENV_SENSOR.mqtt_entities = (
+    {
+        "component": "sensor",
+        "key": "temperature",
+        "name": "Temperature",
+        "device_class": "temperature",
+        "unit_of_measurement": "\u00b0C",
+        "state_class": "measurement",
+        "value_template": "{{ value_json.data.temperature_c }}",
+    },
+    {
+        "component": "sensor",
+        "key": "humidity",
+        "name": "Humidity",
+        "device_class": "humidity",
+        "unit_of_measurement": "%",
+        "state_class": "measurement",
+        "value_template": "{{ value_json.data.humidity_pct }}",
+    },
+    {
+        "component": "sensor",
+        "key": "battery",
+        "name": "Battery",
+        "device_class": "battery",
+        "unit_of_measurement": "%",
+        "state_class": "measurement",
+        "value_template": "{{ value_json.data.battery_pct }}",
+    },
+)
+# ON/OFF of each switch are the relay's own ``set`` commands: no translation in the bridge.
+RELAY_4.mqtt_entities = tuple(
+    {
+        "component": "switch",
+        "key": f"channel_{i}",
+        "name": f"Channel {i}",
+        "value_template": f"{{{{ 'ON' if value_json.data.channels[{i}] else 'OFF' }}}}",
+        "state_on": "ON",
+        "state_off": "OFF",
+        "payload_on": json.dumps({"name": "set", "args": {"channel": i, "on": True}}),
+        "payload_off": json.dumps({"name": "set", "args": {"channel": i, "on": False}}),
+    }
+    for i in range(4)
 )
 
 _registry: dict[str, Protocol] = {}

@@ -8,6 +8,7 @@ the CLI are the only modules that import every layer (docs/architecture.md).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .config import GatewayConfig
 from .hub import Hub, LocalEngine
 from .hub.engine import Engine
 from .metrics import Metrics, counter, counters, gauge
+from .mqtt import MqttBridge
 from .storage import SQLiteStorage, Storage
 from .web import WEB, WebContext, add_routes
 from .web.connections import HttpConnectionCap
@@ -48,6 +50,8 @@ class Runtime(WebContext):
     serial_links: list[SerialLink] = field(default_factory=list, kw_only=True)
     # The TLS doors by port (``http``, ``devices``); a plain port has none (docs/tls.md).
     tls: dict[str, TlsDoor] = field(default_factory=dict, kw_only=True)
+    # The MQTT northbound (docs/mqtt.md); None without a broker.
+    mqtt: MqttBridge | None = field(default=None, kw_only=True)
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
@@ -140,12 +144,62 @@ def build_runtime(
         serial_links=[SerialLink(manager, port) for port in config.serial_ports()],
         tls=doors,
     )
+    if config.mqtt.enabled:
+        mqtt = config.mqtt
+        if config.cluster.url is not None and mqtt.node is None:
+            # Each node its own bridge state and will, commands shared (docs/mqtt.md).
+            mqtt = dataclasses.replace(mqtt, node=config.cluster.node_id)
+        bridge = rt.mqtt = MqttBridge(hub, mqtt)
+        rt.mqtt_state = lambda: "connected" if bridge.connected else "down"
     metrics.add_snapshot(lambda: _link_metrics(rt))
     metrics.add_snapshot(lambda: _hub_metrics(rt))
     metrics.add_snapshot(lambda: _storage_metrics(rt))
     # Without TLS the families are there with no samples: every documented metric is.
     metrics.add_snapshot(lambda: _tls_metrics(rt))
+    metrics.add_snapshot(lambda: _mqtt_metrics(rt))
     return rt
+
+
+def _mqtt_metrics(rt: Runtime) -> list[Any]:
+    """The MQTT bridge (docs/mqtt.md); no samples without a broker."""
+    b = rt.mqtt
+    c = b.counters if b is not None else None
+    families: list[Any] = []
+    for name, doc, value in (
+        ("iot_mqtt_published", "Messages handed to the MQTT broker", "published"),
+        (
+            "iot_mqtt_dropped",
+            "MQTT messages dropped from the full queue (mqtt.queue_size)",
+            "dropped",
+        ),
+        (
+            "iot_mqtt_conflated",
+            "State updates replaced by a newer one (mqtt.min_interval)",
+            "conflated",
+        ),
+        ("iot_mqtt_connects", "Connections made to the MQTT broker", "connects"),
+        (
+            "iot_mqtt_connect_failures",
+            "Attempts to reach the MQTT broker that failed",
+            "connect_failures",
+        ),
+        ("iot_mqtt_commands", "Commands received over MQTT", "commands"),
+        (
+            "iot_mqtt_commands_rejected",
+            "Commands over MQTT rejected by the bridge",
+            "commands_rejected",
+        ),
+    ):
+        family = CounterMetricFamily(name, doc)
+        if c is not None:
+            family.add_metric([], getattr(c, value))
+        families.append(family)
+    up = GaugeMetricFamily("iot_mqtt_connected", "1 while the MQTT broker connection is up")
+    queued = GaugeMetricFamily("iot_mqtt_queued", "MQTT messages waiting for the broker")
+    if b is not None:
+        up.add_metric([], 1 if b.connected else 0)
+        queued.add_metric([], b.queued)
+    return [*families, up, queued]
 
 
 def _admit_handshake(door: TlsDoor, cap: HttpConnectionCap) -> bool:
@@ -377,6 +431,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         await rt.hub.start()
         await rt.device_server.start()
+        if rt.mqtt is not None:
+            await rt.mqtt.start()  # returns at once: the broker may come later
     except BaseException:
         # aiohttp runs no cleanup for a context whose startup failed: undo it here.
         await shutdown(rt)
@@ -416,6 +472,9 @@ async def stop_traffic(rt: Runtime) -> None:
         await link.stop()
     rt.serial_links.clear()
     await rt.device_server.close()
+    if rt.mqtt is not None:
+        # After the devices (their offline availability goes out), before the hub.
+        await rt.mqtt.stop()
     await rt.hub.stop()
     closing = [
         asyncio.wait_for(

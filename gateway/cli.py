@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="require device client certificates signed by this CA; the CN is the client_id",
     )
     serve.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="publish to an MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT (docs/mqtt.md); "
+        "credentials from IOT_GATEWAY_MQTT_USERNAME/_PASSWORD or [mqtt]",
+    )
+    serve.add_argument("--mqtt-prefix", metavar="P", help="the MQTT topic prefix (default iotgw)")
+    serve.add_argument(
+        "--mqtt-discovery",
+        metavar="PREFIX|none",
+        help="Home Assistant discovery prefix (default homeassistant), or none",
+    )
+    serve.add_argument(
         "--demo", type=_count, metavar="N", help="also run N simulated devices in this process"
     )
     serve.add_argument(
@@ -252,10 +264,19 @@ def load_config(
         "tls.cert": args.tls_cert,
         "tls.key": args.tls_key,
         "tls.device_ca": args.device_ca,
+        "mqtt.url": args.mqtt,
+        "mqtt.prefix": args.mqtt_prefix,
+        "mqtt.discovery": args.mqtt_discovery,
         "cluster.url": args.cluster,
         "cluster.node_id": args.node_id,
         "cluster.prefix": args.cluster_prefix,
     }
+    if args.mqtt and "@" in args.mqtt and ":" in args.mqtt.rsplit("@", 1)[0].split("//", 1)[-1]:
+        # Every local user can read a process's argv (ps): the password goes elsewhere.
+        raise ConfigError(
+            "--mqtt: put the broker's password in IOT_GATEWAY_MQTT_PASSWORD or the config "
+            "file's [mqtt] password, not on the command line"
+        )
     if args.serial:
         ports = [SerialPortConfig.parse(spec) for spec in args.serial]
         serial = list(table.get("serial", []))

@@ -25,6 +25,7 @@ from .auth import parse_networks
 from .cluster.config import ClusterConfig
 from .hub import HubConfig
 from .hub.registry import check_labels
+from .mqtt import MqttConfig
 from .storage import StorageConfig
 
 
@@ -176,6 +177,9 @@ StorageSection = StorageConfig
 #: ``[cluster]``: N nodes as one gateway through Redis (docs/cluster.md).
 ClusterSection = ClusterConfig
 
+# [mqtt] is the MQTT bridge's own settings (docs/mqtt.md).
+MqttSection = MqttConfig
+
 
 @dataclass(frozen=True, slots=True)
 class LabelsSection:
@@ -222,6 +226,7 @@ class GatewayConfig:
     http: HttpSection = field(default_factory=HttpSection)
     storage: StorageSection = field(default_factory=StorageSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
 
     # ---- what the other layers take ------------------------------------------------------------
@@ -255,6 +260,10 @@ ENV_SECRETS = {
     "IOT_GATEWAY_TOKEN": ("auth", "token"),
     "IOT_GATEWAY_VIEWER_TOKEN": ("auth", "viewer_token"),
     "IOT_GATEWAY_DEVICE_TOKEN": ("devices", "token"),
+    # The broker's credentials (docs/mqtt.md): never only on the command line.
+    "IOT_GATEWAY_MQTT_URL": ("mqtt", "url"),
+    "IOT_GATEWAY_MQTT_USERNAME": ("mqtt", "username"),
+    "IOT_GATEWAY_MQTT_PASSWORD": ("mqtt", "password"),
     "IOT_GATEWAY_CLUSTER_PASSWORD": ("cluster", "password"),
 }
 
@@ -531,6 +540,10 @@ def _check(config: GatewayConfig, source: str) -> None:
             )
         except ValueError as e:
             raise bad(f"labels.{device}: {e}") from None
+    try:
+        config.mqtt.tls_context()  # a CA file that cannot be read is refused at start
+    except ValueError as e:
+        raise bad(f"mqtt.{e}") from None
     # A serial port's own checks run by building what the device side will take.
     for i, port in enumerate(config.serial):
         try:

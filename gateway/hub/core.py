@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from devices import (
     CommandStatus,
@@ -141,6 +141,20 @@ class HubConfig:
         return min(60.0, self.forget_after / 4)
 
 
+class HubObserver(Protocol):
+    """Told of every delivery, synchronously on the loop, before any dashboard (the MQTT
+    bridge, docs/mqtt.md). Each call must be cheap and must not raise: it runs on the hot
+    path; whatever takes time is for the observer's own task."""
+
+    def telemetry(
+        self, record: TelemetryRecord, data_json: str, out_of_range: tuple[str, ...] | None
+    ) -> None: ...
+
+    def presence(self, presence: Presence) -> None: ...
+
+    def removed(self, device: str, reason: str) -> None: ...
+
+
 class DeviceIsOnline(Exception):
     """A request that needs the device offline (``DELETE /api/devices/{id}``: 409)."""
 
@@ -178,6 +192,8 @@ class Hub:
             self.registry, engine, self.metrics, lambda: self.config.command_settings()
         )
         self.dashboards: dict[int, Dashboard] = {}
+        #: Told of every telemetry, presence and removal (``HubObserver``).
+        self.observers: list[HubObserver] = []
         self._next_dashboard = 1
         self.counters = HubCounters()
         # New client_ids admitted whose DeviceOnline has not arrived yet: the device
@@ -300,6 +316,8 @@ class Hub:
         checks = self._range_checks.get(record.protocol)
         out_of_range = None if checks is None else flag(checks, record.data)
         self.registry.telemetry(record, out_of_range is not None)
+        for observer in self.observers:
+            observer.telemetry(record, data_json, out_of_range)
         subscribers = self.subscriptions.subscribers(record.device, record.protocol)
         if subscribers:
             text = telemetry_text(record, data_json, out_of_range)  # once, for every dashboard
@@ -330,6 +348,8 @@ class Hub:
                 return
             if presence.online:
                 self.commands.device_elsewhere(presence.device)
+        for observer in self.observers:
+            observer.presence(presence)
         subscribers = self.subscriptions.subscribers(presence.device, presence.protocol)
         if subscribers:
             text = presence_text(
@@ -375,6 +395,8 @@ class Hub:
             log.info("forgot %d devices unseen for %g s (forget_after)", len(stale), after)
             for state in stale:
                 self._tell(state.device, state.protocol, removed_text(state.device, "unseen"))
+                for observer in self.observers:
+                    observer.removed(state.device, "unseen")
         return [state.device for state in stale]
 
     async def _forget_loop(self) -> None:
@@ -705,6 +727,8 @@ class Hub:
             len(deletion.commands),
         )
         self._tell(device, state.protocol, removed_text(device, "deleted"))
+        for observer in self.observers:
+            observer.removed(device, "deleted")
 
     def _unavailable(self, error: StoreError) -> str:
         """Why the storage could not serve a request, for whoever made it."""

@@ -7,6 +7,7 @@ composition root (``gateway.app``), whose ``Runtime`` extends this.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -31,6 +32,8 @@ class WebContext:
     accepting: bool = True
     # Commands over HTTP, per token (docs/api.md §4); made from the config when None.
     http_commands: CommandRates | None = None
+    # "connected" or "down" while an MQTT broker is configured (docs/mqtt.md); None: no broker.
+    mqtt_state: Callable[[], str] | None = None
 
     def command_rates(self) -> CommandRates:
         """The per-token buckets of ``POST .../commands`` (dashboards.commands_per_second)."""

@@ -428,6 +428,9 @@ async def healthz(request: web.Request) -> web.Response:
         # A missing serial port is shown, not a failure of the node: the status stays 200.
         "serial": serial_summary(request.app),
     }
+    if ctx.mqtt_state is not None:
+        # A broker away is shown, not a failure of the node: devices and dashboards carry on.
+        body["mqtt"] = ctx.mqtt_state()
     cluster = getattr(ctx.hub.engine, "cluster_status", None)
     if cluster is not None:
         # docs/cluster.md: degraded while Redis is unreachable, so a load
