@@ -109,10 +109,18 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
             return True
         # Never read, closed once the address may connect again: a client that
         # reconnects in a loop waits here instead of costing a budget's decoding.
+        # uvloop starts reading after connection_made whatever was asked in it,
+        # so the pause is asked again once that has happened (and data_received
+        # pauses whatever slips through before).
         self.transport.pause_reading()
+        loop.call_soon(self._keep_paused)
         server.held.add(self)
         self._release = loop.call_at(until, self._let_go)
         return True
+
+    def _keep_paused(self) -> None:
+        if self.transport is not None and self._release is not None:
+            self.transport.pause_reading()
 
     def _let_go(self) -> None:
         self._release = None
@@ -122,6 +130,8 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
     def data_received(self, data: bytes) -> None:
         if self._session is not None:
             self._session.data_received(data)
+        elif self._release is not None:
+            self._keep_paused()  # held: dropped unread, and no more of it
 
     def eof_received(self) -> bool:
         return False  # close our side too

@@ -11,6 +11,7 @@ sender) for longer than the command timeout, and a reset never raises out of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -348,3 +349,45 @@ async def test_a_device_reconnecting_in_a_loop_is_refused_for_the_window(
     other = await gw.connect()
     await other.hello("steady")
     assert gw.manager.is_online("steady")
+
+
+def test_a_held_connection_is_not_read_on_uvloop() -> None:
+    # uvloop starts reading after connection_made whatever was asked in it: a
+    # held connection must still not be read (a flooder's bytes cost nothing).
+    import uvloop
+
+    from devices import DeviceManager, DeviceServer, SessionConfig
+    from tests.devices.support import Recorder
+
+    async def scenario() -> None:
+        manager = DeviceManager(
+            Recorder(), SessionConfig(max_failed_links=1, failed_links_window=600.0)
+        )
+        server = DeviceServer(manager, "127.0.0.1", 0)
+        await server.start()
+        host, port = server.address
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(PING * 100)  # over the budget: closed, one failed link
+            await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await wait_until(lambda: len(server.failed_links) == 1, "the failure counted")
+            before = manager.totals().bytes_in
+            reader, writer = await asyncio.open_connection(host, port)
+            await wait_until(lambda: bool(server.held), "the next connection held")
+            chunk = b"\x00" * (1 << 20)
+            written = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    while written < 64 << 20:
+                        writer.write(chunk)
+                        await writer.drain()
+                        written += len(chunk)
+            # Only the sockets' buffers took anything; nothing read it.
+            assert written < 32 << 20, written
+            assert manager.totals().bytes_in == before
+            writer.close()
+        finally:
+            await server.close()
+
+    uvloop.run(scenario())
