@@ -155,3 +155,29 @@ def test_every_mqtt_key_is_documented_with_its_default() -> None:
             assert default is None, f"mqtt.{key}: give the default {default!r}"
         else:
             assert tomllib.loads(f"v = {literal.group(1)}")["v"] == default, key
+
+
+def test_the_docs_node_red_flow_and_telegraf_topics_fit_the_real_topics() -> None:
+    """docs/mqtt.md's Node-RED import and Telegraf topics against what the bridge uses."""
+    from paho.mqtt.client import topic_matches_sub
+
+    text = DOC.read_text()
+    node_red = text[text.index("## Node-RED") :]
+    (flow_text,) = re.findall(r"```json\n(.*?)```", node_red[: node_red.index("## Trust")], re.S)
+    flow = {node["id"]: node for node in json.loads(flow_text)}
+    # The bridge publishes state on PREFIX/DEVICE and statuses on PREFIX/DEVICE/command/status.
+    assert topic_matches_sub(flow["in1"]["topic"], "iotgw/relay.A")
+    assert not topic_matches_sub(flow["in1"]["topic"], "iotgw/relay.A/availability")
+    assert topic_matches_sub(flow["st1"]["topic"], "iotgw/relay.A/command/status")
+    # The command goes where the bridge takes commands, and its payload is a relay-4 command.
+    out_topic = flow["out1"]["topic"]
+    assert topic_matches_sub(MqttConfig(url="mqtt://h").command_filter, out_topic)
+    assert _command_device("iotgw", out_topic) == "relay.A"
+    payload = re.search(r"with payload\n`(\{.*?\})`", node_red, re.S)
+    assert payload is not None
+    command = json.loads(payload.group(1))
+    command.pop("id")
+    assert get_protocol("relay-4").encode_command(command) == bytes.fromhex("010001")
+    # Telegraf: the state topics only.
+    (telegraf,) = re.findall(r'topics =\s*\["([^"]+)"\]', node_red)
+    assert topic_matches_sub(telegraf, "iotgw/sensor-1")
