@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from devices import CommandStatus, DeviceTelemetry
+from frames.backoff import Backoff, BackoffPolicy
 
 from ..hub.engine import EngineSink, LocalEngine, Presence, StatusCallback
 from ..hub.records import (
@@ -55,7 +55,7 @@ _READ_COUNT = 20
 # call costs the node 50-100 us of Python (redis-py), so at a few thousand
 # messages/s one call per message cost 3-4x the single node's CPU per frame.
 _LINGER = 0.005
-# Reconnect backoff (s): jittered, doubled up to the cap, reset after a success.
+# Reconnect backoff (s): full jitter, doubled up to the cap, reset after a success.
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
 # Redis unreachable this long: /healthz says degraded (docs/cluster.md).
@@ -80,16 +80,9 @@ class ClusterCounters:
     trimmed: int = 0  # log entries trimmed before this node read them
 
 
-class _Backoff:
-    def __init__(self) -> None:
-        self.delay = _BACKOFF_MIN
-
-    async def wait(self) -> None:
-        await asyncio.sleep(self.delay * (0.5 + random.random()))
-        self.delay = min(self.delay * 2, _BACKOFF_MAX)
-
-    def reset(self) -> None:
-        self.delay = _BACKOFF_MIN
+def _backoff() -> Backoff:
+    """The project's one reconnect backoff (frames.backoff), with the cluster's bounds."""
+    return Backoff(BackoffPolicy(_BACKOFF_MIN, _BACKOFF_MAX))
 
 
 class RedisEngine:
@@ -318,7 +311,7 @@ class RedisEngine:
         return max(_now_ms() * 1000, self._hwm + 1)
 
     async def _send_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = _backoff()
         cfg = self.config
         while True:
             await self._wake.wait()
@@ -344,7 +337,7 @@ class RedisEngine:
                         gone, _ = outbox.popleft()
                         self._shown.discard((gone.client_id, gone.seq, gone.ts))
                         self.counters.spool_dropped += 1
-                    await backoff.wait()
+                    await asyncio.sleep(backoff.next_delay())
                     continue
                 backoff.reset()
                 self._ok()
@@ -355,7 +348,7 @@ class RedisEngine:
                 self._received.clear()
 
     async def _read_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = _backoff()
         block_ms = int(self.config.block * 1000)
         while True:
             try:
@@ -367,7 +360,7 @@ class RedisEngine:
                 )
             except (RedisError, OSError) as e:
                 self._fail("reading the log", e)
-                await backoff.wait()
+                await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
             self._ok()
@@ -563,7 +556,7 @@ class RedisEngine:
         return lambda: self._share(presence, record)
 
     async def _ops_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = _backoff()
         while True:
             await self._ops_wake.wait()
             self._ops_wake.clear()
@@ -572,7 +565,7 @@ class RedisEngine:
                     await self._ops[0]()
                 except (RedisError, OSError) as e:
                     self._fail("sharing the registry", e)
-                    await backoff.wait()
+                    await asyncio.sleep(backoff.next_delay())
                     continue
                 self._ops.popleft()
                 backoff.reset()
