@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -38,16 +37,8 @@ from typing import Any
 from playwright.async_api import Browser, async_playwright
 
 from benchmarks import harness
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = os.environ.get("IOT_GATEWAY_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TOKEN = "bench-token"
 
 # Installed before the page's own scripts: records when the first card is

@@ -12,7 +12,6 @@ around when the asyncio tests of other packages run.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,18 +27,8 @@ from playwright.sync_api import (
 )
 
 from tests.browser.support import OPERATOR, OUTPUT, TIMEOUT_MS, VIEWER, demo_gateway
+from tests.support import chromium
 from tests.support.gateway import GatewayProcess
-
-CHROMIUM = os.environ.get("IOT_GATEWAY_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 
 EXPECTED_CONSOLE = re.compile(r"Failed to load resource|WebSocket connection to .* failed")
 
@@ -54,14 +43,10 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(
-            f"Chromium is not at {CHROMIUM}: install it (apt-get install chromium) "
-            "or point IOT_GATEWAY_CHROMIUM at it. The browser tests are required."
-        )
-    browser = playwright.chromium.launch(
-        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-    )
+    why = chromium.missing()
+    if why is not None:
+        pytest.fail(why)
+    browser = chromium.launch(playwright)
     yield browser
     browser.close()
 

@@ -9,7 +9,6 @@ with a certificate from a trustme CA.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,20 +17,11 @@ import trustme
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from tests.deploy.support import SERVER_NAME, Nginx, free_port, gateway_config, render_nginx
+from tests.support import chromium
 from tests.support.gateway import OPERATOR, GatewayProcess
 
-CHROMIUM = os.environ.get("IOT_GATEWAY_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-    # The test's server name is this machine's loopback, as DNS would say in production.
-    f"--host-resolver-rules=MAP {SERVER_NAME} 127.0.0.1",
-]
+# The test's server name is this machine's loopback, as DNS would say in production.
+RESOLVE_SERVER_NAME = f"--host-resolver-rules=MAP {SERVER_NAME} 127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +81,9 @@ def playwright() -> Iterator[Playwright]:
 
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium is not at {CHROMIUM}: install it (apt-get install chromium)")
-    browser = playwright.chromium.launch(
-        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-    )
+    why = chromium.missing()
+    if why is not None:
+        pytest.fail(why)
+    browser = chromium.launch(playwright, [RESOLVE_SERVER_NAME])
     yield browser
     browser.close()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, expect, sync_playwright
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.browser.support import OPERATOR, TIMEOUT_MS, VIEWER
+from tests.support import chromium
 from tests.support.gateway import GatewayProcess
 from tests.tls.support import Pki, failures, tls_metrics
 
@@ -25,10 +24,11 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium is not at {CHROMIUM}: the browser tests are required")
+    why = chromium.missing()
+    if why is not None:
+        pytest.fail(why)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = chromium.launch(p)
         yield browser
         browser.close()
 
