@@ -201,6 +201,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # single/2d: the single node with as many dashboards as the cluster
             # has (the same deliveries): the fair baseline per delivered message.
             for system, dashboards in (("single", 0), ("single", 2), ("cluster", 0)):
+                if system not in args.systems:
+                    continue
                 r = await run_once(
                     system, args.devices, args.rate, base / f"{system}-{dashboards}-{rep}",
                     loop=args.loop, measure=measure, dashboards=dashboards,
@@ -259,6 +261,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--search", type=float, nargs="*", default=[15.0, 20.0, 25.0, 30.0],
         help="cluster rates (Hz per device) tried, in order, until p99 >= 50 ms",
+    )  # fmt: skip
+    p.add_argument(
+        "--systems", nargs="+", choices=("single", "cluster"), default=["single", "cluster"],
+        help="what is measured at --rate (the baseline is single: leave it in for the ratios)",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="one short run of each")
     p.add_argument("--loop", choices=harness.LOOPS, default="uvloop")

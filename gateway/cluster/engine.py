@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,21 +41,31 @@ from ..hub.records import (
 )
 from .config import ClusterConfig
 from .scripts import LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
-from .wire import decode_line, encode_batch, split_batch
+from .wire import Line, decode_batch, decode_line, encode_batch, split_batch
 
 log = logging.getLogger(__name__)
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
-# Telemetry messages per sequencer call: one round trip for a batch.
-_BATCH = 500
+# Telemetry messages per sequencer call at most: one round trip for whatever
+# waited. Not smaller: a node whose loop is slowed for a moment (a busy
+# machine) sees its calls take longer; with a small cap its sequencer then
+# fell behind its devices for good (a cap of 500 at 100 ms a call is 5,000
+# messages/s, a node's share of the target load), and its outbox grew to
+# seconds of telemetry. The whole outbox in one call catches up at once.
+_BATCH = 5000
 # Entries per XREAD (an entry is a presence change or a batch of up to _BATCH
-# messages): small enough that a node catching up yields to its devices.
+# messages, a few dozen at the target load): small enough that a node
+# catching up yields to its devices (it also yields after each batch).
 _READ_COUNT = 20
 # Seconds the sequencer and the reader wait to let a batch gather: each Redis
 # call costs the node 50-100 us of Python (redis-py), so at a few thousand
 # messages/s one call per message cost 3-4x the single node's CPU per frame.
 _LINGER = 0.005
+# The spool keeps at least this many messages (``cluster.spool`` 0 included).
+_SPOOL_FLOOR = 500
+# Own batches kept until they come back from the log (normally a handful).
+_SENT_KEPT = 1000
 # Reconnect backoff (s): full jitter, doubled up to the cap, reset after a success.
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
@@ -97,6 +108,7 @@ class RedisEngine:
         self._k_seq, self._k_log = f"{p}:seq", f"{p}:log"
         self._k_dev, self._k_owner = f"{p}:dev", f"{p}:owner"
         self._k_fence, self._k_nodes = f"{p}:fence", f"{p}:nodes"
+        self._k_batch = f"{p}:batch"
         self._k_inbox = self._inbox(self._node)
         self._inbox_cursor = f"{_now_ms()}-0"  # entries from before this start are stale
         # Commands this node forwarded, by command_id: where their statuses go,
@@ -114,9 +126,16 @@ class RedisEngine:
         self._ops_wake = asyncio.Event()
         # Set when both the outbox and the registry changes are empty.
         self._idle = asyncio.Event()
-        # When each own message was decoded: the pipeline latency is observed
-        # when it comes back from the log.
-        self._received: dict[tuple[str, int, int], float] = {}
+        # Own batches sequenced, by their first offset, until they come back
+        # from the log: their messages are delivered from here, decoded
+        # already, with when each frame was decoded (the pipeline latency).
+        self._sent: dict[int, list[tuple[DeviceTelemetry, str]]] = {}
+        # The batch being sequenced, with its id: retried as it is (the same
+        # messages, the same id) until Redis answers, so a call that timed out
+        # after Redis ran it is not sequenced twice (scripts.TELEMETRY).
+        self._inflight: tuple[str, list[tuple[DeviceTelemetry, str]]] | None = None
+        self._run = os.urandom(6).hex()  # batch ids of another run never match
+        self._batches = 0
         # Own messages already delivered here unsequenced (Redis was away).
         self._shown: set[tuple[str, int, int]] = set()
         # This node's online devices: their fences and what reseeds Redis.
@@ -174,8 +193,12 @@ class RedisEngine:
         self._failing = f"cluster_unavailable: {what}: {e}"
         if first:
             log.warning("cluster: %s failed: %s", what, e)
-            # What waits for its offset reaches this node's dashboards now.
-            for event, data_json in list(self._outbox):
+            # What waits for its offset reaches this node's dashboards now
+            # (the batch in flight too: its reply may never come).
+            waiting = list(self._outbox)
+            if self._inflight is not None:
+                waiting[:0] = self._inflight[1]
+            for event, data_json in waiting:
                 self._show(event, data_json)
 
     def _inbox(self, node: str) -> str:
@@ -280,14 +303,12 @@ class RedisEngine:
     def publish_telemetry(self, event: DeviceTelemetry) -> None:
         """To the spool; the sequencer task gives it its offset. Never blocks."""
         outbox = self._outbox
-        if len(outbox) >= max(self.config.spool, _BATCH):
+        if len(outbox) >= max(self.config.spool, _SPOOL_FLOOR):
             gone, _ = outbox.popleft()
             self._shown.discard((gone.client_id, gone.seq, gone.ts))
             self.counters.spool_dropped += 1
         data_json = _encode(event.data)
         outbox.append((event, data_json))
-        if event.received:
-            self._received[(event.client_id, event.seq, event.ts)] = event.received
         if self._failing is not None:
             self._show(event, data_json)
         self._wake.set()
@@ -312,40 +333,47 @@ class RedisEngine:
 
     async def _send_loop(self) -> None:
         backoff = _backoff()
-        cfg = self.config
         while True:
             await self._wake.wait()
             await asyncio.sleep(_LINGER)
             self._wake.clear()
-            while self._outbox:
-                outbox = self._outbox
-                batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
-                # One line per message: its header as a JSON array, a tab (never
-                # raw in JSON), its data as JSON (never a raw newline either).
-                lines = encode_batch(
-                    [(e.client_id, e.protocol, e.ts, e.seq, data_json) for e, data_json in batch]
-                )
-                args: list[Any] = [self._floor(), cfg.stream_maxlen, self._node, len(batch), lines]
+            while self._outbox or self._inflight is not None:
                 try:
-                    assert self._r is not None
-                    await self._s_telemetry(keys=[self._k_seq, self._k_log], args=args)
+                    await self._sequence()
                 except (RedisError, OSError) as e:
                     self._fail("sequencing telemetry", e)
-                    # Back to the front, in order, for the next attempt.
-                    outbox.extendleft(reversed(batch))
-                    while len(outbox) > max(cfg.spool, _BATCH):
-                        gone, _ = outbox.popleft()
-                        self._shown.discard((gone.client_id, gone.seq, gone.ts))
-                        self.counters.spool_dropped += 1
                     await asyncio.sleep(backoff.next_delay())
                     continue
                 backoff.reset()
                 self._ok()
-                self.counters.sequenced += len(batch)
             if not self._ops:
                 self._idle.set()
-            if len(self._received) > 100_000:  # entries lost with a failed call
-                self._received.clear()
+
+    async def _sequence(self) -> None:
+        """One call: the batch in flight again, else the next one from the outbox."""
+        if self._inflight is None:
+            outbox = self._outbox
+            batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
+            self._batches += 1
+            self._inflight = (f"{self._run}.{self._batches}", batch)
+        batch_id, batch = self._inflight
+        heads, data = encode_batch(
+            [(e.client_id, e.protocol, e.ts, e.seq, data_json) for e, data_json in batch]
+        )
+        cfg = self.config
+        args: list[Any] = [
+            self._floor(), cfg.stream_maxlen, self._node, len(batch), heads, data, batch_id
+        ]  # fmt: skip
+        assert self._r is not None
+        first = await self._s_telemetry(keys=[self._k_seq, self._k_log, self._k_batch], args=args)
+        self._inflight = None
+        self.counters.sequenced += len(batch)
+        first = int(first)
+        if first > self._cursor:  # else the reader was quicker than this reply: read already
+            sent = self._sent
+            sent[first] = batch
+            while len(sent) > _SENT_KEPT:  # never read back (trimmed from the log)
+                del sent[next(iter(sent))]
 
     async def _read_loop(self) -> None:
         backoff = _backoff()
@@ -373,7 +401,7 @@ class RedisEngine:
                     continue
                 for entry_id, fields in entries:
                     self._entry(int(entry_id.split("-", 1)[0]), fields)
-                    if fields.get("k") == "b":
+                    if fields.get("k") in ("t", "b"):
                         # Between batches, the loop serves devices and the sequencer.
                         await asyncio.sleep(0)
             if streams and sum(len(entries) for _, entries in streams) < _READ_COUNT:
@@ -388,37 +416,8 @@ class RedisEngine:
         self._hwm = max(self._hwm, offset)
         sink = self._sink
         kind = f.get("k")
-        if kind == "b":
-            own = f.get("n") == self._node
-            try:
-                first = int(f["f"])
-                lines = split_batch(f["m"])
-            except (KeyError, ValueError):
-                log.warning("cluster: malformed telemetry entry %s skipped", offset)
-                return
-            self.counters.read += len(lines)
-            append = self.local.storage.append_telemetry
-            for i, line in enumerate(lines):
-                try:
-                    device, protocol, ts, seq, data_json = decode_line(line)
-                    record = TelemetryRecord(
-                        first + i, device, protocol, ts, seq, json.loads(data_json)
-                    )
-                except ValueError:
-                    log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
-                    continue
-                received = 0.0
-                shown = False
-                if own:
-                    key = (device, seq, ts)
-                    received = self._received.pop(key, 0.0)
-                    if self._shown:
-                        # Delivered here already, with a null offset: not again.
-                        shown = key in self._shown
-                        self._shown.discard(key)
-                append(record, data_json)
-                if sink is not None and not shown:
-                    sink.deliver_telemetry(record, data_json, received)
+        if kind == "t" or kind == "b":
+            self._telemetry_entry(offset, kind, f)
             return
         self.counters.read += 1
         if kind == "p":
@@ -453,6 +452,73 @@ class RedisEngine:
                 replaced = getattr(sink, "replaced", None)
                 if replaced is not None:
                     replaced(presence.device)
+
+    def _telemetry_entry(self, offset: int, kind: str, f: dict[str, str]) -> None:
+        """A batch of telemetry: into this node's replica, to its dashboards."""
+        sink = self._sink
+        append = self.local.storage.append_telemetry
+        try:
+            first = int(f["f"])
+        except (KeyError, ValueError):
+            log.warning("cluster: malformed telemetry entry %s skipped", offset)
+            return
+        mine = f.get("n") == self._node
+        own = self._sent.pop(first, None) if mine else None
+        if own is not None:
+            # This node's own batch: its messages are here, decoded already.
+            self.counters.read += len(own)
+            shown = self._shown
+            for i, (event, data_json) in enumerate(own):
+                record = TelemetryRecord(
+                    first + i, event.client_id, event.protocol, event.ts, event.seq, event.data
+                )
+                append(record, data_json)
+                if shown:
+                    # Delivered here already, with a null offset (Redis was away).
+                    key = (event.client_id, event.seq, event.ts)
+                    if key in shown:
+                        shown.discard(key)
+                        continue
+                if sink is not None:
+                    sink.deliver_telemetry(record, data_json, event.received)
+            return
+        lines: list[Line]
+        try:
+            if kind == "t":
+                lines = decode_batch(f["h"], f["m"])
+            else:
+                lines = []
+                for i, line in enumerate(split_batch(f["m"])):
+                    try:
+                        lines.append(decode_line(line))
+                    except ValueError:
+                        log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
+                        lines.append(("", "", 0, 0, ""))  # keeps the offsets of the others
+        except (KeyError, ValueError) as e:
+            log.warning("cluster: malformed telemetry entry %s skipped: %s", offset, e)
+            return
+        self.counters.read += len(lines)
+        shown_here = self._shown if mine else None
+        loads = json.loads
+        for i, (device, protocol, ts, seq, data_json) in enumerate(lines):
+            if not device:
+                continue
+            try:
+                record = TelemetryRecord(first + i, device, protocol, ts, seq, loads(data_json))
+            except ValueError:
+                log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
+                continue
+            if shown_here:
+                # An own message read before its batch's reply reached the
+                # sequencer, shown here while Redis was away: not again.
+                key = (device, seq, ts)
+                if key in shown_here:
+                    shown_here.discard(key)
+                    append(record, data_json)
+                    continue
+            append(record, data_json)
+            if sink is not None:
+                sink.deliver_telemetry(record, data_json, 0.0)
 
     def seam(self) -> int:
         """Above every offset delivered: the next one read from the log is higher."""

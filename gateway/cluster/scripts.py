@@ -32,19 +32,34 @@ local function done()
 end
 """
 
-#: A batch of one node's telemetry, in order, as ONE log entry: ARGV[4] is
-#: the number of messages k, ARGV[5] the batch (one line per message). The
-#: messages take offsets first..first+k-1; the entry's id is the last, and
-#: its field ``f`` the first. One XADD per batch: per message, Redis only
-#: counts (a Lua ``XADD`` per message cost 30-100 us here). Returns the first.
+#: A batch of one node's telemetry, in order, as ONE log entry (kind ``t``,
+#: gateway/cluster/wire.py): ARGV[4] is the number of messages k, ARGV[5]
+#: their headers, ARGV[6] their data, ARGV[7] the batch's id (unique per
+#: node and per batch). The messages take offsets first..first+k-1; the
+#: entry's id is the last, and its field ``f`` the first. One XADD per batch:
+#: per message, Redis only counts (a Lua ``XADD`` per message cost 30-100 us
+#: here). Returns the first.
+#:
+#: Idempotent: KEYS[3] (a hash, node -> "batch-id first") remembers each
+#: node's last batch. A call that timed out after Redis ran it is retried with
+#: the same id, and gets the same first offset back without a second entry.
+#: A node sends its batches one at a time, in order, so its last is the only
+#: one that can come again.
 TELEMETRY = (
     _PRELUDE
     + """
+local last = redis.call('HGET', KEYS[3], ARGV[3])
+if last then
+  local sp = string.find(last, ' ', 1, true)
+  if sp and string.sub(last, 1, sp - 1) == ARGV[7] then return string.sub(last, sp + 1) end
+end
 local first = n + 1
 n = n + tonumber(ARGV[4]) - 1
-add('k', 'b', 'n', ARGV[3], 'f', string.format('%.0f', first), 'm', ARGV[5])
+add('k', 't', 'n', ARGV[3], 'f', string.format('%.0f', first), 'h', ARGV[5], 'm', ARGV[6])
 done()
-return string.format('%.0f', first)
+local f = string.format('%.0f', first)
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[7] .. ' ' .. f)
+return f
 """
 )
 
