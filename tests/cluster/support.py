@@ -113,13 +113,17 @@ async def listed(
 
 class LinkProxy:
     """A TCP proxy between one node and Redis, in the test's event loop: ``cut()``
-    closes every connection and refuses new ones until ``heal()``."""
+    closes every connection and refuses new ones until ``heal()``; ``deafen()``
+    passes the node's requests on to Redis but drops Redis's replies (a link
+    that fails after the request arrived) until ``heal()``."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.deaf = False
+        self.dropped = 0  # bytes of replies dropped while deaf
 
     @property
     def url(self) -> str:
@@ -140,9 +144,12 @@ class LinkProxy:
             return
         self._writers |= {writer, up_writer}
 
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    if replies and self.deaf:
+                        self.dropped += len(data)
+                        continue
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.CancelledError):
@@ -150,7 +157,7 @@ class LinkProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        await asyncio.gather(copy(reader, up_writer, False), copy(up_reader, writer, True))
         self._writers -= {writer, up_writer}
 
     async def cut(self) -> None:
@@ -162,9 +169,17 @@ class LinkProxy:
             w.close()
         self._writers.clear()
 
+    def deafen(self) -> None:
+        """Requests still reach Redis; its replies are dropped (until ``heal()``)."""
+        self.deaf = True
+
     async def heal(self) -> None:
-        """Accept connections again."""
-        await self.start()
+        """Accept connections again (a deaf link is cut first: its replies are lost)."""
+        if self.deaf:
+            await self.cut()
+            self.deaf = False
+        if self._server is None:
+            await self.start()
 
     async def aclose(self) -> None:
         """Stop for good."""
