@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import Any
 
 import aiohttp
 import redis as sync_redis
@@ -29,7 +30,7 @@ def _logged_telemetry(port: int, prefix: str, node: str) -> int:
     """Messages of ``node`` in the log, counted from Redis itself."""
     r = sync_redis.Redis(port=port, decode_responses=True)
     try:
-        entries = r.xrange(f"{prefix}:log")
+        entries: Any = r.xrange(f"{prefix}:log")
     finally:
         r.close()
     return sum(
