@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -40,7 +40,7 @@ from ..hub.records import (
     TelemetryRecord,
 )
 from .config import ClusterConfig
-from .scripts import LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
+from .scripts import DELETE, LABELS, LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
 from .wire import Line, decode_batch, decode_line, encode_batch, split_batch
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class RedisEngine:
         self._k_seq, self._k_log = f"{p}:seq", f"{p}:log"
         self._k_dev, self._k_owner = f"{p}:dev", f"{p}:owner"
         self._k_fence, self._k_nodes = f"{p}:fence", f"{p}:nodes"
-        self._k_batch = f"{p}:batch"
+        self._k_batch, self._k_labels = f"{p}:batch", f"{p}:labels"
         self._k_inbox = self._inbox(self._node)
         self._inbox_cursor = f"{_now_ms()}-0"  # entries from before this start are stale
         # Commands this node forwarded, by command_id: where their statuses go,
@@ -141,6 +141,11 @@ class RedisEngine:
         # This node's online devices: their fences and what reseeds Redis.
         self._mine: dict[str, tuple[Presence, DeviceRecord]] = {}
         self._fences: dict[str, str] = {}
+        # The labels set over the API as this node knows them (the hub's copy):
+        # a change read from the log is applied only when it differs.
+        self._labels: dict[str, dict[str, Any]] = {}
+        # Local writes started by entries of the log (labels, deletions).
+        self._local_writes: set[asyncio.Task[None]] = set()
         self._cursor = 0  # the last offset read from the log
         self._hwm = 0  # the highest offset this node has seen (kept in its SQLite)
         self._nodes: list[str] = [self._node]
@@ -237,6 +242,8 @@ class RedisEngine:
         self._s_offline = self._r.register_script(OFFLINE)
         self._s_lease = self._r.register_script(LEASE)
         self._s_reset = self._r.register_script(RESET)
+        self._s_labels = self._r.register_script(LABELS)
+        self._s_delete = self._r.register_script(DELETE)
         newest = await self.local.history(0, limit=1, newest=True)
         self._hwm = self._cursor = newest[0].offset if newest else 0
 
@@ -276,7 +283,7 @@ class RedisEngine:
                 await asyncio.wait_for(self._idle.wait(), 3.0)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._local_writes, return_exceptions=True)
         self._tasks.clear()
         if self._r is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -420,6 +427,12 @@ class RedisEngine:
             self._telemetry_entry(offset, kind, f)
             return
         self.counters.read += 1
+        if kind == "l":
+            self._labels_entry(f)
+            return
+        if kind == "d":
+            self._deletion_entry(f)
+            return
         if kind == "p":
             node = f.get("n", "")
             if node == self._node:
@@ -654,6 +667,17 @@ class RedisEngine:
             log.info("cluster: reseeding %d devices of this node", len(self._mine))
             for presence, record in list(self._mine.values()):
                 self._op(self._sharer(presence, record))
+        if not had:
+            # Redis may have been wiped: the labels it lost come back from here.
+            await self._reseed_labels(await self._labels_missing())
+
+    async def _labels_missing(self) -> dict[str, dict[str, Any]]:
+        """This node's labels that Redis has no entry for."""
+        if not self._labels or self._r is None:
+            return {}
+        devices = list(self._labels)
+        present = await self._r.hmget(self._k_labels, devices)
+        return {d: self._labels[d] for d, v in zip(devices, present, strict=True) if v is None}
 
     async def _lease_loop(self) -> None:
         period = self.config.node_lost_after / 4
@@ -692,20 +716,126 @@ class RedisEngine:
         await self.local.forget_devices(devices)
 
     async def delete_device(self, device: str) -> DeviceDeletion:
-        """Locally, and from the cluster registry."""
+        """Locally now, then on every node through the log (docs/cluster.md, "Labels and
+        deletions"); retried in order while Redis is away."""
         deletion = await self.local.delete_device(device)
-        if self._r is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._r.hdel(self._k_dev, device)
+        self._labels.pop(device, None)
+        self._op(lambda: self._share_deletion(device))
         return deletion
 
+    async def _share_deletion(self, device: str) -> None:
+        await self._s_delete(
+            keys=[self._k_seq, self._k_log, self._k_dev, self._k_owner, self._k_labels],
+            args=[self._floor(), self.config.stream_maxlen, self._node, device],
+        )
+
     async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
-        """Locally (labels are per node for now: docs/cluster.md)."""
+        """Locally (durably) now, then on every node through the log; retried in
+        order while Redis is away."""
         await self.local.set_labels(device, labels)
+        if labels is None:
+            self._labels.pop(device, None)
+        else:
+            self._labels[device] = labels
+        self._op(lambda: self._share_labels(device, labels))
+
+    async def _share_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        await self._s_labels(
+            keys=[self._k_seq, self._k_log, self._k_labels],
+            args=[
+                self._floor(),
+                self.config.stream_maxlen,
+                self._node,
+                device,
+                "" if labels is None else _encode(labels),
+            ],
+        )
 
     async def labels(self) -> dict[str, dict[str, Any]]:
-        """Locally."""
-        return await self.local.labels()
+        """The cluster's labels: Redis's, where it has an entry (a tombstone "" is
+        none), else this node's. Kept locally too, so that a node started while
+        Redis is away still has them. Labels Redis has no entry for at all (it
+        was wiped) are reseeded from this node."""
+        local = await self.local.labels()
+        try:
+            await self._connect()
+            assert self._r is not None
+            shared: Any = await self._r.hgetall(self._k_labels)
+        except (RedisError, OSError) as e:
+            self._fail("reading the labels", e)
+            self._labels = dict(local)
+            return dict(local)
+        out: dict[str, dict[str, Any]] = {}
+        for device, raw in shared.items():
+            try:
+                value = json.loads(raw) if raw else None
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                out[device] = value
+            if local.get(device) != value:
+                await self.local.set_labels(device, value if isinstance(value, dict) else None)
+        missing = {d: v for d, v in local.items() if d not in shared}
+        out.update(missing)
+        self._labels = dict(out)
+        await self._reseed_labels(missing)
+        return out
+
+    async def _reseed_labels(self, labels: dict[str, dict[str, Any]]) -> None:
+        """Labels this node keeps that Redis has no entry for (wiped): set if still absent."""
+        if not labels or self._r is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for device, value in labels.items():
+                    pipe.hsetnx(self._k_labels, device, _encode(value))
+                await pipe.execute()
+
+    def _labels_entry(self, f: dict[str, str]) -> None:
+        """Labels set on some node (this one too: the log's order wins everywhere)."""
+        device = f.get("d", "")
+        try:
+            raw = f.get("v", "")
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            log.warning("cluster: malformed labels of %s skipped", device)
+            return
+        labels = value if isinstance(value, dict) else None
+        if not device or self._labels.get(device) == labels:
+            return
+        if labels is None:
+            self._labels.pop(device, None)
+        else:
+            self._labels[device] = labels
+        self._local_write(self.local.set_labels(device, labels), f"labels of {device}")
+        tell = getattr(self._sink, "labels_elsewhere", None)
+        if tell is not None:
+            tell(device, labels)
+
+    def _deletion_entry(self, f: dict[str, str]) -> None:
+        """A device deleted over the API on another node: deleted here too."""
+        device = f.get("d", "")
+        if not device or f.get("n") == self._node or device in self._mine:
+            return  # this node deleted it already, or holds it (online again)
+        self._labels.pop(device, None)
+        self._local_write(self._delete_here(device), f"deleting {device}")
+
+    async def _delete_here(self, device: str) -> None:
+        deletion = await self.local.delete_device(device)
+        tell = getattr(self._sink, "deleted_elsewhere", None)
+        if tell is not None:
+            tell(device, deletion)
+
+    def _local_write(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"cluster: {what}")
+        self._local_writes.add(task)
+        task.add_done_callback(self._local_written)
+
+    def _local_written(self, task: asyncio.Task[None]) -> None:
+        self._local_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A storage fault: the hub reports the storage failing (/healthz).
+            log.error("%s failed: %s", task.get_name(), task.exception())
 
     # ---- commands: kept by the node that took them ----------------------------------------------
 

@@ -179,3 +179,35 @@ done()
 return count
 """
 )
+
+#: Labels set over the API on node ARGV[3]: KEYS[3] the labels hash, ARGV[4]
+#: the device, ARGV[5] its labels as JSON, or "" for none. "" is kept as a
+#: tombstone, not deleted: a Redis wiped clean has no entry at all, and only
+#: then do nodes reseed the labels they keep (``HSETNX``); a removal made
+#: while a node was down is not undone by it. Appended to the log, so every
+#: node applies label changes in one order.
+LABELS = (
+    _PRELUDE
+    + """
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+add('k', 'l', 'n', ARGV[3], 'd', ARGV[4], 'v', ARGV[5])
+done()
+return 1
+"""
+)
+
+#: A device deleted over the API on node ARGV[3] (ARGV[4]): KEYS[3] registry,
+#: KEYS[4] owners, KEYS[5] labels. Not while a node holds the device (it came
+#: online meanwhile: returns 0, nothing changes). Its labels get a tombstone
+#: (see ``LABELS``); every node reads the entry and deletes what it keeps.
+DELETE = (
+    _PRELUDE
+    + """
+if redis.call('HGET', KEYS[4], ARGV[4]) then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[5], ARGV[4], '')
+add('k', 'd', 'n', ARGV[3], 'd', ARGV[4])
+done()
+return 1
+"""
+)
