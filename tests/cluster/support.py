@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -32,15 +33,26 @@ def free_port() -> int:
 class RedisServer:
     """``redis-server`` in a child process; ``restart()`` brings it back empty."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key, CA) files; then the port speaks TLS only."""
         self.workdir = workdir
         self.password = password
+        self.tls = tls
         self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The URL nodes are given (``--cluster``)."""
+        if self.tls is not None:
+            # redis-py takes the CA from the URL's query (no config key needed).
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -50,8 +62,7 @@ class RedisServer:
         self._proc = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port",
-                str(self.port),
+                *self._listen(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -70,16 +81,34 @@ class RedisServer:
         log.close()
         wait_until_sync(self.ping, "redis-server answering PING", timeout=10)
 
+    def _listen(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        cert, key, ca = self.tls
+        return [
+            "--port", "0", "--tls-port", str(self.port),
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+        ]  # fmt: skip
+
     def ping(self) -> bool:
         """True when the server answers PING."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                reply = s.recv(64)
-                # With a password, NOAUTH is the answer of a server that is up.
-                return reply.startswith((b"+PONG", b"-NOAUTH"))
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                if self.tls is None:
+                    return self._pong(raw)
+                context = ssl.create_default_context(cafile=str(self.tls[2]))
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    return self._pong(s)
         except OSError:
             return False
+
+    @staticmethod
+    def _pong(s: socket.socket) -> bool:
+        s.sendall(b"PING\r\n")
+        reply = s.recv(64)
+        # With a password, NOAUTH is the answer of a server that is up.
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self) -> None:
         """Kill it (SIGKILL: it keeps nothing anyway) and wait."""
