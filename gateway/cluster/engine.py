@@ -96,6 +96,14 @@ def _backoff() -> Backoff:
     return Backoff(BackoffPolicy(_BACKOFF_MIN, _BACKOFF_MAX))
 
 
+@dataclass(frozen=True, slots=True)
+class _Share:
+    """A registry change for Redis: one of this node's devices came or went (fenced)."""
+
+    presence: Presence
+    record: DeviceRecord
+
+
 class RedisEngine:
     """A node of a cluster: ``LocalEngine`` for what it keeps, Redis for what it shares."""
 
@@ -122,7 +130,7 @@ class RedisEngine:
         self._outbox: deque[tuple[DeviceTelemetry, str]] = deque()
         self._wake = asyncio.Event()
         # Registry changes, applied in order (retried while Redis is away).
-        self._ops: deque[Callable[[], Awaitable[None]]] = deque()
+        self._ops: deque[Callable[[], Awaitable[None]] | _Share] = deque()
         self._ops_wake = asyncio.Event()
         # Set when both the outbox and the registry changes are empty.
         self._idle = asyncio.Event()
@@ -587,52 +595,64 @@ class RedisEngine:
             self._mine[presence.device] = (presence, record)
         else:
             self._mine.pop(presence.device, None)
-        self._op(lambda: self._share(presence, record))
+        self._op(_Share(presence, record))
 
-    def _op(self, op: Callable[[], Awaitable[None]]) -> None:
+    def _op(self, op: Callable[[], Awaitable[None]] | _Share) -> None:
         self._ops.append(op)
         self._ops_wake.set()
 
-    async def _share(self, presence: Presence, record: DeviceRecord) -> None:
-        entry = _encode(
-            {
-                "node": self._node,
-                "online": presence.online,
-                "protocol": presence.protocol,
-                "transport": record.transport,
-                "ts": presence.ts,
-                "reason": presence.reason,
-                "first_seen": record.first_seen_ms,
-                "last_seen": record.last_seen_ms,
-            }
-        )
-        keys = [
-            self._k_seq,
-            self._k_log,
-            self._k_dev,
-            self._k_owner,
-            self._k_fence,
-        ]
-        args: list[Any] = [
-            self._floor(),
-            self.config.stream_maxlen,
-            self._node,
-            presence.device,
-            entry,
-            presence.protocol,
-            presence.ts,
-            presence.reason,
-        ]
-        if presence.online:
-            fence = await self._s_online(keys=keys, args=args)
-            self._fences[presence.device] = str(fence)
-        else:
-            fence = self._fences.pop(presence.device, None)
-            if fence is not None:
-                await self._s_offline(keys=keys, args=[*args, fence])
+    async def _share_many(self) -> int:
+        """The presence changes at the front of the queue, in one pipeline (one round
+        trip for the 1,000 HELLOs of a node's start-up, not 1,000); how many were done.
 
-    def _sharer(self, presence: Presence, record: DeviceRecord) -> Callable[[], Awaitable[None]]:
-        return lambda: self._share(presence, record)
+        A device's change after another of the same device waits for the next
+        pipeline: its offline needs the fence its online returns.
+        """
+        assert self._r is not None
+        shares: list[_Share] = []
+        seen: set[str] = set()
+        for op in self._ops:
+            if not isinstance(op, _Share) or op.presence.device in seen or len(shares) >= 500:
+                break
+            seen.add(op.presence.device)
+            shares.append(op)
+        keys = [self._k_seq, self._k_log, self._k_dev, self._k_owner, self._k_fence]
+        queued: list[tuple[str, bool]] = []  # (device, online), one per script queued
+        async with self._r.pipeline(transaction=False) as pipe:
+            for share in shares:
+                presence, record = share.presence, share.record
+                entry = _encode(
+                    {
+                        "node": self._node,
+                        "online": presence.online,
+                        "protocol": presence.protocol,
+                        "transport": record.transport,
+                        "ts": presence.ts,
+                        "reason": presence.reason,
+                        "first_seen": record.first_seen_ms,
+                        "last_seen": record.last_seen_ms,
+                    }
+                )
+                args: list[Any] = [
+                    self._floor(), self.config.stream_maxlen, self._node, presence.device,
+                    entry, presence.protocol, presence.ts, presence.reason,
+                ]  # fmt: skip
+                if presence.online:
+                    await self._s_online(keys=keys, args=args, client=pipe)
+                    queued.append((presence.device, True))
+                else:
+                    # Taken only once done: a failed pipeline is retried with it.
+                    fence = self._fences.get(presence.device)
+                    if fence is not None:
+                        await self._s_offline(keys=keys, args=[*args, fence], client=pipe)
+                        queued.append((presence.device, False))
+            results: list[Any] = await pipe.execute() if queued else []
+        for (device, online), result in zip(queued, results, strict=True):
+            if online:
+                self._fences[device] = str(result)
+            else:
+                self._fences.pop(device, None)
+        return len(shares)
 
     async def _ops_loop(self) -> None:
         backoff = _backoff()
@@ -640,13 +660,19 @@ class RedisEngine:
             await self._ops_wake.wait()
             self._ops_wake.clear()
             while self._ops:
+                head = self._ops[0]
                 try:
-                    await self._ops[0]()
+                    done = 1
+                    if isinstance(head, _Share):
+                        done = await self._share_many()
+                    else:
+                        await head()
                 except (RedisError, OSError) as e:
                     self._fail("sharing the registry", e)
                     await asyncio.sleep(backoff.next_delay())
                     continue
-                self._ops.popleft()
+                for _ in range(done):
+                    self._ops.popleft()
                 backoff.reset()
                 self._ok()
             if not self._outbox:
@@ -666,7 +692,7 @@ class RedisEngine:
             # cut off): announce its devices again, with new fences.
             log.info("cluster: reseeding %d devices of this node", len(self._mine))
             for presence, record in list(self._mine.values()):
-                self._op(self._sharer(presence, record))
+                self._op(_Share(presence, record))
         if not had:
             # Redis may have been wiped: the labels it lost come back from here.
             await self._reseed_labels(await self._labels_missing())
@@ -705,7 +731,7 @@ class RedisEngine:
                 node=self._node,
                 transport=record.transport,
             )
-            self._op(lambda: self._share(presence, record))
+            self._op(_Share(presence, record))
 
     async def known_devices(self) -> list[DeviceRecord]:
         """This node's registry rows (other nodes' devices come as presence at ``open``)."""
