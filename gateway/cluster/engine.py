@@ -354,6 +354,11 @@ class RedisEngine:
             self._wake.clear()
             while self._outbox or self._inflight is not None:
                 try:
+                    if self._inflight is None and self._failing is not None:
+                        # Redis away: a new batch is formed only once it answers,
+                        # so what waits stays in the spool, under its bound.
+                        assert self._r is not None
+                        await self._r.ping()
                     await self._sequence()
                 except (RedisError, OSError) as e:
                     self._fail("sequencing telemetry", e)

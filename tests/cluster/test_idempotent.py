@@ -63,7 +63,9 @@ async def test_a_batch_whose_reply_was_lost_is_sequenced_once(
             return _logged_telemetry(redis_server.port, _prefix(a), "A")
 
         async def in_redis() -> bool:
-            return await asyncio.to_thread(logged) >= 23
+            # At least one message sent while deaf: a batch Redis ran (the
+            # messages may have gone in more than one batch; the first is retried).
+            return await asyncio.to_thread(logged) > 3
 
         await wait_until(in_redis, "A's batch in Redis's log")
 
