@@ -680,7 +680,8 @@ class RedisEngine:
                     self._ops.popleft()
                 backoff.reset()
                 self._ok()
-            if not self._outbox:
+            if not self._outbox and self._inflight is None:
+                # (A batch in flight is not done: ``close`` waits for it too.)
                 self._idle.set()
 
     async def _lease(self) -> None:
