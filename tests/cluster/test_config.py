@@ -119,6 +119,7 @@ async def test_rediss_with_the_password_from_the_config_file(tmp_path: Path) -> 
         tls=(files / "redis.crt", files / "redis.key", files / "ca.crt"),
     )
     redis.start()
+    made: list[GatewayProcess] = []  # killed whatever happens (a failed assert included)
     try:
         assert redis.url.startswith("rediss://")
         table = {"cluster": {"password": "pw-tls"}}
@@ -132,6 +133,7 @@ async def test_rediss_with_the_password_from_the_config_file(tmp_path: Path) -> 
             )
             for name in ("A", "B")
         )
+        made += [a, b]
         await asyncio.gather(a.start(), b.start())
         dev = await connect_device(a, "tls-1")
         await wait_until(partial(listed, b, "tls-1", node="A"), "tls-1 on A, seen from B")
@@ -151,12 +153,13 @@ async def test_rediss_with_the_password_from_the_config_file(tmp_path: Path) -> 
             token=OPERATOR,
             name="plain",
         )
+        made.append(plain)
         await plain.start()
         status, body = await asyncio.to_thread(plain.request_sync, "GET", "/healthz")
         assert (status, body["status"]) == (503, "degraded"), body
         assert "pw-tls" not in a.log() + b.log() + plain.log()
         await dev.aclose()
-        for gw in (a, b, plain):
-            await gw.stop()
     finally:
+        for gw in made:
+            await gw.kill()
         redis.stop()
