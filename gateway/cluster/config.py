@@ -45,6 +45,12 @@ class ClusterConfig:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
             return f"cluster.url has a bad port: {self.url!r}"
+        if parts.password:
+            # argv and logs are readable by every local user (ps): the password goes elsewhere.
+            return (
+                "cluster.url must not hold the password: set cluster.password in the config "
+                "file or IOT_GATEWAY_CLUSTER_PASSWORD"
+            )
         db = parts.path.lstrip("/")
         if db and not db.isdigit():
             return f"cluster.url: the database must be a number, not {db!r}"

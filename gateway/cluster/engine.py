@@ -16,9 +16,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -39,22 +40,32 @@ from ..hub.records import (
     TelemetryRecord,
 )
 from .config import ClusterConfig
-from .scripts import LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
-from .wire import decode_line, encode_batch, split_batch
+from .scripts import DELETE, LABELS, LEASE, OFFLINE, ONLINE, RESET, TELEMETRY
+from .wire import Line, decode_batch, decode_line, encode_batch, split_batch
 
 log = logging.getLogger(__name__)
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
-# Telemetry messages per sequencer call: one round trip for a batch.
-_BATCH = 500
+# Telemetry messages per sequencer call at most: one round trip for whatever
+# waited. Not smaller: a node whose loop is slowed for a moment (a busy
+# machine) sees its calls take longer; with a small cap its sequencer then
+# fell behind its devices for good (a cap of 500 at 100 ms a call is 5,000
+# messages/s, a node's share of the target load), and its outbox grew to
+# seconds of telemetry. The whole outbox in one call catches up at once.
+_BATCH = 5000
 # Entries per XREAD (an entry is a presence change or a batch of up to _BATCH
-# messages): small enough that a node catching up yields to its devices.
+# messages, a few dozen at the target load): small enough that a node
+# catching up yields to its devices (it also yields after each batch).
 _READ_COUNT = 20
 # Seconds the sequencer and the reader wait to let a batch gather: each Redis
 # call costs the node 50-100 us of Python (redis-py), so at a few thousand
 # messages/s one call per message cost 3-4x the single node's CPU per frame.
 _LINGER = 0.005
+# The spool keeps at least this many messages (``cluster.spool`` 0 included).
+_SPOOL_FLOOR = 500
+# Own batches kept until they come back from the log (normally a handful).
+_SENT_KEPT = 1000
 # Reconnect backoff (s): full jitter, doubled up to the cap, reset after a success.
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
@@ -85,6 +96,14 @@ def _backoff() -> Backoff:
     return Backoff(BackoffPolicy(_BACKOFF_MIN, _BACKOFF_MAX))
 
 
+@dataclass(frozen=True, slots=True)
+class _Share:
+    """A registry change for Redis: one of this node's devices came or went (fenced)."""
+
+    presence: Presence
+    record: DeviceRecord
+
+
 class RedisEngine:
     """A node of a cluster: ``LocalEngine`` for what it keeps, Redis for what it shares."""
 
@@ -97,6 +116,7 @@ class RedisEngine:
         self._k_seq, self._k_log = f"{p}:seq", f"{p}:log"
         self._k_dev, self._k_owner = f"{p}:dev", f"{p}:owner"
         self._k_fence, self._k_nodes = f"{p}:fence", f"{p}:nodes"
+        self._k_batch, self._k_labels = f"{p}:batch", f"{p}:labels"
         self._k_inbox = self._inbox(self._node)
         self._inbox_cursor = f"{_now_ms()}-0"  # entries from before this start are stale
         # Commands this node forwarded, by command_id: where their statuses go,
@@ -110,18 +130,30 @@ class RedisEngine:
         self._outbox: deque[tuple[DeviceTelemetry, str]] = deque()
         self._wake = asyncio.Event()
         # Registry changes, applied in order (retried while Redis is away).
-        self._ops: deque[Callable[[], Awaitable[None]]] = deque()
+        self._ops: deque[Callable[[], Awaitable[None]] | _Share] = deque()
         self._ops_wake = asyncio.Event()
         # Set when both the outbox and the registry changes are empty.
         self._idle = asyncio.Event()
-        # When each own message was decoded: the pipeline latency is observed
-        # when it comes back from the log.
-        self._received: dict[tuple[str, int, int], float] = {}
+        # Own batches sequenced, by their first offset, until they come back
+        # from the log: their messages are delivered from here, decoded
+        # already, with when each frame was decoded (the pipeline latency).
+        self._sent: dict[int, list[tuple[DeviceTelemetry, str]]] = {}
+        # The batch being sequenced, with its id: retried as it is (the same
+        # messages, the same id) until Redis answers, so a call that timed out
+        # after Redis ran it is not sequenced twice (scripts.TELEMETRY).
+        self._inflight: tuple[str, list[tuple[DeviceTelemetry, str]]] | None = None
+        self._run = os.urandom(6).hex()  # batch ids of another run never match
+        self._batches = 0
         # Own messages already delivered here unsequenced (Redis was away).
         self._shown: set[tuple[str, int, int]] = set()
         # This node's online devices: their fences and what reseeds Redis.
         self._mine: dict[str, tuple[Presence, DeviceRecord]] = {}
         self._fences: dict[str, str] = {}
+        # The labels set over the API as this node knows them (the hub's copy):
+        # a change read from the log is applied only when it differs.
+        self._labels: dict[str, dict[str, Any]] = {}
+        # Local writes started by entries of the log (labels, deletions).
+        self._local_writes: set[asyncio.Task[None]] = set()
         self._cursor = 0  # the last offset read from the log
         self._hwm = 0  # the highest offset this node has seen (kept in its SQLite)
         self._nodes: list[str] = [self._node]
@@ -174,8 +206,12 @@ class RedisEngine:
         self._failing = f"cluster_unavailable: {what}: {e}"
         if first:
             log.warning("cluster: %s failed: %s", what, e)
-            # What waits for its offset reaches this node's dashboards now.
-            for event, data_json in list(self._outbox):
+            # What waits for its offset reaches this node's dashboards now
+            # (the batch in flight too: its reply may never come).
+            waiting = list(self._outbox)
+            if self._inflight is not None:
+                waiting[:0] = self._inflight[1]
+            for event, data_json in waiting:
                 self._show(event, data_json)
 
     def _inbox(self, node: str) -> str:
@@ -214,6 +250,8 @@ class RedisEngine:
         self._s_offline = self._r.register_script(OFFLINE)
         self._s_lease = self._r.register_script(LEASE)
         self._s_reset = self._r.register_script(RESET)
+        self._s_labels = self._r.register_script(LABELS)
+        self._s_delete = self._r.register_script(DELETE)
         newest = await self.local.history(0, limit=1, newest=True)
         self._hwm = self._cursor = newest[0].offset if newest else 0
 
@@ -253,7 +291,7 @@ class RedisEngine:
                 await asyncio.wait_for(self._idle.wait(), 3.0)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._local_writes, return_exceptions=True)
         self._tasks.clear()
         if self._r is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -280,14 +318,12 @@ class RedisEngine:
     def publish_telemetry(self, event: DeviceTelemetry) -> None:
         """To the spool; the sequencer task gives it its offset. Never blocks."""
         outbox = self._outbox
-        if len(outbox) >= max(self.config.spool, _BATCH):
+        if len(outbox) >= max(self.config.spool, _SPOOL_FLOOR):
             gone, _ = outbox.popleft()
             self._shown.discard((gone.client_id, gone.seq, gone.ts))
             self.counters.spool_dropped += 1
         data_json = _encode(event.data)
         outbox.append((event, data_json))
-        if event.received:
-            self._received[(event.client_id, event.seq, event.ts)] = event.received
         if self._failing is not None:
             self._show(event, data_json)
         self._wake.set()
@@ -312,40 +348,52 @@ class RedisEngine:
 
     async def _send_loop(self) -> None:
         backoff = _backoff()
-        cfg = self.config
         while True:
             await self._wake.wait()
             await asyncio.sleep(_LINGER)
             self._wake.clear()
-            while self._outbox:
-                outbox = self._outbox
-                batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
-                # One line per message: its header as a JSON array, a tab (never
-                # raw in JSON), its data as JSON (never a raw newline either).
-                lines = encode_batch(
-                    [(e.client_id, e.protocol, e.ts, e.seq, data_json) for e, data_json in batch]
-                )
-                args: list[Any] = [self._floor(), cfg.stream_maxlen, self._node, len(batch), lines]
+            while self._outbox or self._inflight is not None:
                 try:
-                    assert self._r is not None
-                    await self._s_telemetry(keys=[self._k_seq, self._k_log], args=args)
+                    if self._inflight is None and self._failing is not None:
+                        # Redis away: a new batch is formed only once it answers,
+                        # so what waits stays in the spool, under its bound.
+                        assert self._r is not None
+                        await self._r.ping()
+                    await self._sequence()
                 except (RedisError, OSError) as e:
                     self._fail("sequencing telemetry", e)
-                    # Back to the front, in order, for the next attempt.
-                    outbox.extendleft(reversed(batch))
-                    while len(outbox) > max(cfg.spool, _BATCH):
-                        gone, _ = outbox.popleft()
-                        self._shown.discard((gone.client_id, gone.seq, gone.ts))
-                        self.counters.spool_dropped += 1
                     await asyncio.sleep(backoff.next_delay())
                     continue
                 backoff.reset()
                 self._ok()
-                self.counters.sequenced += len(batch)
             if not self._ops:
                 self._idle.set()
-            if len(self._received) > 100_000:  # entries lost with a failed call
-                self._received.clear()
+
+    async def _sequence(self) -> None:
+        """One call: the batch in flight again, else the next one from the outbox."""
+        if self._inflight is None:
+            outbox = self._outbox
+            batch = [outbox.popleft() for _ in range(min(_BATCH, len(outbox)))]
+            self._batches += 1
+            self._inflight = (f"{self._run}.{self._batches}", batch)
+        batch_id, batch = self._inflight
+        heads, data = encode_batch(
+            [(e.client_id, e.protocol, e.ts, e.seq, data_json) for e, data_json in batch]
+        )
+        cfg = self.config
+        args: list[Any] = [
+            self._floor(), cfg.stream_maxlen, self._node, len(batch), heads, data, batch_id
+        ]  # fmt: skip
+        assert self._r is not None
+        first = await self._s_telemetry(keys=[self._k_seq, self._k_log, self._k_batch], args=args)
+        self._inflight = None
+        self.counters.sequenced += len(batch)
+        first = int(first)
+        if first > self._cursor:  # else the reader was quicker than this reply: read already
+            sent = self._sent
+            sent[first] = batch
+            while len(sent) > _SENT_KEPT:  # never read back (trimmed from the log)
+                del sent[next(iter(sent))]
 
     async def _read_loop(self) -> None:
         backoff = _backoff()
@@ -373,7 +421,7 @@ class RedisEngine:
                     continue
                 for entry_id, fields in entries:
                     self._entry(int(entry_id.split("-", 1)[0]), fields)
-                    if fields.get("k") == "b":
+                    if fields.get("k") in ("t", "b"):
                         # Between batches, the loop serves devices and the sequencer.
                         await asyncio.sleep(0)
             if streams and sum(len(entries) for _, entries in streams) < _READ_COUNT:
@@ -388,39 +436,16 @@ class RedisEngine:
         self._hwm = max(self._hwm, offset)
         sink = self._sink
         kind = f.get("k")
-        if kind == "b":
-            own = f.get("n") == self._node
-            try:
-                first = int(f["f"])
-                lines = split_batch(f["m"])
-            except (KeyError, ValueError):
-                log.warning("cluster: malformed telemetry entry %s skipped", offset)
-                return
-            self.counters.read += len(lines)
-            append = self.local.storage.append_telemetry
-            for i, line in enumerate(lines):
-                try:
-                    device, protocol, ts, seq, data_json = decode_line(line)
-                    record = TelemetryRecord(
-                        first + i, device, protocol, ts, seq, json.loads(data_json)
-                    )
-                except ValueError:
-                    log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
-                    continue
-                received = 0.0
-                shown = False
-                if own:
-                    key = (device, seq, ts)
-                    received = self._received.pop(key, 0.0)
-                    if self._shown:
-                        # Delivered here already, with a null offset: not again.
-                        shown = key in self._shown
-                        self._shown.discard(key)
-                append(record, data_json)
-                if sink is not None and not shown:
-                    sink.deliver_telemetry(record, data_json, received)
+        if kind == "t" or kind == "b":
+            self._telemetry_entry(offset, kind, f)
             return
         self.counters.read += 1
+        if kind == "l":
+            self._labels_entry(f)
+            return
+        if kind == "d":
+            self._deletion_entry(f)
+            return
         if kind == "p":
             node = f.get("n", "")
             if node == self._node:
@@ -453,6 +478,73 @@ class RedisEngine:
                 replaced = getattr(sink, "replaced", None)
                 if replaced is not None:
                     replaced(presence.device)
+
+    def _telemetry_entry(self, offset: int, kind: str, f: dict[str, str]) -> None:
+        """A batch of telemetry: into this node's replica, to its dashboards."""
+        sink = self._sink
+        append = self.local.storage.append_telemetry
+        try:
+            first = int(f["f"])
+        except (KeyError, ValueError):
+            log.warning("cluster: malformed telemetry entry %s skipped", offset)
+            return
+        mine = f.get("n") == self._node
+        own = self._sent.pop(first, None) if mine else None
+        if own is not None:
+            # This node's own batch: its messages are here, decoded already.
+            self.counters.read += len(own)
+            shown = self._shown
+            for i, (event, data_json) in enumerate(own):
+                record = TelemetryRecord(
+                    first + i, event.client_id, event.protocol, event.ts, event.seq, event.data
+                )
+                append(record, data_json)
+                if shown:
+                    # Delivered here already, with a null offset (Redis was away).
+                    key = (event.client_id, event.seq, event.ts)
+                    if key in shown:
+                        shown.discard(key)
+                        continue
+                if sink is not None:
+                    sink.deliver_telemetry(record, data_json, event.received)
+            return
+        lines: list[Line]
+        try:
+            if kind == "t":
+                lines = decode_batch(f["h"], f["m"])
+            else:
+                lines = []
+                for i, line in enumerate(split_batch(f["m"])):
+                    try:
+                        lines.append(decode_line(line))
+                    except ValueError:
+                        log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
+                        lines.append(("", "", 0, 0, ""))  # keeps the offsets of the others
+        except (KeyError, ValueError) as e:
+            log.warning("cluster: malformed telemetry entry %s skipped: %s", offset, e)
+            return
+        self.counters.read += len(lines)
+        shown_here = self._shown if mine else None
+        loads = json.loads
+        for i, (device, protocol, ts, seq, data_json) in enumerate(lines):
+            if not device:
+                continue
+            try:
+                record = TelemetryRecord(first + i, device, protocol, ts, seq, loads(data_json))
+            except ValueError:
+                log.warning("cluster: malformed telemetry at offset %s skipped", first + i)
+                continue
+            if shown_here:
+                # An own message read before its batch's reply reached the
+                # sequencer, shown here while Redis was away: not again.
+                key = (device, seq, ts)
+                if key in shown_here:
+                    shown_here.discard(key)
+                    append(record, data_json)
+                    continue
+            append(record, data_json)
+            if sink is not None:
+                sink.deliver_telemetry(record, data_json, 0.0)
 
     def seam(self) -> int:
         """Above every offset delivered: the next one read from the log is higher."""
@@ -508,52 +600,64 @@ class RedisEngine:
             self._mine[presence.device] = (presence, record)
         else:
             self._mine.pop(presence.device, None)
-        self._op(lambda: self._share(presence, record))
+        self._op(_Share(presence, record))
 
-    def _op(self, op: Callable[[], Awaitable[None]]) -> None:
+    def _op(self, op: Callable[[], Awaitable[None]] | _Share) -> None:
         self._ops.append(op)
         self._ops_wake.set()
 
-    async def _share(self, presence: Presence, record: DeviceRecord) -> None:
-        entry = _encode(
-            {
-                "node": self._node,
-                "online": presence.online,
-                "protocol": presence.protocol,
-                "transport": record.transport,
-                "ts": presence.ts,
-                "reason": presence.reason,
-                "first_seen": record.first_seen_ms,
-                "last_seen": record.last_seen_ms,
-            }
-        )
-        keys = [
-            self._k_seq,
-            self._k_log,
-            self._k_dev,
-            self._k_owner,
-            self._k_fence,
-        ]
-        args: list[Any] = [
-            self._floor(),
-            self.config.stream_maxlen,
-            self._node,
-            presence.device,
-            entry,
-            presence.protocol,
-            presence.ts,
-            presence.reason,
-        ]
-        if presence.online:
-            fence = await self._s_online(keys=keys, args=args)
-            self._fences[presence.device] = str(fence)
-        else:
-            fence = self._fences.pop(presence.device, None)
-            if fence is not None:
-                await self._s_offline(keys=keys, args=[*args, fence])
+    async def _share_many(self) -> int:
+        """The presence changes at the front of the queue, in one pipeline (one round
+        trip for the 1,000 HELLOs of a node's start-up, not 1,000); how many were done.
 
-    def _sharer(self, presence: Presence, record: DeviceRecord) -> Callable[[], Awaitable[None]]:
-        return lambda: self._share(presence, record)
+        A device's change after another of the same device waits for the next
+        pipeline: its offline needs the fence its online returns.
+        """
+        assert self._r is not None
+        shares: list[_Share] = []
+        seen: set[str] = set()
+        for op in self._ops:
+            if not isinstance(op, _Share) or op.presence.device in seen or len(shares) >= 500:
+                break
+            seen.add(op.presence.device)
+            shares.append(op)
+        keys = [self._k_seq, self._k_log, self._k_dev, self._k_owner, self._k_fence]
+        queued: list[tuple[str, bool]] = []  # (device, online), one per script queued
+        async with self._r.pipeline(transaction=False) as pipe:
+            for share in shares:
+                presence, record = share.presence, share.record
+                entry = _encode(
+                    {
+                        "node": self._node,
+                        "online": presence.online,
+                        "protocol": presence.protocol,
+                        "transport": record.transport,
+                        "ts": presence.ts,
+                        "reason": presence.reason,
+                        "first_seen": record.first_seen_ms,
+                        "last_seen": record.last_seen_ms,
+                    }
+                )
+                args: list[Any] = [
+                    self._floor(), self.config.stream_maxlen, self._node, presence.device,
+                    entry, presence.protocol, presence.ts, presence.reason,
+                ]  # fmt: skip
+                if presence.online:
+                    await self._s_online(keys=keys, args=args, client=pipe)
+                    queued.append((presence.device, True))
+                else:
+                    # Taken only once done: a failed pipeline is retried with it.
+                    fence = self._fences.get(presence.device)
+                    if fence is not None:
+                        await self._s_offline(keys=keys, args=[*args, fence], client=pipe)
+                        queued.append((presence.device, False))
+            results: list[Any] = await pipe.execute() if queued else []
+        for (device, online), result in zip(queued, results, strict=True):
+            if online:
+                self._fences[device] = str(result)
+            else:
+                self._fences.pop(device, None)
+        return len(shares)
 
     async def _ops_loop(self) -> None:
         backoff = _backoff()
@@ -561,16 +665,23 @@ class RedisEngine:
             await self._ops_wake.wait()
             self._ops_wake.clear()
             while self._ops:
+                head = self._ops[0]
                 try:
-                    await self._ops[0]()
+                    done = 1
+                    if isinstance(head, _Share):
+                        done = await self._share_many()
+                    else:
+                        await head()
                 except (RedisError, OSError) as e:
                     self._fail("sharing the registry", e)
                     await asyncio.sleep(backoff.next_delay())
                     continue
-                self._ops.popleft()
+                for _ in range(done):
+                    self._ops.popleft()
                 backoff.reset()
                 self._ok()
-            if not self._outbox:
+            if not self._outbox and self._inflight is None:
+                # (A batch in flight is not done: ``close`` waits for it too.)
                 self._idle.set()
 
     async def _lease(self) -> None:
@@ -587,7 +698,18 @@ class RedisEngine:
             # cut off): announce its devices again, with new fences.
             log.info("cluster: reseeding %d devices of this node", len(self._mine))
             for presence, record in list(self._mine.values()):
-                self._op(self._sharer(presence, record))
+                self._op(_Share(presence, record))
+        if not had:
+            # Redis may have been wiped: the labels it lost come back from here.
+            await self._reseed_labels(await self._labels_missing())
+
+    async def _labels_missing(self) -> dict[str, dict[str, Any]]:
+        """This node's labels that Redis has no entry for."""
+        if not self._labels or self._r is None:
+            return {}
+        devices = list(self._labels)
+        present = await self._r.hmget(self._k_labels, devices)
+        return {d: self._labels[d] for d, v in zip(devices, present, strict=True) if v is None}
 
     async def _lease_loop(self) -> None:
         period = self.config.node_lost_after / 4
@@ -615,7 +737,7 @@ class RedisEngine:
                 node=self._node,
                 transport=record.transport,
             )
-            self._op(lambda: self._share(presence, record))
+            self._op(_Share(presence, record))
 
     async def known_devices(self) -> list[DeviceRecord]:
         """This node's registry rows (other nodes' devices come as presence at ``open``)."""
@@ -626,20 +748,126 @@ class RedisEngine:
         await self.local.forget_devices(devices)
 
     async def delete_device(self, device: str) -> DeviceDeletion:
-        """Locally, and from the cluster registry."""
+        """Locally now, then on every node through the log (docs/cluster.md, "Labels and
+        deletions"); retried in order while Redis is away."""
         deletion = await self.local.delete_device(device)
-        if self._r is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._r.hdel(self._k_dev, device)
+        self._labels.pop(device, None)
+        self._op(lambda: self._share_deletion(device))
         return deletion
 
+    async def _share_deletion(self, device: str) -> None:
+        await self._s_delete(
+            keys=[self._k_seq, self._k_log, self._k_dev, self._k_owner, self._k_labels],
+            args=[self._floor(), self.config.stream_maxlen, self._node, device],
+        )
+
     async def set_labels(self, device: str, labels: dict[str, Any] | None) -> None:
-        """Locally (labels are per node for now: docs/cluster.md)."""
+        """Locally (durably) now, then on every node through the log; retried in
+        order while Redis is away."""
         await self.local.set_labels(device, labels)
+        if labels is None:
+            self._labels.pop(device, None)
+        else:
+            self._labels[device] = labels
+        self._op(lambda: self._share_labels(device, labels))
+
+    async def _share_labels(self, device: str, labels: dict[str, Any] | None) -> None:
+        await self._s_labels(
+            keys=[self._k_seq, self._k_log, self._k_labels],
+            args=[
+                self._floor(),
+                self.config.stream_maxlen,
+                self._node,
+                device,
+                "" if labels is None else _encode(labels),
+            ],
+        )
 
     async def labels(self) -> dict[str, dict[str, Any]]:
-        """Locally."""
-        return await self.local.labels()
+        """The cluster's labels: Redis's, where it has an entry (a tombstone "" is
+        none), else this node's. Kept locally too, so that a node started while
+        Redis is away still has them. Labels Redis has no entry for at all (it
+        was wiped) are reseeded from this node."""
+        local = await self.local.labels()
+        try:
+            await self._connect()
+            assert self._r is not None
+            shared: Any = await self._r.hgetall(self._k_labels)
+        except (RedisError, OSError) as e:
+            self._fail("reading the labels", e)
+            self._labels = dict(local)
+            return dict(local)
+        out: dict[str, dict[str, Any]] = {}
+        for device, raw in shared.items():
+            try:
+                value = json.loads(raw) if raw else None
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                out[device] = value
+            if local.get(device) != value:
+                await self.local.set_labels(device, value if isinstance(value, dict) else None)
+        missing = {d: v for d, v in local.items() if d not in shared}
+        out.update(missing)
+        self._labels = dict(out)
+        await self._reseed_labels(missing)
+        return out
+
+    async def _reseed_labels(self, labels: dict[str, dict[str, Any]]) -> None:
+        """Labels this node keeps that Redis has no entry for (wiped): set if still absent."""
+        if not labels or self._r is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for device, value in labels.items():
+                    pipe.hsetnx(self._k_labels, device, _encode(value))
+                await pipe.execute()
+
+    def _labels_entry(self, f: dict[str, str]) -> None:
+        """Labels set on some node (this one too: the log's order wins everywhere)."""
+        device = f.get("d", "")
+        try:
+            raw = f.get("v", "")
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            log.warning("cluster: malformed labels of %s skipped", device)
+            return
+        labels = value if isinstance(value, dict) else None
+        if not device or self._labels.get(device) == labels:
+            return
+        if labels is None:
+            self._labels.pop(device, None)
+        else:
+            self._labels[device] = labels
+        self._local_write(self.local.set_labels(device, labels), f"labels of {device}")
+        tell = getattr(self._sink, "labels_elsewhere", None)
+        if tell is not None:
+            tell(device, labels)
+
+    def _deletion_entry(self, f: dict[str, str]) -> None:
+        """A device deleted over the API on another node: deleted here too."""
+        device = f.get("d", "")
+        if not device or f.get("n") == self._node or device in self._mine:
+            return  # this node deleted it already, or holds it (online again)
+        self._labels.pop(device, None)
+        self._local_write(self._delete_here(device), f"deleting {device}")
+
+    async def _delete_here(self, device: str) -> None:
+        deletion = await self.local.delete_device(device)
+        tell = getattr(self._sink, "deleted_elsewhere", None)
+        if tell is not None:
+            tell(device, deletion)
+
+    def _local_write(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"cluster: {what}")
+        self._local_writes.add(task)
+        task.add_done_callback(self._local_written)
+
+    def _local_written(self, task: asyncio.Task[None]) -> None:
+        self._local_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A storage fault: the hub reports the storage failing (/healthz).
+            log.error("%s failed: %s", task.get_name(), task.exception())
 
     # ---- commands: kept by the node that took them ----------------------------------------------
 

@@ -32,19 +32,34 @@ local function done()
 end
 """
 
-#: A batch of one node's telemetry, in order, as ONE log entry: ARGV[4] is
-#: the number of messages k, ARGV[5] the batch (one line per message). The
-#: messages take offsets first..first+k-1; the entry's id is the last, and
-#: its field ``f`` the first. One XADD per batch: per message, Redis only
-#: counts (a Lua ``XADD`` per message cost 30-100 us here). Returns the first.
+#: A batch of one node's telemetry, in order, as ONE log entry (kind ``t``,
+#: gateway/cluster/wire.py): ARGV[4] is the number of messages k, ARGV[5]
+#: their headers, ARGV[6] their data, ARGV[7] the batch's id (unique per
+#: node and per batch). The messages take offsets first..first+k-1; the
+#: entry's id is the last, and its field ``f`` the first. One XADD per batch:
+#: per message, Redis only counts (a Lua ``XADD`` per message cost 30-100 us
+#: here). Returns the first.
+#:
+#: Idempotent: KEYS[3] (a hash, node -> "batch-id first") remembers each
+#: node's last batch. A call that timed out after Redis ran it is retried with
+#: the same id, and gets the same first offset back without a second entry.
+#: A node sends its batches one at a time, in order, so its last is the only
+#: one that can come again.
 TELEMETRY = (
     _PRELUDE
     + """
+local last = redis.call('HGET', KEYS[3], ARGV[3])
+if last then
+  local sp = string.find(last, ' ', 1, true)
+  if sp and string.sub(last, 1, sp - 1) == ARGV[7] then return string.sub(last, sp + 1) end
+end
 local first = n + 1
 n = n + tonumber(ARGV[4]) - 1
-add('k', 'b', 'n', ARGV[3], 'f', string.format('%.0f', first), 'm', ARGV[5])
+add('k', 't', 'n', ARGV[3], 'f', string.format('%.0f', first), 'h', ARGV[5], 'm', ARGV[6])
 done()
-return string.format('%.0f', first)
+local f = string.format('%.0f', first)
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[7] .. ' ' .. f)
+return f
 """
 )
 
@@ -162,5 +177,37 @@ for i = 1, #owners, 2 do
 end
 done()
 return count
+"""
+)
+
+#: Labels set over the API on node ARGV[3]: KEYS[3] the labels hash, ARGV[4]
+#: the device, ARGV[5] its labels as JSON, or "" for none. "" is kept as a
+#: tombstone, not deleted: a Redis wiped clean has no entry at all, and only
+#: then do nodes reseed the labels they keep (``HSETNX``); a removal made
+#: while a node was down is not undone by it. Appended to the log, so every
+#: node applies label changes in one order.
+LABELS = (
+    _PRELUDE
+    + """
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+add('k', 'l', 'n', ARGV[3], 'd', ARGV[4], 'v', ARGV[5])
+done()
+return 1
+"""
+)
+
+#: A device deleted over the API on node ARGV[3] (ARGV[4]): KEYS[3] registry,
+#: KEYS[4] owners, KEYS[5] labels. Not while a node holds the device (it came
+#: online meanwhile: returns 0, nothing changes). Its labels get a tombstone
+#: (see ``LABELS``); every node reads the entry and deletes what it keeps.
+DELETE = (
+    _PRELUDE
+    + """
+if redis.call('HGET', KEYS[4], ARGV[4]) then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[5], ARGV[4], '')
+add('k', 'd', 'n', ARGV[3], 'd', ARGV[4])
+done()
+return 1
 """
 )

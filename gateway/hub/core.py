@@ -54,7 +54,13 @@ from .messages import (
     telemetry_text,
 )
 from .ranges import RangeTable, flag
-from .records import CommandLog, StorageUnavailable, StoreError, TelemetryRecord
+from .records import (
+    CommandLog,
+    DeviceDeletion,
+    StorageUnavailable,
+    StoreError,
+    TelemetryRecord,
+)
 from .registry import LABEL_FIELDS, DeviceState, Labels, Registry
 from .replay import replay
 from .store import FaultLog
@@ -370,6 +376,29 @@ class Hub:
         replace = getattr(self.commands.links, "replace", None)
         if replace is not None:
             replace(device)
+
+    def labels_elsewhere(self, device: str, labels: Labels | None) -> None:
+        """Labels set over the API on another node (the cluster engine's); kept already."""
+        if labels is None:
+            self.registry.api_labels.pop(device, None)
+        else:
+            self.registry.api_labels[device] = labels
+        state = self.registry.get(device)
+        if state is not None:
+            self._tell(device, state.protocol, labels_text(device, self.registry.labels(device)))
+
+    def deleted_elsewhere(self, device: str, deletion: DeviceDeletion) -> None:
+        """A device deleted over the API on another node (the cluster engine's), and
+        what this node kept of it deleted already: forgotten as ``delete_device`` does."""
+        self.registry.api_labels.pop(device, None)
+        self.commands.device_deleted(deletion.commands)
+        state = self.registry.get(device)
+        if state is None or state.online:
+            return  # unknown here, or online again (a later HELLO wins)
+        self.registry.forget(device)
+        self._tell(device, state.protocol, removed_text(device, "deleted"))
+        for observer in self.observers:
+            observer.removed(device, "deleted")
 
     def _tell(self, device: str, protocol: str, text: str) -> None:
         """A control message about a device, to the dashboards subscribed to it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -32,15 +33,26 @@ def free_port() -> int:
 class RedisServer:
     """``redis-server`` in a child process; ``restart()`` brings it back empty."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key, CA) files; then the port speaks TLS only."""
         self.workdir = workdir
         self.password = password
+        self.tls = tls
         self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The URL nodes are given (``--cluster``)."""
+        if self.tls is not None:
+            # redis-py takes the CA from the URL's query (no config key needed).
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -50,8 +62,7 @@ class RedisServer:
         self._proc = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port",
-                str(self.port),
+                *self._listen(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -70,16 +81,34 @@ class RedisServer:
         log.close()
         wait_until_sync(self.ping, "redis-server answering PING", timeout=10)
 
+    def _listen(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        cert, key, ca = self.tls
+        return [
+            "--port", "0", "--tls-port", str(self.port),
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+        ]  # fmt: skip
+
     def ping(self) -> bool:
         """True when the server answers PING."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                reply = s.recv(64)
-                # With a password, NOAUTH is the answer of a server that is up.
-                return reply.startswith((b"+PONG", b"-NOAUTH"))
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                if self.tls is None:
+                    return self._pong(raw)
+                context = ssl.create_default_context(cafile=str(self.tls[2]))
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    return self._pong(s)
         except OSError:
             return False
+
+    @staticmethod
+    def _pong(s: socket.socket) -> bool:
+        s.sendall(b"PING\r\n")
+        reply = s.recv(64)
+        # With a password, NOAUTH is the answer of a server that is up.
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self) -> None:
         """Kill it (SIGKILL: it keeps nothing anyway) and wait."""
@@ -113,13 +142,17 @@ async def listed(
 
 class LinkProxy:
     """A TCP proxy between one node and Redis, in the test's event loop: ``cut()``
-    closes every connection and refuses new ones until ``heal()``."""
+    closes every connection and refuses new ones until ``heal()``; ``deafen()``
+    passes the node's requests on to Redis but drops Redis's replies (a link
+    that fails after the request arrived) until ``heal()``."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.deaf = False
+        self.dropped = 0  # bytes of replies dropped while deaf
 
     @property
     def url(self) -> str:
@@ -140,9 +173,12 @@ class LinkProxy:
             return
         self._writers |= {writer, up_writer}
 
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    if replies and self.deaf:
+                        self.dropped += len(data)
+                        continue
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.CancelledError):
@@ -150,7 +186,7 @@ class LinkProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        await asyncio.gather(copy(reader, up_writer, False), copy(up_reader, writer, True))
         self._writers -= {writer, up_writer}
 
     async def cut(self) -> None:
@@ -162,9 +198,17 @@ class LinkProxy:
             w.close()
         self._writers.clear()
 
+    def deafen(self) -> None:
+        """Requests still reach Redis; its replies are dropped (until ``heal()``)."""
+        self.deaf = True
+
     async def heal(self) -> None:
-        """Accept connections again."""
-        await self.start()
+        """Accept connections again (a deaf link is cut first: its replies are lost)."""
+        if self.deaf:
+            await self.cut()
+            self.deaf = False
+        if self._server is None:
+            await self.start()
 
     async def aclose(self) -> None:
         """Stop for good."""

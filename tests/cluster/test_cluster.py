@@ -216,9 +216,39 @@ async def test_a_node_that_joins_or_restarts_lists_every_device_with_its_last(
             await wait_until(
                 partial(listed, c, "early", node="A"), f"C listing early (start {start})"
             )
-            entry = await c.get_json("/api/devices/early")
-            assert entry["last"]["offset"] == newest, entry
+            # Listed from the registry at once; its last value once C has read
+            # the log that far (a node catches up after it joins).
+
+            async def caught_up() -> bool:
+                entry = await c.get_json("/api/devices/early")
+                return bool(entry["last"] is not None and entry["last"]["offset"] == newest)
+
+            await wait_until(caught_up, f"C's last value of early (start {start})")
             history = await c.get_json("/api/devices/early/telemetry?since=0")
             assert [m["offset"] for m in history["telemetry"]] == watch.offsets("early")
             await c.stop()
         await dev.aclose()
+
+
+async def test_many_devices_at_once_are_announced_and_retired_in_pipelines(
+    nodes: NodeFactory,
+) -> None:
+    # Their presence changes queue up together and go to Redis in pipelines;
+    # each offline needs the fence its online got back from the pipeline.
+    a, b = nodes("A"), nodes("B")
+    await asyncio.gather(a.start(), b.start())
+    names = [f"many-{i:03d}" for i in range(60)]
+    devs = await asyncio.gather(*(connect_device(a, name) for name in names))
+
+    async def all_listed(online: bool) -> bool:
+        listing = await b.get_json("/api/devices")
+        entries = listing["devices"] if isinstance(listing, dict) else listing
+        by_id = {e["device"]: e for e in entries}
+        return all(
+            n in by_id and by_id[n]["online"] is online and by_id[n].get("node") == "A"
+            for n in names
+        )
+
+    await wait_until(partial(all_listed, True), "60 devices of A online on B")
+    await asyncio.gather(*(d.aclose() for d in devs))
+    await wait_until(partial(all_listed, False), "60 devices of A offline on B")
