@@ -324,7 +324,15 @@ class Hub:
             dropped = 0
             offset, device, protocol = record.offset, record.device, record.protocol
             for d in subscribers:
-                dropped += d.push_telemetry(offset, text, received, device, protocol)
+                if d.parked:
+                    # Dashboard.miss inlined: a dashboard that stopped reading
+                    # costs this, not a queue operation (docs/api.md §3.1 lagged).
+                    d.missed += 1
+                    if d.missed_from is None:
+                        d.missed_from = offset
+                    dropped += 1
+                else:
+                    dropped += d.push_telemetry(offset, text, received, device, protocol)
             if dropped:
                 self.metrics.telemetry_dropped.inc(dropped)
         # Counted on the node whose device sent it (``received`` is 0 elsewhere).
