@@ -70,6 +70,9 @@ class Dashboard:
     control_limit: int = 1 << 20
     # Called once when ``control_limit`` is passed; the hub disconnects the dashboard.
     on_overflow: Callable[[Dashboard], None] | None = None
+    # Called when a parked dashboard rejoins, before its notice is made: the
+    # subscription index adds what it counted for it (``SubscriptionIndex.leave``).
+    on_rejoin: Callable[[Dashboard], None] | None = None
     subscriptions: set[Target] = field(default_factory=set)
     # Two FIFOs instead of one, so that counting telemetry stays O(1) whatever
     # control messages wait (a stalled dashboard during session churn): each
@@ -200,7 +203,11 @@ class Dashboard:
 
     @property
     def dropped_total(self) -> int:
-        """Telemetry dropped or missed since the dashboard connected (announced or not yet)."""
+        """Telemetry dropped or missed since the dashboard connected (announced or not yet).
+
+        While it is out of the fan-out, what it misses is counted by the
+        subscription index (``SubscriptionIndex.missed``) and added when it rejoins.
+        """
         return self._dropped_before + self.missed
 
     def queued_items(self) -> list[tuple[Kind, int, str]]:
@@ -257,6 +264,8 @@ class Dashboard:
         to ``control_limit``: one small notice per park, and parking needs the
         writer to have drained half the queue first.
         """
+        if self.on_rejoin is not None:
+            self.on_rejoin(self)
         notice = dumps({"op": "lagged", "dropped": self.missed, "resume_from": self.missed_from})
         self._dropped_before += self.missed
         self.parked = False
