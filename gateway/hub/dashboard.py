@@ -14,8 +14,9 @@ has drained the queue below half. Then the dashboard rejoins, with one
 ``lagged`` notice queued in order (after what it kept, before what comes
 next) naming how many it missed and the first offset missed, so that
 ``since = resume_from - 1`` recovers exactly those. The point is the cost: a
-dashboard that stopped reading costs the fan-out one flag check a message,
-not a queue operation (docs/benchmarks.md, issue 12).
+dashboard that stopped reading costs the fan-out no queue operation, only a
+flag check a message, or nothing when the subscription index can count for
+it (``SubscriptionIndex.leave``; docs/benchmarks.md, issue 12).
 """
 
 from __future__ import annotations
