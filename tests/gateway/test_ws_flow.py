@@ -9,8 +9,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import frames
 from gateway.web.context import WEB
+from gateway.web.ws import NOTSENT_LOWAT
 from tests.gateway.conftest import OPERATOR, AppFactory
 from tests.gateway.support import ENV_DATA, dash, device, runtime_of
 from tests.support.wait import wait_until
@@ -420,10 +423,6 @@ async def test_a_dashboard_that_stops_reading_keeps_the_oldest_and_resumes_exact
             got += await asyncio.to_thread(raw.next_messages)
         got.clear()
         (slow,) = rt.hub.dashboards.values()
-        # A small send buffer on the gateway's side too (no autotuning): the queue
-        # fills after hundreds of messages, not after megabytes.
-        for ws in client.server.app[WEB].sockets:
-            ws.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         dev = await device(rt, "lag")
         state = rt.hub.devices["lag"]
         sent = 0
@@ -442,7 +441,9 @@ async def test_a_dashboard_that_stops_reading_keeps_the_oldest_and_resumes_exact
         # Until the socket's buffers and then the queue are full: parked.
         while not slow.parked:
             await send(100)
-            assert sent < 100_000, "the dashboard never filled up"
+            # TCP_NOTSENT_LOWAT: hundreds of kilobytes wait in the kernel, not megabytes
+            # (52,000 messages of this test before it was set).
+            assert sent < 10_000, "the dashboard did not fill up"
         await send(200)  # missed, all of them
         # Read until the gateway has nothing left for it, then one live message.
         while slow.parked or slow.queued_items():
@@ -480,3 +481,13 @@ async def test_a_dashboard_that_stops_reading_keeps_the_oldest_and_resumes_exact
     replayed = [(await d.expect("telemetry"))["offset"] for _ in range(last["dropped"] + 1)]
     assert replayed == [*stored[first : first + last["dropped"]], live]
     assert not set(replayed[:-1]) & {m["offset"] for m in got if m["op"] == "telemetry"}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux and macOS")
+async def test_a_dashboards_socket_holds_little_unsent(make_app: AppFactory) -> None:
+    """What the kernel holds for a dashboard is bounded, so a stalled one parks soon."""
+    client = await make_app()
+    await dash(client)
+    (ws,) = client.server.app[WEB].sockets
+    sock = ws.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
