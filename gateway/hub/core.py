@@ -324,15 +324,32 @@ class Hub:
         self.registry.telemetry(record, out_of_range is not None)
         for observer in self.observers:
             observer.telemetry(record, data_json, out_of_range)
-        subscribers = self.subscriptions.subscribers(record.device, record.protocol)
+        index = self.subscriptions
+        index.delivered += 1
+        # Parked dashboards out of the fan-out miss every message (SubscriptionIndex.leave).
+        dropped = len(index.parked_all)
+        subscribers = index.telemetry_subscribers(record.device, record.protocol)
         if subscribers:
             text = telemetry_text(record, data_json, out_of_range)  # once, for every dashboard
-            dropped = 0
             offset, device, protocol = record.offset, record.device, record.protocol
+            leaving: list[Dashboard] | None = None
             for d in subscribers:
-                dropped += d.push_telemetry(offset, text, received, device, protocol)
-            if dropped:
-                self.metrics.telemetry_dropped.inc(dropped)
+                if d.parked:
+                    # Dashboard.miss inlined: a parked dashboard still in the fan-out
+                    # costs this, not a queue operation (docs/api.md §3.1 lagged).
+                    d.missed += 1
+                    if d.missed_from is None:
+                        d.missed_from = offset
+                    dropped += 1
+                elif n := d.push_telemetry(offset, text, received, device, protocol):
+                    dropped += n
+                    if d.parked:  # it just filled up: out of the fan-out, if it can be
+                        leaving = [d] if leaving is None else [*leaving, d]
+            if leaving is not None:
+                for d in leaving:  # not while iterating: ``subscribers`` may be the index's set
+                    index.leave(d)
+        if dropped:
+            self.metrics.telemetry_dropped.inc(dropped)
         # Counted on the node whose device sent it (``received`` is 0 elsewhere).
         if received and self.metrics.count_telemetry():
             self.metrics.observe_pipeline(asyncio.get_running_loop().time() - received)
@@ -474,6 +491,7 @@ class Hub:
             TokenBucket(rate, rate, loop_now),
             control_limit=cfg.control_queue_bytes,
             on_overflow=self._overflowed,
+            on_rejoin=self.subscriptions.rejoin,
         )
         self._next_dashboard += 1
         self.dashboards[d.id] = d

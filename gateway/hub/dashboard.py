@@ -7,6 +7,16 @@ replies, presence or command statuses (docs/api.md §3.1); the dashboard is
 told with a ``lagged`` notice where to resume. Those control messages are
 bounded too, in characters of JSON: a dashboard that lets more than
 ``control_limit`` of them wait is closed, never allowed to grow (docs/api.md §3).
+
+A full telemetry queue *parks* the dashboard: what is queued stays (the
+oldest), and live telemetry is only counted, not queued, until the writer
+has drained the queue below half. Then the dashboard rejoins, with one
+``lagged`` notice queued in order (after what it kept, before what comes
+next) naming how many it missed and the first offset missed, so that
+``since = resume_from - 1`` recovers exactly those. The point is the cost: a
+dashboard that stopped reading costs the fan-out no queue operation, only a
+flag check a message, or nothing when the subscription index can count for
+it (``SubscriptionIndex.leave``; docs/benchmarks.md, issue 12).
 """
 
 from __future__ import annotations
@@ -61,21 +71,34 @@ class Dashboard:
     control_limit: int = 1 << 20
     # Called once when ``control_limit`` is passed; the hub disconnects the dashboard.
     on_overflow: Callable[[Dashboard], None] | None = None
+    # Called when a parked dashboard rejoins, before its notice is made: the
+    # subscription index adds what it counted for it (``SubscriptionIndex.leave``).
+    on_rejoin: Callable[[Dashboard], None] | None = None
     subscriptions: set[Target] = field(default_factory=set)
-    # Two FIFOs instead of one, so that dropping the oldest telemetry is O(1)
-    # even behind thousands of queued control messages (a stalled dashboard
-    # during session churn): each entry carries a sequence number, and
-    # ``take`` merges the two by it, so the order pushed is the order sent.
-    # control: (seq, text); telemetry: (seq, offset, text, loop time the
-    # device frame arrived, 0 when unknown)
+    # Two FIFOs instead of one, so that counting telemetry stays O(1) whatever
+    # control messages wait (a stalled dashboard during session churn): each
+    # entry carries a sequence number, and ``take`` merges the two by it, so
+    # the order pushed is the order sent. control: (seq, text); telemetry:
+    # (seq, offset, text, loop time the device frame arrived, 0 when unknown)
     _control: deque[tuple[int, str]] = field(default_factory=deque)
     _telemetry: deque[tuple[int, int, str, float]] = field(default_factory=deque)
     _seq: int = 0
     telemetry_queued: int = 0
     control_queued: int = 0  # characters of the control messages queued
-    dropped: int = 0  # telemetry dropped since the last lagged notice
+    # Drops announced at the head of the next batch (a replay that could not
+    # catch up, or its hold overflowing): how many, and the lowest offset.
+    dropped: int = 0
     resume_from: int | None = None
-    dropped_total: int = 0
+    # Parked: the telemetry queue filled up and live telemetry is counted in
+    # ``missed``, not queued, until ``take`` drains the queue below half. The
+    # hub's fan-out reads ``parked`` and bumps ``missed`` itself (inlined: it
+    # runs once a message for every subscribed dashboard).
+    parked: bool = False
+    missed: int = 0
+    # The first offset missed while parked; None when it was not sequenced
+    # (a cluster node cut from Redis) and until a sequenced one is missed.
+    missed_from: int | None = None
+    _dropped_before: int = 0  # dropped or missed, not counting ``missed`` now
     closed: bool = False
     # Why the hub closed it (``CONTROL_QUEUE``); None while open or closed by the web layer.
     close_reason: str | None = None
@@ -115,28 +138,24 @@ class Dashboard:
     def push_telemetry(
         self, offset: int, text: str, received: float = 0.0, device: str = "", protocol: str = ""
     ) -> int:
-        """Queue a live telemetry message; returns how many were dropped to make room."""
+        """Queue a live telemetry message; returns 1 when it was dropped instead, else 0.
+
+        The hub's fan-out has the parked case inlined (``Hub.deliver_telemetry``).
+        """
         if self.closed:
             return 0
+        if self.parked:
+            self.miss(offset)
+            return 1
         if not self.held.targets:
-            # append_telemetry inlined: this runs once per message per subscribed
-            # dashboard, and a stalled dashboard takes it on every message.
-            self._seq = seq = self._seq + 1
-            queue = self._telemetry
+            # append_telemetry inlined: this runs once per message per subscribed dashboard.
             if self.telemetry_queued < self.limit:
-                queue.append((seq, offset, text, received))
+                self._seq = seq = self._seq + 1
+                self._telemetry.append((seq, offset, text, received))
                 self.telemetry_queued += 1
                 self._ready.set()
                 return 0
-            # Full: the oldest telemetry goes, replies and presence stay. The
-            # writer needs no wake-up: what is queued already woke it.
-            off = queue.popleft()[1]
-            queue.append((seq, offset, text, received))
-            self.dropped += 1
-            self.dropped_total += 1
-            # None: not yet sequenced (a cluster node cut from Redis), not resumable.
-            if off is not None and (self.resume_from is None or off < self.resume_from):
-                self.resume_from = off
+            self.park(offset)
             return 1
         dropped = self.held.offer((offset, text, received, device, protocol))
         for off in dropped:
@@ -144,29 +163,53 @@ class Dashboard:
         return len(dropped)
 
     def append_telemetry(self, offset: int, text: str, received: float = 0.0) -> int:
-        """Queue telemetry behind what is queued, dropping the oldest when full."""
-        dropped = 0
+        """Queue telemetry behind what is queued; full (or parked), it is missed instead.
+
+        Returns how many were dropped (0 or 1). The writer needs no wake-up
+        for a drop: what fills the queue already woke it.
+        """
+        if self.parked:
+            self.miss(offset)
+            return 1
         if self.telemetry_queued >= self.limit:
-            # Drop the oldest telemetry; replies and presence stay.
-            off = self._telemetry.popleft()[1]
-            self.telemetry_queued -= 1
-            self.note_drop(off)
-            dropped = 1
+            self.park(offset)
+            return 1
         self._seq += 1
         self._telemetry.append((self._seq, offset, text, received))
         self.telemetry_queued += 1
         self._ready.set()
-        return dropped
+        return 0
+
+    def park(self, offset: int) -> None:
+        """The queue is full: keep what it holds and count live telemetry, from ``offset`` on."""
+        self.parked = True
+        self.missed = 1
+        self.missed_from = offset
+
+    def miss(self, offset: int) -> None:
+        """Telemetry at ``offset`` went past a parked dashboard (the hub inlines this)."""
+        self.missed += 1
+        if self.missed_from is None:
+            self.missed_from = offset
 
     def note_drop(self, offset: int) -> None:
-        """Telemetry at ``offset`` will not reach this dashboard: announce it."""
+        """Telemetry at ``offset`` will not reach this dashboard: announce it first thing."""
         # The lagged notice is itself something to send: wake the writer even
         # when nothing else is queued after the drop.
         self._ready.set()
         self.dropped += 1
-        self.dropped_total += 1
+        self._dropped_before += 1
         if offset is not None and (self.resume_from is None or offset < self.resume_from):
             self.resume_from = offset
+
+    @property
+    def dropped_total(self) -> int:
+        """Telemetry dropped or missed since the dashboard connected (announced or not yet).
+
+        While it is out of the fan-out, what it misses is counted by the
+        subscription index (``SubscriptionIndex.missed``) and added when it rejoins.
+        """
+        return self._dropped_before + self.missed
 
     def queued_items(self) -> list[tuple[Kind, int, str]]:
         """What waits to be sent, in order, as (kind, offset, text): for tests and debugging."""
@@ -179,7 +222,7 @@ class Dashboard:
     @property
     def has_room(self) -> bool:
         """True while telemetry can be queued without dropping any."""
-        return self.telemetry_queued < self.limit
+        return not self.parked and self.telemetry_queued < self.limit
 
     async def wait(self) -> None:
         """Until there is something to send (or the dashboard is closed)."""
@@ -209,8 +252,30 @@ class Dashboard:
                 self.control_queued -= len(text)
             out.append(text)
         if self.telemetry_queued < self._half:
+            if self.parked:
+                self._rejoin()
             self._room.set()
         return out
+
+    def _rejoin(self) -> None:
+        """Drained below half: live telemetry is queued again, behind a ``lagged`` notice.
+
+        The notice goes into the control queue in order, so it arrives after
+        the telemetry kept and before the next live message. It is not held
+        to ``control_limit``: one small notice per park, and parking needs the
+        writer to have drained half the queue first.
+        """
+        if self.on_rejoin is not None:
+            self.on_rejoin(self)
+        notice = dumps({"op": "lagged", "dropped": self.missed, "resume_from": self.missed_from})
+        self._dropped_before += self.missed
+        self.parked = False
+        self.missed = 0
+        self.missed_from = None
+        self._seq += 1
+        self._control.append((self._seq, notice))
+        self.control_queued += len(notice)
+        self._ready.set()
 
     @property
     def _half(self) -> int:
@@ -247,4 +312,8 @@ class Dashboard:
         self.control_queued = 0
         self.dropped = 0
         self.resume_from = None
+        self._dropped_before += self.missed
+        self.parked = False
+        self.missed = 0
+        self.missed_from = None
         self.held.items.clear()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import uuid
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -32,6 +33,14 @@ CLOSE_CODES: dict[str, int] = {CONTROL_QUEUE: WSCloseCode.TRY_AGAIN_LATER}
 # Seconds the close frame may take to leave; past it the connection is aborted,
 # so a client that stopped reading cannot hold it open.
 CLOSE_TIMEOUT = 1.0
+# Bytes the kernel may hold for a dashboard beyond what is in flight to it
+# (TCP_NOTSENT_LOWAT, Linux and macOS). Without it a loopback or LAN socket
+# whose client stopped reading takes megabytes (about 3 MB on Linux, 15,000
+# messages) before the writer feels it, and the dashboard costs as much as
+# one that reads until then; with it, the queue fills and the dashboard is
+# parked after a few hundred kilobytes (docs/limits.md). In-flight data is
+# not bounded by it, so a distant dashboard keeps its throughput.
+NOTSENT_LOWAT = 128 * 1024
 
 
 class _Writer:
@@ -102,6 +111,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         ctx.hub.disconnect_dashboard(dashboard)
         raise
     ctx.sockets.add(ws)
+    _bound_unsent(request)
     dashboard.push_control(dumps({"op": "welcome", "session": session, "role": str(role)}))
     writer = _Writer()
     task = asyncio.create_task(
@@ -127,6 +137,21 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     return ws
+
+
+def _bound_unsent(request: web.Request) -> None:
+    """Set ``NOTSENT_LOWAT`` on the dashboard's socket, where the platform has it."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    transport = request.transport
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if option is None or sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, NOTSENT_LOWAT)
+    except (OSError, AttributeError) as e:
+        # Not a TCP socket (a test transport), or refused: the queue still bounds
+        # what waits here, the kernel only holds more before the writer feels it.
+        log.debug("TCP_NOTSENT_LOWAT not set on a dashboard's socket: %s", e)
 
 
 async def _on_text(ctx: WebContext, dashboard: Dashboard, text: str) -> None:

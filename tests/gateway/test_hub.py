@@ -69,26 +69,89 @@ async def hub() -> AsyncIterator[Hub]:
     await storage.close()
 
 
-async def test_full_queue_drops_oldest_telemetry_never_control(hub: Hub) -> None:
+async def test_full_queue_keeps_the_oldest_telemetry_and_every_control_message(
+    hub: Hub,
+) -> None:
     d = hub.connect_dashboard(Role.VIEWER, "x")
     await hub.handle(d, {"op": "subscribe", "all": True})
     hub.device_event(DeviceOnline(info("a")))
     for i in range(20):
         hub.device_event(telemetry("a", i))
     hub.device_event(DeviceOffline(info("a"), CloseReason.SILENT))
+    dropped_metric = hub.metrics.telemetry_dropped._value.get()
     got = drain(d)
     ops = [m["op"] for m in got]
-    # The lagged notice comes first, where the gap is; control messages all stay.
-    assert ops[0] == "lagged"
-    assert ops.count("subscribed") == 1
-    assert ops.count("presence") == 2
-    seqs = [m["seq"] for m in got if m["op"] == "telemetry"]
-    assert seqs == list(range(12, 20))  # the 8 newest
-    lagged = got[0]
-    assert lagged["dropped"] == 12
-    first_kept = next(m for m in got if m["op"] == "telemetry")
-    assert lagged["resume_from"] < first_kept["offset"]
+    # What was queued comes first, in order, control messages too; the notice
+    # is where the gap is, after the 8 kept and the presence queued while parked.
+    assert ops == ["subscribed", "presence", *["telemetry"] * 8, "presence", "lagged"]
+    assert [m["seq"] for m in got if m["op"] == "telemetry"] == list(range(8))  # the 8 oldest
+    lagged = got[-1]
+    assert lagged["dropped"] == 12 == dropped_metric
+    stored = [r.offset for r in await hub.engine.history(0, limit=100)]
+    assert lagged["resume_from"] == stored[8]  # the first one not sent
     assert d.telemetry_queued == 0
+    assert not d.parked
+
+
+async def test_since_resume_from_minus_one_recovers_exactly_what_was_missed(hub: Hub) -> None:
+    """docs/api.md §3.1: the missed run is consecutive, so a replay from it has no duplicate."""
+    d = hub.connect_dashboard(Role.VIEWER, "x")
+    await hub.handle(d, {"op": "subscribe", "device": "a"})
+    hub.device_event(DeviceOnline(info("a")))
+    hub.device_event(DeviceOnline(info("b")))
+    sent: list[int] = []
+    notices: list[dict[str, Any]] = []
+    for i in range(40):
+        hub.device_event(telemetry("a", i))
+        hub.device_event(telemetry("b", i))  # not subscribed: never counted
+        if i % 10 == 9:  # the writer gets a word in now and then, reading 3 at a time
+            for text in d.take(3):
+                msg = json.loads(text)
+                if msg["op"] == "telemetry":
+                    sent.append(msg["offset"])
+                elif msg["op"] == "lagged":
+                    notices.append(msg)
+    rest = drain(d)
+    sent += [m["offset"] for m in rest if m["op"] == "telemetry"]
+    notices += [m for m in rest if m["op"] == "lagged"]
+    assert len(notices) >= 2  # parked, rejoined, parked again
+    of_a = [r.offset for r in await hub.engine.history(0, device="a", limit=1000)]
+    missed = sorted(set(of_a) - set(sent))
+    assert sum(n["dropped"] for n in notices) == len(missed)
+    # Each notice: since = resume_from - 1 replays its K missed ones first, then
+    # telemetry the dashboard already has (live after the notice), never one it had before.
+    recovered: list[int] = []
+    for n in notices:
+        e = hub.connect_dashboard(Role.VIEWER, "again")
+        e.limit = 1000  # room for the whole replay without a writer
+        await hub.handle(e, {"op": "subscribe", "device": "a", "since": n["resume_from"] - 1})
+        replayed = [m["offset"] for m in drain(e) if m["op"] == "telemetry"]
+        assert replayed[0] == n["resume_from"]
+        recovered += replayed[: n["dropped"]]
+        assert not set(replayed[: n["dropped"]]) & set(sent)
+        hub.disconnect_dashboard(e)
+    assert recovered == missed
+
+
+async def test_a_parked_dashboard_is_not_touched_by_the_fan_out(hub: Hub) -> None:
+    stalled = hub.connect_dashboard(Role.VIEWER, "stalled")
+    reader = hub.connect_dashboard(Role.VIEWER, "reader")
+    for d in (stalled, reader):
+        await hub.handle(d, {"op": "subscribe", "all": True})
+    for i in range(8):
+        hub.device_event(telemetry("a", i))
+    queued = stalled.queued_items()
+    read = len(drain(reader))
+    for i in range(8, 1000):
+        hub.device_event(telemetry("a", i))
+        read += len(drain(reader))
+    assert read == 1 + 1000  # subscribed, then every message
+    assert stalled.parked
+    assert stalled.queued_items() == queued  # the same 8, untouched
+    # Subscribed to all alone, it left the fan-out: the index counts what it misses.
+    assert stalled in hub.subscriptions.parked_all
+    assert hub.subscriptions.missed(stalled) == 992
+    assert hub.metrics.telemetry_dropped._value.get() == 992
 
 
 async def test_one_lagged_notice_per_gap(hub: Hub) -> None:
@@ -568,13 +631,14 @@ async def test_disconnect_lets_go_of_everything_the_dashboard_held() -> None:
             h.device_event(telemetry("d1", i))
         await h.handle(d, {"op": "devices"})
         assert d.queued_items()
-        assert d.dropped
+        assert (d.parked, d.missed > 0) == (True, True)
         ref = weakref.ref(d)
         h.disconnect_dashboard(d)
         assert h.subscriptions.is_empty()
         assert not d.queued_items()
         assert not d.subscriptions
         assert not d.dropped
+        assert (d.parked, d.missed) == (False, 0)
         assert (d.telemetry_queued, d.control_queued) == (0, 0)
         assert h.dashboards == {}
         del d

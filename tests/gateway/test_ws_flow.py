@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import frames
+from gateway.web.context import WEB
+from gateway.web.ws import NOTSENT_LOWAT
 from tests.gateway.conftest import OPERATOR, AppFactory
 from tests.gateway.support import ENV_DATA, dash, device, runtime_of
 from tests.support.wait import wait_until
@@ -343,3 +349,145 @@ async def test_a_command_to_a_device_that_never_acks_leaves_its_dashboard_answer
     answer = await d.request({"op": "devices", "id": "now"}, "devices")
     assert [e["device"] for e in answer["devices"]] == ["mute"]
     assert not [m for m in d.seen if m.get("id") == "c2"]  # still waiting for the slot
+
+
+class _RawDashboard:
+    """A WebSocket client on a plain socket with a small receive buffer, reading only
+    when told to: so that the gateway's writer feels it stop reading at once."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = _stalled_dashboard(host, port)  # upgraded, subscribed to all
+        self.sock.settimeout(10.0)
+        self.buf = b""
+        self.head_done = False
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the gateway closed the socket")
+        self.buf += chunk
+
+    def next_messages(self) -> list[dict[str, Any]]:
+        """The JSON objects of the next text frame (the gateway batches them by newline)."""
+        while not self.head_done:
+            if b"\r\n\r\n" in self.buf:
+                head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+                assert b" 101 " in head.split(b"\r\n", 1)[0], head[:80]
+                self.head_done = True
+            else:
+                self._read()
+        while True:
+            frame = self._frame()
+            if frame is None:
+                self._read()
+            elif frame[0] == 0x1:  # text; pings (0x9) go unanswered: the test is short
+                return [json.loads(line) for line in frame[1].decode().split("\n")]
+
+    def _frame(self) -> tuple[int, bytes] | None:
+        """The next whole frame (opcode, payload) taken from the buffer, or None."""
+        buf = self.buf
+        if len(buf) < 2:
+            return None
+        n, at = buf[1] & 0x7F, 2
+        if n >= 126:
+            at = 4 if n == 126 else 10
+            if len(buf) < at:
+                return None
+            n = int.from_bytes(buf[2:at], "big")
+        if len(buf) < at + n:
+            return None
+        self.buf = buf[at + n :]
+        return buf[0] & 0x0F, buf[at : at + n]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_dashboard_that_stops_reading_keeps_the_oldest_and_resumes_exactly(
+    make_app: AppFactory,
+) -> None:
+    """docs/api.md §3.1 lagged, through the socket: what was queued when it
+    stopped comes first and in order, then one notice per gap whose
+    resume_from starts the run it counts, then live telemetry; a subscribe
+    with since = resume_from - 1 replays exactly the missed ones first."""
+    client = await make_app(
+        dashboards={"queue_size": 64},
+        devices={"max_frames_per_second": 1e6, "rate_burst": 1e6},
+        storage={"retention_per_device": 1_000_000},  # every message stays to compare
+    )
+    rt = runtime_of(client)
+    raw = _RawDashboard(client.host, client.port)
+    got: list[dict[str, Any]] = []
+    try:
+        while not any(m["op"] == "subscribed" for m in got):
+            got += await asyncio.to_thread(raw.next_messages)
+        got.clear()
+        (slow,) = rt.hub.dashboards.values()
+        dev = await device(rt, "lag")
+        state = rt.hub.devices["lag"]
+        sent = 0
+
+        async def send(n: int) -> None:
+            nonlocal sent
+            for i in range(n):
+                dev.send(frames.Data(i % 256, ENV_DATA))
+            await dev.writer.drain()
+            sent += n
+            total = sent
+            await wait_until(
+                lambda: state.telemetry_count >= total, "the gateway took every frame", timeout=10
+            )
+
+        # Until the socket's buffers and then the queue are full: parked.
+        while not slow.parked:
+            await send(100)
+            # TCP_NOTSENT_LOWAT: hundreds of kilobytes wait in the kernel, not megabytes
+            # (52,000 messages of this test before it was set).
+            assert sent < 10_000, "the dashboard did not fill up"
+        await send(200)  # missed, all of them
+        # Read until the gateway has nothing left for it, then one live message.
+        while slow.parked or slow.queued_items():
+            got += await asyncio.to_thread(raw.next_messages)
+        await send(1)
+        assert state.last is not None
+        live = state.last.offset
+        while not any(m.get("offset") == live for m in got):
+            got += await asyncio.to_thread(raw.next_messages)
+    finally:
+        raw.close()
+    await rt.storage.flush()
+    stored = [r.offset for r in await rt.storage.telemetry_since(0, device="lag", limit=100_000)]
+    assert len(stored) == sent
+    # Each message sent, or counted by the one notice whose run it is in, in order.
+    position, notices = 0, []
+    for m in got:
+        if m["op"] == "telemetry":
+            assert m["offset"] == stored[position]
+            position += 1
+        elif m["op"] == "lagged":
+            assert m["resume_from"] == stored[position]
+            notices.append((position, m))
+            position += m["dropped"]
+    assert position == len(stored)
+    assert {m["op"] for m in got} == {"presence", "telemetry", "lagged"}  # presence: "lag" online
+    assert got[-1]["offset"] == live  # live again after the last notice
+    first, last = notices[-1]
+    assert first + last["dropped"] == len(stored) - 1  # its run ends at the live message
+    # since = resume_from - 1: exactly the missed ones first, then the live one it has.
+    d = await dash(client)
+    await d.request(
+        {"op": "subscribe", "device": "lag", "since": last["resume_from"] - 1}, "subscribed"
+    )
+    replayed = [(await d.expect("telemetry"))["offset"] for _ in range(last["dropped"] + 1)]
+    assert replayed == [*stored[first : first + last["dropped"]], live]
+    assert not set(replayed[:-1]) & {m["offset"] for m in got if m["op"] == "telemetry"}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux and macOS")
+async def test_a_dashboards_socket_holds_little_unsent(make_app: AppFactory) -> None:
+    """What the kernel holds for a dashboard is bounded, so a stalled one parks soon."""
+    client = await make_app()
+    await dash(client)
+    (ws,) = client.server.app[WEB].sockets
+    sock = ws.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT

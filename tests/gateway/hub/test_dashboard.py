@@ -1,9 +1,12 @@
 """gateway.hub.dashboard and the HeldLive buffer of gateway.hub.replay: one dashboard's outbox.
 
 Pins the rules of the bounded outbound queue (docs/api.md §3.1 ``lagged``):
-telemetry is what gets dropped when the queue is full, oldest first, never a
-control message; one ``lagged`` notice, first in the next batch, counts the
-drops and names the lowest dropped offset; ``take()`` batches and records
+telemetry is what gets dropped when the queue is full, never a control
+message; a full queue parks the dashboard, which keeps the oldest telemetry
+and only counts the newest, until ``take()`` drains it below half; then one
+``lagged`` notice, queued in order after what was kept, counts what was
+missed and names the first offset missed. Drops of a replay (``note_drop``)
+are announced first in the next batch. ``take()`` batches and records
 when its oldest telemetry arrived; ``room()`` is the replay's backpressure;
 ``close()`` wakes every waiter; and while a replay holds live telemetry,
 ``push_telemetry`` goes to the hold, whose overflow lets go of what the
@@ -66,23 +69,58 @@ def test_telemetry_and_control_keep_their_order() -> None:
     assert d.telemetry_queued == 0
 
 
-def test_full_queue_drops_the_oldest_telemetry_never_control() -> None:
+def test_full_queue_keeps_the_oldest_telemetry_and_every_control_message() -> None:
     d = dashboard(3)
     d.push_control(ctl(0))
     for offset in (10, 11, 12):
         assert d.push_telemetry(offset, tele(offset)) == 0
     d.push_control(ctl(1))
-    assert d.push_telemetry(13, tele(13)) == 1  # 10 makes room
-    assert d.telemetry_queued == 3
-    assert (d.dropped, d.resume_from, d.dropped_total) == (1, 10, 1)
-    got = take_all(d)
-    assert got[0] == {"op": "lagged", "dropped": 1, "resume_from": 10}
-    assert got[1:] == [
+    assert d.push_telemetry(13, tele(13)) == 1  # the newest is the one missed
+    assert d.push_telemetry(14, tele(14)) == 1
+    d.push_control(ctl(2))  # control messages still queue while parked
+    assert d.parked
+    assert (d.telemetry_queued, d.missed, d.missed_from, d.dropped_total) == (3, 2, 13, 2)
+    assert (d.dropped, d.resume_from) == (0, None)  # nothing to announce before what is kept
+    assert take_all(d) == [
         {"op": "presence", "n": 0},
+        {"op": "telemetry", "offset": 10},
         {"op": "telemetry", "offset": 11},
         {"op": "telemetry", "offset": 12},
         {"op": "presence", "n": 1},
-        {"op": "telemetry", "offset": 13},
+        {"op": "presence", "n": 2},
+    ]
+    # Drained: it rejoins, and the notice is the next thing it gets, then live telemetry.
+    assert not d.parked
+    d.push_telemetry(15, tele(15))
+    assert take_all(d) == [
+        {"op": "lagged", "dropped": 2, "resume_from": 13},
+        {"op": "telemetry", "offset": 15},
+    ]
+    assert d.dropped_total == 2
+
+
+def test_a_parked_dashboard_rejoins_below_half_with_the_notice_in_order() -> None:
+    d = dashboard(8)
+    for offset in range(1, 9):
+        d.push_telemetry(offset, tele(offset))
+    for offset in range(9, 20):
+        assert d.push_telemetry(offset, tele(offset)) == 1
+    assert [json.loads(t)["offset"] for t in d.take(4)] == [1, 2, 3, 4]
+    assert d.parked  # 4 left: not below half of 8 yet
+    assert d.push_telemetry(20, tele(20)) == 1
+    assert not d.has_room  # a replay must not queue past a parked queue
+    assert [json.loads(t)["offset"] for t in d.take(1)] == [5]
+    assert not d.parked  # 3 left: rejoined
+    assert d.has_room
+    d.push_telemetry(21, tele(21))
+    d.push_control(ctl(0))
+    assert take_all(d) == [
+        {"op": "telemetry", "offset": 6},
+        {"op": "telemetry", "offset": 7},
+        {"op": "telemetry", "offset": 8},
+        {"op": "lagged", "dropped": 12, "resume_from": 9},
+        {"op": "telemetry", "offset": 21},
+        {"op": "presence", "n": 0},
     ]
 
 
@@ -93,24 +131,33 @@ def test_control_messages_are_never_dropped_nor_counted() -> None:
     assert d.telemetry_queued == 0
     assert d.has_room
     d.push_telemetry(1, tele(1))
-    d.push_telemetry(2, tele(2))  # drops 1, not a control message
+    d.push_telemetry(2, tele(2))  # missed: 1 is kept, and no control message goes
     texts = d.take(1000)
-    assert json.loads(texts[0]) == {"op": "lagged", "dropped": 1, "resume_from": 1}
-    assert texts[1:101] == [ctl(n) for n in range(100)]
-    assert texts[101:] == [tele(2)]
+    assert texts[:100] == [ctl(n) for n in range(100)]
+    assert texts[100:] == [tele(1)]
+    assert take_all(d) == [{"op": "lagged", "dropped": 1, "resume_from": 2}]
 
 
-def test_lagged_counts_every_drop_and_names_the_lowest_dropped_offset() -> None:
+def test_lagged_counts_every_miss_and_names_the_first_offset_missed() -> None:
     d = dashboard(2)
     for offset in (5, 7, 9, 11, 13):
         d.push_telemetry(offset, tele(offset))
     got = take_all(d)
-    assert got[0] == {"op": "lagged", "dropped": 3, "resume_from": 5}
-    assert [m["offset"] for m in got[1:]] == [11, 13]
+    assert [m["offset"] for m in got] == [5, 7]
+    assert take_all(d) == [{"op": "lagged", "dropped": 3, "resume_from": 9}]
     assert d.dropped_total == 3
 
 
-def test_resume_from_is_the_lowest_offset_whatever_the_order_of_drops() -> None:
+def test_a_parked_dashboard_counts_unsequenced_telemetry_and_resumes_at_the_first_offset() -> None:
+    """A cluster node cut from Redis delivers its own telemetry with no offset yet."""
+    d = dashboard(1)
+    d.push_telemetry(1, tele(1))
+    for offset in (None, 3, 4):
+        assert d.push_telemetry(offset, tele(0)) == 1  # type: ignore[arg-type]
+    assert (d.missed, d.missed_from) == (3, 3)
+
+
+def test_replay_drops_name_the_lowest_offset_whatever_their_order() -> None:
     d = dashboard(4)
     for offset in (50, 40, 45):
         d.note_drop(offset)
@@ -121,16 +168,34 @@ def test_one_lagged_notice_per_gap() -> None:
     d = dashboard(2)
     for offset in range(1, 6):
         d.push_telemetry(offset, tele(offset))
-    first = take_all(d)
-    assert [m["op"] for m in first] == ["lagged", "telemetry", "telemetry"]
-    assert (d.dropped, d.resume_from) == (0, None)
+    first = take_all(d) + take_all(d)
+    assert first == [
+        {"op": "telemetry", "offset": 1},
+        {"op": "telemetry", "offset": 2},
+        {"op": "lagged", "dropped": 3, "resume_from": 3},
+    ]
+    assert (d.parked, d.missed, d.missed_from) == (False, 0, None)
     d.push_telemetry(6, tele(6))
     assert take_all(d) == [{"op": "telemetry", "offset": 6}]
     for offset in range(7, 11):
         d.push_telemetry(offset, tele(offset))
-    again = take_all(d)
-    assert again[0] == {"op": "lagged", "dropped": 2, "resume_from": 7}  # a new gap, a new notice
+    again = take_all(d) + take_all(d)
+    assert again == [
+        {"op": "telemetry", "offset": 7},
+        {"op": "telemetry", "offset": 8},
+        {"op": "lagged", "dropped": 2, "resume_from": 9},  # a new gap, a new notice
+    ]
     assert d.dropped_total == 5
+
+
+def test_a_replay_release_into_a_full_queue_parks_too() -> None:
+    """``append_telemetry`` (the replay's way in) follows the same rule as live pushes."""
+    d = dashboard(2)
+    assert [d.append_telemetry(n, tele(n)) for n in (1, 2, 3, 4)] == [0, 0, 1, 1]
+    assert (d.parked, d.missed, d.missed_from) == (True, 2, 3)
+    assert d.push_telemetry(5, tele(5)) == 1
+    assert [m["offset"] for m in take_all(d)] == [1, 2]
+    assert take_all(d) == [{"op": "lagged", "dropped": 3, "resume_from": 3}]
 
 
 # ---- take() ------------------------------------------------------------------------------------
@@ -148,12 +213,12 @@ def test_take_returns_at_most_max_items_oldest_first() -> None:
     assert d.telemetry_queued == 0
 
 
-def test_the_lagged_notice_comes_first_and_counts_in_the_batch() -> None:
-    d = dashboard(1)
+def test_a_replay_drop_notice_comes_first_and_counts_in_the_batch() -> None:
+    d = dashboard(4)
     d.push_telemetry(1, tele(1))
-    d.push_telemetry(2, tele(2))
+    d.note_drop(7)  # what replay() does when it cannot catch up
     assert [json.loads(t)["op"] for t in d.take(1)] == ["lagged"]
-    assert d.take(1) == [tele(2)]
+    assert d.take(1) == [tele(1)]
 
 
 def test_batch_received_is_the_arrival_of_the_oldest_timed_telemetry_in_the_batch() -> None:
@@ -410,11 +475,25 @@ def test_every_offered_item_is_held_let_go_or_dropped(
     ops=st.lists(st.one_of(st.integers(1, 3), st.just(0), st.just(-1)), max_size=60),
 )
 def test_queue_invariants_over_random_pushes_and_takes(limit: int, ops: list[int]) -> None:
-    """n > 0: push n telemetry; 0: a control message; -1: take a batch of 2."""
+    """n > 0: push n telemetry; 0: a control message; -1: take a batch of 2.
+
+    Whatever the interleaving, each message is sent or covered by exactly one
+    ``lagged`` notice; a notice covers the consecutive run of offsets from its
+    ``resume_from`` (what ``since = resume_from - 1`` replays first), all of
+    them after what was sent before it and before what is sent after it.
+    """
     d = dashboard(limit)
     offset = 0
-    sent: list[int] = []
-    announced = 0
+    log: list[tuple[str, int, int]] = []  # ("t", offset, 0) or ("lagged", resume_from, K)
+
+    def record(texts: list[str]) -> None:
+        for text in texts:
+            msg = json.loads(text)
+            if msg["op"] == "telemetry":
+                log.append(("t", msg["offset"], 0))
+            elif msg["op"] == "lagged":
+                log.append(("lagged", msg["resume_from"], msg["dropped"]))
+
     for op in ops:
         if op > 0:
             for _ in range(op):
@@ -423,25 +502,21 @@ def test_queue_invariants_over_random_pushes_and_takes(limit: int, ops: list[int
         elif op == 0:
             d.push_control(ctl(offset))
         else:
-            for text in d.take(2):
-                msg = json.loads(text)
-                if msg["op"] == "telemetry":
-                    sent.append(msg["offset"])
-                elif msg["op"] == "lagged":
-                    assert msg["resume_from"] not in sent
-                    announced += msg["dropped"]
+            record(d.take(2))
         assert d.telemetry_queued == sum(1 for k, *_ in d.queued_items() if k is Kind.TELEMETRY)
         assert d.telemetry_queued <= limit
         assert d.control_queued == sum(len(t) for k, _, t in d.queued_items() if k is Kind.CONTROL)
-    for text in d.take(10_000):
-        msg = json.loads(text)
-        if msg["op"] == "telemetry":
-            sent.append(msg["offset"])
-        elif msg["op"] == "lagged":
-            announced += msg["dropped"]
-    assert sent == sorted(sent)
-    assert len(sent) + announced == offset  # each message is sent or announced as dropped
+        assert not d.parked or d.telemetry_queued >= max(1, limit // 2)
+    while batch := d.take(10_000):
+        record(batch)
+    # Each notice's run of offsets, in place: the stream is then 1..offset, in order.
+    stream: list[int] = []
+    for kind, first, count in log:
+        stream += [first] if kind == "t" else list(range(first, first + count))
+    assert stream == list(range(1, offset + 1))
+    announced = sum(count for kind, _, count in log if kind == "lagged")
     assert d.dropped_total == announced
+    assert (d.parked, d.missed) == (False, 0)  # drained: nothing is left unannounced
 
 
 # ---- the bound on control messages -------------------------------------------------------------
