@@ -6,11 +6,13 @@ each close makes the gateway accept, decode a budget's worth and answer it,
 thousands of times a second. So each source address has a token bucket of
 *failed* links: a link that ends without ever going online (over the budget,
 no HELLO in time, a wrong token, a refused HELLO, closed before saying
-anything) takes a token. An address with no token left is *held*: its new
-connections are accepted but never read, and closed when the address has a
-token again, so a client that reconnects in a loop waits at the door instead
-of spinning the gateway. Links that go online cost nothing, so a real device
-sharing the address is slowed only while that address keeps failing.
+anything) takes a token, and so does an empty session (online, then closed
+soon without one frame after its HELLO: ``devices.tcp``). An address with no
+token left is *held*: its new connections are accepted but never read, and
+closed when the address has a token again, so a client that reconnects in a
+loop waits at the door instead of spinning the gateway. Sessions that send
+anything cost nothing, so a real device sharing the address is slowed only
+while that address keeps failing.
 
 Sans-IO like the session core: ``now`` is passed in. The table is bounded
 (``max_addresses``; the oldest entry goes first), and IPv6 addresses are

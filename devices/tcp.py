@@ -53,6 +53,7 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         self.host = ""
         self._session: DeviceSession | None = None
         self._release: asyncio.TimerHandle | None = None  # set while held at the door
+        self._opened = 0.0  # loop time of connection_made
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,6 +63,7 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.host = str(peer[0]) if isinstance(peer, tuple) else self.peer
         server = self.server
+        self._opened = asyncio.get_running_loop().time()
         if server.failed_links.max_failed and self._hold():
             return
         if len(server.connections) >= server.max_connections:
@@ -147,8 +149,7 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
         session = self._session
         if session is not None:
             session.link_lost(CloseReason.CLOSED if exc is None else CloseReason.LOST)
-            if session.info is None and not server.closing:
-                # Never went online: over the budget, no HELLO, refused, or silent.
+            if not server.closing and _failed(session, self._opened, server.failed_links.window):
                 server.failed_links.failed(self.host, asyncio.get_running_loop().time())
         self.transport = None
 
@@ -162,6 +163,23 @@ class _DeviceConnection(asyncio.Protocol, LinkWriter):
 
     def resume_writing(self) -> None:
         self.resume()
+
+
+def _failed(session: DeviceSession, opened: float, window: float) -> bool:
+    """Whether a link that ended counts as failed (devices/strikes.py, docs/devices.md).
+
+    A link that never went online (over the budget, no HELLO, refused, or
+    silent) has failed; so has an *empty session*: online, then closed within
+    ``window`` of connecting without one frame after its HELLO. It cost the
+    gateway a session (registry, presence to every dashboard, a storage row)
+    and delivered nothing: a client that opens such sessions in a loop, over
+    many client_ids, is held at the door like one that never says HELLO. A
+    device that sends anything (DATA, an ACK, a PING), or stays longer, is not.
+    """
+    if session.info is None:
+        return True
+    frames_after_hello = session.core.counters.frames_in - 1
+    return frames_after_hello <= 0 and asyncio.get_running_loop().time() - opened < window
 
 
 def is_loopback(address: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import struct
 import time
@@ -286,15 +287,47 @@ async def test_an_address_that_keeps_failing_is_held_then_let_in_again(
     assert gw.manager.is_online("late")
 
 
-async def test_links_that_go_online_never_count(make_gateway: GatewayFactory) -> None:
+def frames_read(gw: Gateway, n: int) -> bool:
+    return gw.manager.totals().frames_in >= n
+
+
+async def test_sessions_that_say_something_never_count(make_gateway: GatewayFactory) -> None:
     gw: Gateway = await make_gateway(max_failed_links=2, failed_links_window=60.0)
     for i in range(5):
         dev = await gw.connect()
         await dev.hello(f"ok-{i}")
+        # One frame after HELLO (a reading, or only a PING) and the session was not empty.
+        dev.send(frames.Data(1, ENV_DATA) if i % 2 else frames.Ping(1))
+        await wait_until(functools.partial(frames_read, gw, 2 * (i + 1)), "the frame to be read")
         dev.writer.close()
         await wait_until(lambda: not gw.server.connections, "the link to close")
     assert len(gw.server.failed_links) == 0
     assert gw.manager.counters.refused_failed_links == 0
+
+
+async def test_empty_sessions_in_a_loop_are_held_at_the_door(make_gateway: GatewayFactory) -> None:
+    # HELLO, WELCOME, close, over and over, each time under another client_id: every
+    # session costs the gateway (registry, presence, storage) and brings nothing.
+    gw: Gateway = await make_gateway(max_failed_links=3, failed_links_window=60.0)
+    online = await gw.connect()
+    await online.hello("steady")
+    for i in range(3):
+        dev = await gw.connect()
+        await dev.hello(f"churn-{i}")
+        dev.writer.close()
+        await wait_until(lambda: len(gw.server.connections) == 1, "the link to close")
+    await wait_until(lambda: len(gw.server.failed_links) == 1, "the empty sessions counted")
+    held = await gw.connect()
+    held.send(frames.Hello(1, "churn-3", "env-sensor", ""))
+    await wait_until(lambda: len(gw.server.held) == 1, "the next connection to be held")
+    assert gw.manager.counters.refused_failed_links == 1
+    assert not gw.manager.is_online("churn-3")
+    # A device already online is not touched: its readings still flow.
+    before = gw.manager.totals().frames_in
+    online.send(frames.Data(1, ENV_DATA))
+    await wait_until(lambda: gw.manager.totals().frames_in > before, "the steady device's DATA")
+    assert gw.manager.is_online("steady")
+    held.writer.close()
 
 
 async def test_a_held_address_does_not_touch_devices_already_online(

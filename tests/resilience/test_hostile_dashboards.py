@@ -103,10 +103,18 @@ async def churn(gw: GatewayProcess, until: asyncio.Event, name: str, ids: int = 
 # ---- finding 5: client_ids registered without end ----------------------------------------------
 
 
+# These tests register many devices from one loopback address with empty sessions
+# (HELLO, then close), which is what devices.max_failed_links holds at the door
+# (tests/devices/test_tcp_limits.py): off here, so the bound under test is the one hit.
+NO_DOOR = {"max_failed_links": 0}
+
+
 async def test_new_client_ids_stop_at_max_known_devices_and_forgetting_makes_room(
     gateways: GatewayFactory,
 ) -> None:
-    gw = gateways({"dashboards": {"max_known_devices": 20, "forget_after": 1.0}})
+    gw = gateways(
+        {"dashboards": {"max_known_devices": 20, "forget_after": 1.0}, "devices": NO_DOOR}
+    )
     await gw.start()
     for n in range(20):
         device = await connect_device(gw, f"reg-{n}")
@@ -145,7 +153,7 @@ async def test_a_known_device_comes_back_when_the_gateway_is_full(
 
 
 async def test_devices_replies_come_by_page(gateways: GatewayFactory) -> None:
-    gw = gateways({"dashboards": {"devices_page_size": 40}})
+    gw = gateways({"dashboards": {"devices_page_size": 40}, "devices": NO_DOOR})
     await gw.start()
     for n in range(100):
         device = await connect_device(gw, f"p-{n:03d}")
@@ -215,7 +223,7 @@ async def test_stalled_viewers_under_session_churn_are_let_go(gateways: GatewayF
     gw = gateways(
         {
             "dashboards": {"control_queue_bytes": 256 * 1024, "drain_timeout": 300.0},
-            "devices": {"max_frames_per_second": 1e6, "rate_burst": 1e6},
+            "devices": {"max_frames_per_second": 1e6, "rate_burst": 1e6, **NO_DOOR},
         }
     )
     await gw.start()
@@ -274,7 +282,8 @@ async def test_stalled_viewers_under_session_churn_are_let_go(gateways: GatewayF
 async def test_a_viewer_asking_for_the_listing_without_reading_is_let_go(
     gateways: GatewayFactory,
 ) -> None:
-    gw = gateways({"dashboards": {"devices_page_size": 100}})  # default control_queue_bytes
+    # The default control_queue_bytes.
+    gw = gateways({"dashboards": {"devices_page_size": 100}, "devices": NO_DOOR})
     await gw.start()
     for n in range(300):
         device = await connect_device(gw, f"l-{n:03d}")

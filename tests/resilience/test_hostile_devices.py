@@ -141,7 +141,9 @@ async def test_a_takeover_storm_is_bounded_and_logs_a_few_lines(
         await asyncio.gather(*fighters)
         await steady.all_arrived()
     m = await gw.metrics()
-    assert attempts[0] > 30, attempts  # a storm, not a skirmish
+    # A storm, not a skirmish: past max_takeovers, and past max_failed_links too
+    # (each replaced session is empty: it sent nothing after its HELLO).
+    assert attempts[0] >= 20, attempts
     assert m.value("iot_device_replaced_total") <= 10
     # Refused HELLOs, and, once the address failed devices.max_failed_links
     # times, connections held at the door.
