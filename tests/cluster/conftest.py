@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.support import RedisServer
+from tests.cluster.support import LinkProxy, RedisServer
 from tests.resilience.support import OPEN
 from tests.support.gateway import OPERATOR, VIEWER, GatewayProcess
 
@@ -64,3 +64,13 @@ async def close_leftovers() -> AsyncIterator[None]:
     while OPEN:
         with contextlib.suppress(Exception):
             await OPEN.pop().aclose()
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[LinkProxy]:
+    """A TCP proxy in front of the module's Redis that a test cuts, stalls or deafens;
+    a node given ``url=proxy.url`` reaches Redis only through it."""
+    link = LinkProxy(redis_server.port)
+    await link.start()
+    yield link
+    await link.aclose()

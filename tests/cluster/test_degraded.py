@@ -16,8 +16,8 @@ from functools import partial
 import aiohttp
 
 from tests.cluster.conftest import NodeFactory
-from tests.cluster.support import LinkProxy, RedisServer, listed
-from tests.resilience.support import OPEN, Telemetry, connect_dashboard, connect_device, data_frame
+from tests.cluster.support import LinkProxy, listed
+from tests.resilience.support import Telemetry, connect_dashboard, connect_device, data_frame
 from tests.support.gateway import GatewayProcess
 from tests.support.wait import wait_until
 
@@ -27,10 +27,7 @@ async def _state(gw: GatewayProcess) -> tuple[int, str]:
     return status, body["cluster"]["state"]
 
 
-async def test_redis_cut_from_a(nodes: NodeFactory, redis_server: RedisServer) -> None:
-    proxy = LinkProxy(redis_server.port)
-    await proxy.start()
-    OPEN.append(proxy)
+async def test_redis_cut_from_a(nodes: NodeFactory, proxy: LinkProxy) -> None:
     a, b = nodes("A", url=proxy.url), nodes("B")
     await asyncio.gather(a.start(), b.start())
     async with aiohttp.ClientSession() as session:
@@ -92,11 +89,8 @@ async def _ok(gw: GatewayProcess) -> bool:
 
 
 async def test_the_spool_is_bounded_and_counts_what_it_drops(
-    nodes: NodeFactory, redis_server: RedisServer
+    nodes: NodeFactory, proxy: LinkProxy
 ) -> None:
-    proxy = LinkProxy(redis_server.port)
-    await proxy.start()
-    OPEN.append(proxy)
     fast = {"devices": {"max_frames_per_second": 10_000.0, "rate_burst": 10_000.0}}
     # spool 0: the floor of 500 messages is kept (a batch in flight when the
     # link goes would be kept whole besides: Redis may have sequenced it).

@@ -17,7 +17,7 @@ import redis as sync_redis
 
 from tests.cluster.conftest import NodeFactory
 from tests.cluster.support import LinkProxy, RedisServer, listed
-from tests.resilience.support import OPEN, Telemetry, connect_dashboard, connect_device, data_frame
+from tests.resilience.support import Telemetry, connect_dashboard, connect_device, data_frame
 from tests.support.gateway import GatewayProcess
 from tests.support.wait import wait_until
 
@@ -39,11 +39,8 @@ def _logged_telemetry(port: int, prefix: str, node: str) -> int:
 
 
 async def test_a_batch_whose_reply_was_lost_is_sequenced_once(
-    nodes: NodeFactory, redis_server: RedisServer
+    nodes: NodeFactory, proxy: LinkProxy, redis_server: RedisServer
 ) -> None:
-    proxy = LinkProxy(redis_server.port)
-    await proxy.start()
-    OPEN.append(proxy)
     a, b = nodes("A", url=proxy.url), nodes("B")
     await asyncio.gather(a.start(), b.start())
     async with aiohttp.ClientSession() as session:

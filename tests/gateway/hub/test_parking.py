@@ -94,12 +94,18 @@ def test_a_dashboard_subscribed_to_all_leaves_the_fan_out_and_its_misses_are_cou
     assert stalled.dropped_total == 97
 
 
-def test_a_subscription_change_brings_a_parked_dashboard_back_to_the_flag_count() -> None:
+def parked_on_all() -> tuple[Hub, Dashboard]:
+    """A hub and one dashboard subscribed to all, parked by ten messages it did not read."""
     hub = new_hub()
     d = attach(hub, 1)
     hub.subscriptions.subscribe(d, ALL)
     for offset in range(1, 11):
         hub.deliver_telemetry(record(offset, "a", "env-sensor"), "{}", 0.0)
+    return hub, d
+
+
+def test_a_subscription_change_brings_a_parked_dashboard_back_to_the_flag_count() -> None:
+    hub, d = parked_on_all()
     assert d in hub.subscriptions.parked_all
     hub.subscriptions.subscribe(d, Target(TargetKind.DEVICE, "c"))
     assert not hub.subscriptions.parked_all
@@ -110,11 +116,7 @@ def test_a_subscription_change_brings_a_parked_dashboard_back_to_the_flag_count(
 
 
 def test_a_dashboard_let_go_while_parked_leaves_nothing_behind() -> None:
-    hub = new_hub()
-    d = attach(hub, 1)
-    hub.subscriptions.subscribe(d, ALL)
-    for offset in range(1, 11):
-        hub.deliver_telemetry(record(offset, "a", "env-sensor"), "{}", 0.0)
+    hub, d = parked_on_all()
     hub.disconnect_dashboard(d)
     assert hub.subscriptions.is_empty()
     assert (d.parked, d.missed) == (False, 0)
