@@ -30,6 +30,7 @@ from devices import CommandStatus, DeviceTelemetry
 from frames.backoff import Backoff, BackoffPolicy
 
 from ..hub.engine import EngineSink, LocalEngine, Presence, StatusCallback
+from ..hub.messages import dumps
 from ..hub.records import (
     CommandEvent,
     CommandLog,
@@ -45,7 +46,7 @@ from .wire import Line, decode_batch, decode_line, encode_batch, split_batch
 
 log = logging.getLogger(__name__)
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode = dumps  # compact JSON, set up once (gateway/hub/messages.py)
 
 # Telemetry messages per sequencer call at most: one round trip for whatever
 # waited. Not smaller: a node whose loop is slowed for a moment (a busy

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+from ..hub.messages import dumps
+
+_encode = dumps  # compact JSON, set up once (gateway/hub/messages.py)
 
 #: One message of a batch: device, protocol, ts (unix ms), seq, data as JSON.
 Line = tuple[str, str, int, int, str]

@@ -16,7 +16,6 @@ the same seam; see docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 
 from devices import CommandStatus, DeviceTelemetry
 
+from .messages import dumps
 from .records import (
     CommandEvent,
     CommandLog,
@@ -39,7 +39,7 @@ from .store import FaultLog, Store
 log = logging.getLogger(__name__)
 
 # One encoder built once: json.dumps with options builds a new one per call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode = dumps  # compact JSON, set up once (messages.py)
 
 StatusCallback = Callable[[dict[str, Any]], None]
 

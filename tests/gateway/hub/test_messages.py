@@ -59,6 +59,25 @@ json_values: st.SearchStrategy[Any] = st.recursive(
     ),
     max_leaves=12,
 )
+
+
+@given(st.one_of(json_values, st.floats(), st.text()))
+def test_dumps_is_compact_json_dumps(value: Any) -> None:
+    # dumps sets the C encoder up once instead of per call (gateway/hub/messages.py):
+    # the same text as json.dumps with the wire's options, NaN and infinities included.
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_dumps_refuses_what_json_refuses() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"a": object()})
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(RecursionError):
+        dumps(deep)
+
+
 valid_ids = st.from_regex(r"[A-Za-z0-9._:\-]{1,64}", fullmatch=True)
 valid_protocols = st.from_regex(r"[a-z0-9._\-]{1,32}", fullmatch=True)
 # The keys the parsers read, with values that are sometimes right and often not.
