@@ -6,7 +6,6 @@ Nodes lose a dead peer's lease after 2 s here (``cluster.node_lost_after``;
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.support import LinkProxy, RedisServer
-from tests.resilience.support import OPEN
+from tests.resilience.support import close_open
 from tests.support.gateway import OPERATOR, VIEWER, GatewayProcess
 
 NODE_LOST_AFTER = 2.0
@@ -61,9 +60,7 @@ async def nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Node
 async def close_leftovers() -> AsyncIterator[None]:
     """Close the clients a test left open (it failed half way), quietly."""
     yield
-    while OPEN:
-        with contextlib.suppress(Exception):
-            await OPEN.pop().aclose()
+    await close_open()
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ alone with ``pytest -m resilience``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.resilience.support import OPEN
+from tests.resilience.support import close_open
 from tests.support.gateway import OPERATOR, VIEWER, GatewayProcess
 
 GatewayFactory = Callable[..., GatewayProcess]
@@ -43,6 +42,4 @@ async def gateways(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
 async def close_leftovers() -> AsyncIterator[None]:
     """Close the clients a test left open (it failed half way), quietly."""
     yield
-    while OPEN:
-        with contextlib.suppress(Exception):
-            await OPEN.pop().aclose()
+    await close_open()

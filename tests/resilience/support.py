@@ -34,6 +34,13 @@ class Closable(Protocol):
 OPEN: list[Closable] = []
 
 
+async def close_open() -> None:
+    """Close the clients a test left in ``OPEN`` (it failed half way), quietly."""
+    while OPEN:
+        with contextlib.suppress(Exception):
+            await OPEN.pop().aclose()
+
+
 async def connect_device(
     gw: GatewayProcess, client_id: str, protocol: str = "env-sensor"
 ) -> Client:
